@@ -1,0 +1,28 @@
+# make test: create .venv if missing, install pinned deps, run the test suite.
+# make demo: the same install, then ingest -> build -> serve -> a query on bundled samples.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m memescale.demo
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

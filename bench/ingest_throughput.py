@@ -1,0 +1,316 @@
+"""Ingest CPU-path throughput: memescale (Downloader + decode_image) against img2dataset.
+
+A loopback HTTP server (its own process, files held in memory) serves the shared meme
+images; N URLs cycle over them, each with a unique query string. Both tools get the same
+URLs, the same server, the same number of processes (one per core by default), the same
+output size (centre crop to --size) and both write JPEG (quality 95) into tar shards:
+
+- memescale: one process per core, each an asyncio Downloader (uvloop when installed) whose
+  finished downloads go to a small thread pool that runs decode_image, the content hash and
+  the JPEG encode (Pillow releases the GIL in all three); the encoder is a no-op.
+  `--memescale-output none` skips the JPEG encode and the tar (the real pipeline hands the
+  arrays to the encoder instead).
+- img2dataset: its CLI in .venv-img2dataset (created by bench/setup_peers.sh when missing),
+  webdataset output, resize_mode center_crop, processes_count = --procs, thread_count =
+  --threads, EXIF extraction and robots-header checks off (memescale does neither).
+
+Two rates per tool, both from successful images only: end-to-end (process launch to exit,
+interpreter start and imports included) and work (first worker ready to last worker done).
+
+    .venv/bin/python bench/ingest_throughput.py [--n 2000] [--size 384] [--procs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import math
+import mimetypes
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
+JPEG_QUALITY = 95
+
+log = logging.getLogger("bench.ingest_throughput")
+
+
+@dataclass
+class RunStats:
+    """One tool's run: images written, failures, and the two wall-clock windows in seconds."""
+
+    tool: str
+    ok: int
+    failed: int
+    end_to_end_s: float
+    work_s: float
+
+    @property
+    def end_to_end_rate(self) -> float:
+        return self.ok / self.end_to_end_s
+
+    @property
+    def work_rate(self) -> float:
+        return self.ok / self.work_s
+
+
+# ---------------------------------------------------------------------------- image server
+
+
+def _serve(images_dir: str, port_conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    """Serve every image file of `images_dir` from memory on 127.0.0.1 until terminated."""
+    from aiohttp import web
+
+    bodies = {}
+    for p in sorted(Path(images_dir).iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            bodies[p.name] = (p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream")
+
+    async def handler(request: web.Request) -> web.Response:
+        body, ctype = bodies[request.match_info["name"]]
+        return web.Response(body=body, content_type=ctype)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/{name}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock, backlog=1024).start()
+        port_conn.send((sock.getsockname()[1], sorted(bodies)))
+        await asyncio.Event().wait()
+
+    _run_loop(main())
+
+
+def _run_loop(coro):  # noqa: ANN001, ANN202
+    """Run `coro` to completion on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class ImageServer:
+    """The loopback image server process; `urls(n)` cycles over its files."""
+
+    def __init__(self, images_dir: Path) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(str(images_dir), child), daemon=True)
+        self._proc.start()
+        self.port, self.names = parent.recv()
+
+    def urls(self, n: int) -> list[str]:
+        names = self.names
+        return [f"http://127.0.0.1:{self.port}/{names[i % len(names)]}?i={i}" for i in range(n)]
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.join()
+
+
+# ---------------------------------------------------------------------------- memescale
+
+
+@dataclass
+class WorkerArgs:
+    urls: list[str]
+    shard: Path | None  # tar to write JPEGs into; None: decode only
+    size: int
+    decode_threads: int
+    concurrency: int
+
+
+def _transform(data: bytes, size: int, max_pixels: int, encode: bool) -> tuple[str, bytes | None]:
+    """decode_image + content hash (+ JPEG encode): the CPU work of one image. Thread-safe."""
+    from PIL import Image
+
+    from memescale.images import content_hash, decode_image
+
+    decoded = decode_image(data, size, max_pixels)
+    digest = content_hash(data)
+    if not encode:
+        return digest, None
+    buf = io.BytesIO()
+    Image.fromarray(decoded.pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return digest, buf.getvalue()
+
+
+async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, int]:
+    """Download, decode and write `args.urls`; returns (ok, failed)."""
+    from memescale.config import IngestConfig
+    from memescale.download import Downloader
+    from memescale.images import ImageDecodeError
+
+    cfg = replace(IngestConfig(), allow_private=True, download_concurrency=args.concurrency,
+                  per_host_concurrency=args.concurrency, retries=0)
+    loop = asyncio.get_running_loop()
+    in_flight = asyncio.Semaphore(args.concurrency)  # bounds downloaded-but-undecoded bodies too
+    counts = {"ok": 0, "failed": 0}
+
+    async def one(d: Downloader, pool: ThreadPoolExecutor, key: int, url: str) -> None:
+        async with in_flight:
+            result = await d.fetch(url)
+            if not result.ok:
+                counts["failed"] += 1
+                return
+            try:
+                _, jpeg = await loop.run_in_executor(
+                    pool, _transform, result.data, args.size, cfg.max_pixels, tar is not None
+                )
+            except ImageDecodeError:
+                counts["failed"] += 1
+                return
+        if tar is not None:
+            info = tarfile.TarInfo(f"{key:09d}.jpg")
+            info.size = len(jpeg)
+            tar.addfile(info, io.BytesIO(jpeg))
+        counts["ok"] += 1
+
+    with ThreadPoolExecutor(args.decode_threads) as pool:
+        async with Downloader(cfg) as d:
+            await asyncio.gather(*(one(d, pool, i, u) for i, u in enumerate(args.urls)))
+    return counts["ok"], counts["failed"]
+
+
+def _memescale_worker(args: WorkerArgs) -> tuple[int, int, float, float]:
+    """One process: returns (ok, failed, start, end) with wall-clock times after imports."""
+    import memescale.download  # noqa: F401 - imports before the work window opens
+    import memescale.images  # noqa: F401
+
+    start = time.time()
+    if args.shard is None:
+        ok, failed = _run_loop(_ingest(args, None))
+    else:
+        with tarfile.open(args.shard, "w") as tar:
+            ok, failed = _run_loop(_ingest(args, tar))
+    return ok, failed, start, time.time()
+
+
+def run_memescale(urls: list[str], out: Path, opts: argparse.Namespace) -> RunStats:
+    """Split `urls` into --procs contiguous parts and ingest each in its own process."""
+    out.mkdir(parents=True)
+    per = math.ceil(len(urls) / opts.procs)
+    jobs = [
+        WorkerArgs(
+            urls=urls[i : i + per],
+            shard=None if opts.memescale_output == "none" else out / f"{i // per:05d}.tar",
+            size=opts.size,
+            decode_threads=opts.decode_threads,
+            concurrency=opts.concurrency,
+        )
+        for i in range(0, len(urls), per)
+    ]
+    t0 = time.time()
+    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as ex:
+        parts = list(ex.map(_memescale_worker, jobs))
+    t1 = time.time()
+    ok, failed = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    work = max(p[3] for p in parts) - min(p[2] for p in parts)
+    return RunStats("memescale", ok, failed, t1 - t0, work)
+
+
+# ---------------------------------------------------------------------------- img2dataset
+
+
+def _img2dataset_bin() -> Path:
+    """The img2dataset CLI of .venv-img2dataset, set up by bench/setup_peers.sh if missing."""
+    exe = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
+    if not exe.exists():
+        subprocess.run(["bash", str(ROOT / "bench" / "setup_peers.sh")], check=True)
+    return exe
+
+
+def run_img2dataset(urls: list[str], out: Path, opts: argparse.Namespace) -> RunStats:
+    """img2dataset on the same URLs, shards of ceil(N / procs) so every process gets one."""
+    exe = _img2dataset_bin()
+    out.mkdir(parents=True)
+    url_list = out.parent / "urls.txt"
+    url_list.write_text("\n".join(urls) + "\n")
+    cmd = [
+        str(exe), f"--url_list={url_list}", "--input_format=txt", f"--output_folder={out / 'shards'}",
+        "--output_format=webdataset", f"--image_size={opts.size}", "--resize_mode=center_crop",
+        f"--processes_count={opts.procs}", f"--thread_count={opts.threads}",
+        f"--number_sample_per_shard={math.ceil(len(urls) / opts.procs)}",
+        f"--encode_quality={JPEG_QUALITY}", "--encode_format=jpg", "--timeout=10", "--retries=0",
+        "--extract_exif=False", "--disallowed_header_directives=[]", "--enable_wandb=False",
+        "--incremental_mode=overwrite",
+    ]
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    t1 = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"img2dataset failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*_stats.json"))]
+    ok = sum(s["successes"] for s in stats)
+    work = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    return RunStats("img2dataset", ok, len(urls) - ok, t1 - t0, work)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "images" / "memes")
+    p.add_argument("--n", type=int, default=2000, help="URLs to ingest")
+    p.add_argument("--size", type=int, default=384, help="output side in pixels")
+    p.add_argument("--procs", type=int, default=cores, help="processes per tool")
+    p.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
+    p.add_argument("--concurrency", type=int, default=32, help="memescale downloads in flight per process")
+    p.add_argument("--decode-threads", type=int, default=2, help="memescale decode threads per process")
+    p.add_argument("--memescale-output", choices=("jpeg", "none"), default="jpeg")
+    p.add_argument("--tools", default="memescale,img2dataset", help="comma-separated subset to run")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest_throughput")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    opts = parse_args(argv)
+    if not opts.images.is_dir():
+        sys.exit(f"no image folder {opts.images} (pass --images)")
+    shutil.rmtree(opts.out, ignore_errors=True)
+    runners = {"memescale": run_memescale, "img2dataset": run_img2dataset}
+    server = ImageServer(opts.images)
+    try:
+        urls = server.urls(opts.n)
+        results = [runners[t](urls, opts.out / t, opts) for t in opts.tools.split(",")]
+    finally:
+        server.close()
+    print(f"N={opts.n} size={opts.size} procs={opts.procs} images={len(server.names)} files")
+    for r in results:
+        print(f"{r.tool:12s} ok={r.ok:5d} failed={r.failed:4d}  end-to-end {r.end_to_end_s:6.2f} s "
+              f"{r.end_to_end_rate:7.1f} img/s   work {r.work_s:6.2f} s {r.work_rate:7.1f} img/s")
+    by_tool = {r.tool: r for r in results}
+    if len(by_tool) == 2:
+        m, i = by_tool["memescale"], by_tool["img2dataset"]
+        print(f"ratio memescale/img2dataset: end-to-end {m.end_to_end_rate / i.end_to_end_rate:.2f}x, "
+              f"work {m.work_rate / i.work_rate:.2f}x")
+    report = {"options": {k: str(v) for k, v in vars(opts).items()},
+              "results": [asdict(r) | {"end_to_end_rate": r.end_to_end_rate, "work_rate": r.work_rate}
+                          for r in results]}
+    (opts.out / "results.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

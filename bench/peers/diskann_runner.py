@@ -1,0 +1,204 @@
+"""Build and sweep diskannpy's disk index (StaticDiskIndex); write the results as JSON.
+
+Runs in .venv-diskann (diskannpy 0.7.0, numpy 1.x); bench/ann.py starts it as a subprocess.
+
+What diskannpy 0.7.0 exposes, and what this runner measures around it:
+- Build: `build_disk_index(R, L, search_memory_maximum, ...)`. Alpha is not a parameter of the
+  disk builder: it is DiskANN's built-in 1.2. The in-RAM PQ code size is set through the search
+  memory budget (DiskANN takes floor(budget / N) bytes per vector), so the budget is chosen to
+  give exactly --pq-bytes; the log line confirming it is kept in the JSON. Vectors on disk are
+  full-precision float32 (pq_disk_bytes=0). Inner product ("mips") is turned into L2 by
+  DiskANN with one extra dimension.
+- Search: `batch_search` returns ids and distances only, no per-query statistics (the C++
+  QueryStats with n_ios is not passed through). Sector reads are therefore measured from
+  /proc/self/io read_bytes over the batch: DiskANN reads with O_DIRECT, so every node read
+  reaches the block layer and none is served by the page cache; read_bytes / 4096 / nq is its
+  mean number of 4 KiB reads per query (nodes held in its own node cache cost none).
+
+Usage (normally via bench/ann.py):
+  .venv-diskann/bin/python bench/peers/diskann_runner.py --dataset ../shared/data/ann/pypi-minilm \
+      --workdir bench/results/work/diskann --out bench/results/work/diskann.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+SECTOR = 4096
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--workdir", required=True, help="folder for the index files")
+    ap.add_argument("--out", required=True, help="JSON results file")
+    ap.add_argument("--max-base", type=int, default=0)
+    ap.add_argument("--max-queries", type=int, default=0)
+    ap.add_argument("--eval-start", type=int, default=1000)
+    ap.add_argument("--R", type=int, default=64)
+    ap.add_argument("--L", type=int, default=100)
+    ap.add_argument("--alpha", type=float, default=1.2,
+                    help="recorded only: diskannpy's disk builder always uses 1.2")
+    ap.add_argument("--pq-bytes", type=int, default=48)
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--Ls", default="10,20,30,50,70,100,150,200")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="comma list of search thread counts")
+    ap.add_argument("--build-threads", type=int, default=2)
+    ap.add_argument("--cache-nodes", type=int, default=0,
+                    help="DiskANN's in-RAM node cache (0 = every node read comes from disk)")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions per point; best kept")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse an index in --workdir built with the same parameters")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    cpus = C.pin_threads(a.cores, max(int(t) for t in a.threads.split(",")))
+    data = C.load_dataset(a.dataset, a.max_base, a.eval_start, a.max_queries)
+    base = data["base"]
+    n, d = base.shape
+    work = Path(a.workdir)
+    params = {"R": a.R, "L": a.L, "pq_bytes": a.pq_bytes, "n": n, "d": d,
+              "build_threads": a.build_threads}
+    # floor(budget_bytes / N) = pq_bytes; half a byte of slack survives the C++ side's
+    # six-decimal formatting of the budget in GB.
+    budget_gb = (a.pq_bytes + 0.5) * n / 2**30
+    meta_file = work / "bench_params.json"
+    reuse = a.reuse and meta_file.exists() and json.loads(meta_file.read_text())["params"] == params
+    if a.build_only:
+        build_index(a, base, work, budget_gb, params, meta_file)
+        return
+    if not reuse:
+        # Build in a child process so that the RSS measured after loading the index here is
+        # the index's and not the build's leftover heap.
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                        "--build-only"], check=True)
+    else:
+        C.log(f"[diskann] reusing index in {work}")
+    build = json.loads(meta_file.read_text())["build"]
+    build["reused"] = bool(reuse)
+    with redirect_stdout_fd(work / "search.log"):
+        results = search(a, data, work, params, build, cpus)
+    C.write_json(a.out, results)
+    C.log(f"[diskann] results in {a.out}")
+
+
+def build_index(a, base, work: Path, budget_gb: float, params: dict, meta_file: Path) -> None:
+    """Build the disk index into `work` and record build seconds and peak RSS."""
+    import numpy as np
+    import diskannpy as dap
+
+    n, d = base.shape
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    C.log(f"[diskann] building n={n} d={d} R={a.R} L={a.L} pq_bytes={a.pq_bytes} "
+          f"(budget {budget_gb:.6f} GB)")
+    # DiskANN logs to the C++ stdout: keep it in a file, and check the PQ size it used.
+    log_path = work / "build.log"
+    with redirect_stdout_fd(log_path):
+        t0 = time.perf_counter()
+        dap.build_disk_index(
+            data=base, distance_metric="mips", index_directory=str(work),
+            complexity=a.L, graph_degree=a.R, search_memory_maximum=budget_gb,
+            build_memory_maximum=8.0, num_threads=a.build_threads, pq_disk_bytes=0,
+            vector_dtype=np.float32)
+        build_s = time.perf_counter() - t0
+    text = log_path.read_text(errors="replace")
+    m = re.findall(r"[Cc]ompressing .*?into (\d+) bytes", text)
+    build = {"seconds": build_s, "peak_rss_bytes": C.peak_rss_bytes(),
+             "pq_bytes_used": int(m[-1]) if m else None,
+             "pq_log": [ln.strip() for ln in text.splitlines() if "ompressing" in ln][-1:]}
+    meta_file.write_text(json.dumps({"params": params, "build": build}))
+    C.log(f"[diskann] built in {build_s:.1f} s; PQ bytes per vector used: {build['pq_bytes_used']}")
+
+
+@contextlib.contextmanager
+def redirect_stdout_fd(path: Path):
+    """Send file descriptor 1 (where DiskANN's C++ code logs) to `path` for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(fd)
+        os.close(saved)
+
+
+def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
+    """Load the index once per thread count and sweep L over both query sets."""
+    import numpy as np
+    import diskannpy as dap
+
+    n, d = data["base"].shape
+    files = C.dir_bytes(work)
+
+    results = {"library": "diskannpy", "version": "0.7.0", "cpus": cpus, "n": n, "d": d,
+               "params": {**params, "alpha": 1.2, "beam_width": a.beam_width,
+                          "cache_nodes": a.cache_nodes, "pq_disk_bytes": 0,
+                          "metric": "mips"},
+               "build": build, "files": files, "runs": []}
+    for threads in [int(t) for t in a.threads.split(",")]:
+        rss0 = C.rss_bytes()
+        t0 = time.perf_counter()
+        index = dap.StaticDiskIndex(index_directory=str(work), num_threads=threads,
+                                    num_nodes_to_cache=a.cache_nodes, cache_mechanism=1,
+                                    distance_metric="mips", vector_dtype=np.float32,
+                                    dimensions=d)
+        load_s = time.perf_counter() - t0
+        ram = C.rss_bytes() - rss0
+        # In-RAM parts by file: PQ codes and pivots (the graph and vectors stay on disk).
+        ram_files = sum(v for k, v in files.items() if "pq_compressed" in k or "pq_pivots" in k)
+        run = {"threads": threads, "index_ram_rss_delta_bytes": ram,
+               "index_ram_files_bytes": ram_files, "load_seconds": load_s, "points": []}
+        C.log(f"[diskann] {threads} threads: loaded in {load_s:.2f} s, RSS +{ram / 2**20:.1f} MiB")
+        # One untimed pass so one-time allocations do not land in the first point.
+        index.batch_search(data["queries"]["id"][:100], a.k, max(a.k, 20), threads, a.beam_width)
+        for qs in C.QUERY_SETS:
+            Q, gt = data["queries"][qs], data["gt"][qs]
+            for L in [int(x) for x in a.Ls.split(",")]:
+                L = max(L, a.k)
+                best, reads = None, None
+                for _ in range(a.reps):
+                    io0 = C.io_read_bytes()
+                    t0 = time.perf_counter()
+                    ids, dists = index.batch_search(Q, a.k, L, threads, a.beam_width)
+                    dt = time.perf_counter() - t0
+                    io1 = C.io_read_bytes()
+                    if best is None or dt < best:
+                        best = dt
+                    if io0 >= 0:
+                        reads = (io1 - io0) / SECTOR / len(Q)
+                pt = {"query_set": qs, "L": L, "recall": C.recall_at_k(ids, gt, a.k),
+                      "qps": len(Q) / best, "seconds": best, "mean_reads": reads,
+                      "reads_source": "/proc/self/io read_bytes / 4096 (O_DIRECT)"}
+                run["points"].append(pt)
+                C.log(f"[diskann] t={threads} {qs:3s} L={L:4d} recall@{a.k}={pt['recall']:.4f} "
+                      f"qps={pt['qps']:8.1f} reads/q={reads if reads is None else round(reads, 1)}")
+        results["runs"].append(run)
+        del index
+    return results
+
+
+if __name__ == "__main__":
+    main()

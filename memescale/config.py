@@ -1,0 +1,173 @@
+"""One typed configuration object, loaded from TOML, any field overridable from the command line.
+
+A config file has one table per section (`[model]`, `[ingest]`, `[index]`, `[ray]`); every
+key is optional and defaults to the value below. Overrides use dotted paths:
+``--set ingest.download_concurrency=128`` (the value is parsed as TOML, falling back to a
+plain string), and the dedicated CLI flags of each job map onto fields the same way.
+
+Unknown sections or keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or has a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """Which open_clip model encodes images and texts, and where its weights come from."""
+
+    name: str = "ViT-SO400M-14-SigLIP-384"
+    # Path of an open_clip model config JSON to register under `name` (for the project's own
+    # tiny test architecture); relative paths are resolved against the config file's folder.
+    config_file: str = ""
+    # A pretrained tag known to open_clip ("webli"), a local checkpoint file, or "" for seeded
+    # random weights (allowed only when `random_weights` is true: tests and the demo).
+    pretrained: str = "webli"
+    random_weights: bool = False
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" or "fp16" (fp16 only takes effect on a GPU)
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+
+
+@dataclass
+class IngestConfig:
+    """Reading dumps, downloading, decoding and encoding images, writing shards."""
+
+    chunk_posts: int = 2000  # posts per resume unit (one Parquet file + one manifest entry)
+    # Downloader: limits are per downloader actor; the global limit is actors x concurrency.
+    download_actors: int = 2
+    download_concurrency: int = 64
+    per_host_concurrency: int = 16
+    download_batch: int = 64
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    total_timeout_s: float = 20.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_bytes: int = 16 * 1024 * 1024
+    max_redirects: int = 5
+    allow_private: bool = False
+    user_agent: str = "memescale/0.1 (+image search research)"
+    # Decoder
+    max_pixels: int = 64_000_000  # decompression-bomb guard (width x height of the source)
+    decode_batch: int = 32
+    # Content hashes (blake2b-128 hex of the downloaded bytes) of known placeholder images.
+    placeholder_hashes: list[str] = field(default_factory=list)
+    # Encoder actor pool
+    encoder_actors: int = 1
+    encode_batch: int = 32
+    gpus_per_encoder: float = 0.0
+    # Output
+    parquet_compression: str = "zstd"
+
+
+@dataclass
+class IndexConfig:
+    """Index build parameters (see memescale.index)."""
+
+    R: int = 64
+    L: int = 100
+    alpha: float = 1.2
+    pq_bytes: int = 48
+    shards: int = 1
+    shard_overlap: int = 2
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    """How jobs attach to Ray: "" starts a local instance, "auto" joins a running cluster."""
+
+    address: str = ""
+    num_cpus: int = 0  # 0: let Ray detect
+    object_store_mb: int = 0  # 0: Ray's default
+    include_dashboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    source: str = ""  # the file this config was loaded from ("" for defaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(path: str, value: Any, typ: Any) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = getattr(typ, "__origin__", None)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return value
+    if typ in (int, float, str, bool) and (
+        not isinstance(value, typ) or (typ is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = get_type_hints(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {section}.{key}")
+        setattr(section_obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "source"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load `path` (TOML) over the defaults, then apply ``section.key=value`` overrides.
+
+    Raises ConfigError for unknown keys, wrong types or an unreadable file.
+    """
+    cfg = Config()
+    sections = _sections(cfg)
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {p}: {e}") from e
+        for name, values in data.items():
+            if name not in sections or not isinstance(values, dict):
+                raise ConfigError(f"{p}: unknown config section [{name}]")
+            _apply(sections[name], name, values)
+        cfg.source = str(p.resolve())
+        if cfg.model.config_file and not Path(cfg.model.config_file).is_absolute():
+            cfg.model.config_file = str((p.parent / cfg.model.config_file).resolve())
+    for item in overrides or []:
+        set_field(cfg, item)
+    return cfg
+
+
+def set_field(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as TOML when it can be."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    sections = _sections(cfg)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in override {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    _apply(sections[section], section, {key: value})

@@ -1,0 +1,200 @@
+"""Numba kernels: fp16 storage, fp32 arithmetic, and the few system calls the searcher needs.
+
+Numba has no float16 array type on the CPU, so fp16 arrays cross into kernels as their raw
+bits (``a.view(np.uint16)``) and `half_to_float` widens one element with the hardware
+conversion (LLVM ``fpext half``, F16C on x86). Every kernel here is ``nogil``: parallelism
+comes from Python threads running kernels on disjoint slices (`parallel_for`), which works
+from any number of caller threads (unlike numba's own parallel layer) and keeps results
+independent of scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I8P = ir.IntType(8).as_pointer()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+MADV_WILLNEED = 3
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 value of one IEEE half given as its uint16 bits (exact, incl. subnormals)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def prefetch_address(typingctx, addr):
+    """Hint the CPU to load the cache line at integer address `addr` (no fault if invalid)."""
+    if addr != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.inttoptr(args[0], _I8P)
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
+@intrinsic
+def madvise_willneed(typingctx, addr, length):
+    """``madvise(addr, length, MADV_WILLNEED)``: start asynchronous readahead of those pages."""
+    if addr != types.int64 or length != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(_I32, [_I8P, _I64, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "madvise")
+        ptr = builder.inttoptr(args[0], _I8P)
+        return builder.call(fn, [ptr, args[1], ir.Constant(_I32, MADV_WILLNEED)])
+
+    return types.int32(types.int64, types.int64), codegen
+
+
+@intrinsic
+def monotonic_ns(typingctx):
+    """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds, callable without the GIL."""
+
+    def codegen(context, builder, signature, args):
+        ts = cgutils.alloca_once(builder, ir.ArrayType(_I64, 2))
+        fnty = ir.FunctionType(_I32, [_I32, _I8P])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "clock_gettime")
+        builder.call(fn, [ir.Constant(_I32, 1), builder.bitcast(ts, _I8P)])
+        zero = ir.Constant(_I32, 0)
+        sec = builder.load(builder.gep(ts, [zero, zero]))
+        nsec = builder.load(builder.gep(ts, [zero, ir.Constant(_I32, 1)]))
+        return builder.add(builder.mul(sec, ir.Constant(_I64, 1_000_000_000)), nsec)
+
+    return types.int64(), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def prefetch_bytes(addr, nbytes):
+    """Prefetch every cache line of ``[addr, addr + nbytes)``."""
+    for off in range(0, nbytes, 64):
+        prefetch_address(addr + off)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def dot_hf(x, q):
+    """Inner product of one fp16 vector (uint16 bits, (d,)) with one float32 vector (d,)."""
+    s = np.float32(0.0)
+    for i in range(q.shape[0]):
+        s += half_to_float(x[i]) * q[i]
+    return s
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def widen(x, out):
+    """Write the float32 values of fp16 vector `x` (uint16 bits, (d,)) into `out` (d,)."""
+    for i in range(out.shape[0]):
+        out[i] = half_to_float(x[i])
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def squared_norms(X, lo, hi, out):
+    """out[i] = ||X[i]||^2 in float32 for i in [lo, hi); X: (N, d) uint16 fp16 bits."""
+    for i in range(lo, hi):
+        s = np.float32(0.0)
+        row = X[i]
+        for j in range(row.shape[0]):
+            v = half_to_float(row[j])
+            s += v * v
+        out[i] = s
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def inner_products(X, ids, q, out):
+    """out[t] = X[ids[t]] . q for every t, prefetching ahead; X: (N, d) uint16, q: (d,) f32."""
+    n = ids.shape[0]
+    rowbytes = X.shape[1] * 2
+    base = X.ctypes.data
+    for t in range(min(n, 8)):
+        prefetch_bytes(base + ids[t] * rowbytes, rowbytes)
+    for t in range(n):
+        if t + 8 < n:
+            prefetch_bytes(base + ids[t + 8] * rowbytes, rowbytes)
+        out[t] = dot_hf(X[ids[t]], q)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Worker count: `threads` when positive, else every core this process may use."""
+    if threads and threads > 0:
+        return int(threads)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def parallel_for(fn: Callable[[int, int], None], n: int, threads: int, pool: ThreadPoolExecutor | None = None) -> None:
+    """Run ``fn(lo, hi)`` over `threads` contiguous slices of range(n) at once.
+
+    `fn` should call a nogil kernel so the slices run on separate cores. Results must not
+    depend on which thread runs which slice (each slice writes only its own outputs).
+    """
+    threads = max(1, min(threads, n))
+    if threads == 1:
+        fn(0, n)
+        return
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+    if pool is None:
+        with ThreadPoolExecutor(threads) as own:
+            list(own.map(fn, bounds[:-1], bounds[1:]))
+    else:
+        list(pool.map(fn, bounds[:-1], bounds[1:]))
+
+
+def as_fp16(vectors: np.ndarray) -> np.ndarray:
+    """C-contiguous float16 copy/view of a (N, d) float16 or float32 array."""
+    v = np.asarray(vectors)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (N, d), got shape {v.shape}")
+    if v.dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"vectors must be float16 or float32, got {v.dtype}")
+    return np.ascontiguousarray(v, dtype=np.float16)
+
+
+def exact_topk(
+    queries: np.ndarray, vectors: np.ndarray, k: int, block: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product, best first.
+
+    queries: (nq, d) float; vectors: (N, d) float16/float32. Returns ids (nq, k) int64 and
+    scores (nq, k) float32. O(nq * N * d) time (BLAS, fp32), O(nq * (block + k)) memory.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    nq, n = q.shape[0], vectors.shape[0]
+    k_eff = min(k, n)
+    best_s = np.full((nq, k_eff), -np.inf, np.float32)
+    best_i = np.full((nq, k_eff), -1, np.int64)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        s = q @ np.asarray(vectors[lo:hi], dtype=np.float32).T
+        all_s = np.concatenate([best_s, s], axis=1)
+        all_i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, hi), s.shape)], axis=1)
+        part = np.argpartition(-all_s, k_eff - 1, axis=1)[:, :k_eff]
+        best_s = np.take_along_axis(all_s, part, 1)
+        best_i = np.take_along_axis(all_i, part, 1)
+    order = np.lexsort((best_i, -best_s), axis=1)
+    ids = np.take_along_axis(best_i, order, 1)
+    scores = np.take_along_axis(best_s, order, 1)
+    if k_eff < k:
+        ids = np.pad(ids, ((0, 0), (0, k - k_eff)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
+    return ids, scores

@@ -1,0 +1,369 @@
+"""Vamana graph construction (Subramanya et al., "DiskANN", NeurIPS 2019).
+
+Names follow the paper: `greedy_search` (Algorithm 1), `robust_prune` (Algorithm 2) and the
+two-pass `build_vamana` (Algorithm 3: a pass with alpha = 1, then one with the given alpha).
+
+Geometry: the graph is built on squared Euclidean distance, ``d(a, b) = |a|^2 + |b|^2 -
+2 a.b``, computed in float32 from fp16 vectors. For the L2-normalised vectors this index
+serves, Euclidean and inner-product neighbours coincide, and alpha keeps its usual meaning
+(as in the reference implementation, alpha scales squared distances).
+
+Parallel and deterministic: points are inserted in a seeded random order, in batches
+(sizes doubling from 1 up to `max_batch`). Within a batch every point's greedy_search and
+robust_prune run in parallel against the graph frozen at the batch start; the new out-lists
+are then written, and the reverse edges are grouped by target node (in batch order) and
+applied target by target, each target by exactly one thread. Nothing depends on thread
+scheduling, so a seed gives the same graph for any thread count.
+
+Memory: vectors + the graph (N x ceil(slack * R) int32 while building, like the reference
+implementation's slack before re-pruning) + per-thread O(N) visit stamps. Nothing quadratic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+from tqdm.auto import tqdm
+
+from .kernels import as_fp16, dot_hf, parallel_for, prefetch_bytes, resolve_threads, squared_norms, widen
+
+log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 750  # robust_prune considers at most this many closest candidates
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _distance_to(X, norms, qf, qnorm, j):
+    d = qnorm + norms[j] - 2.0 * dot_hf(X[j], qf)
+    return d if d > 0.0 else np.float32(0.0)
+
+
+@njit(nogil=True, cache=True)
+def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, stamps, stamp):
+    """Algorithm 1: greedy search from `start` for query `qf` with search list size L.
+
+    X: (N, d) uint16 fp16 bits; norms: (N,) float32 squared norms; graph: (N, W) int32 out-
+    lists (first degrees[i] valid); qf: (d,) float32 query; stamps: (N,) int32 visit marks of
+    this thread, `stamp` a value not used before in `stamps`.
+    Returns (visited ids int32, their squared distances float32): the expanded set V, in
+    expansion order. Each expansion costs degree-many distance evaluations: O(|V| * R * d).
+    """
+    cand_id = np.empty(L + 1, np.int32)
+    cand_d = np.empty(L + 1, np.float32)
+    done = np.zeros(L + 1, np.bool_)
+    fresh = np.empty(graph.shape[1], np.int32)
+    vis_id = np.empty(2 * L + 8, np.int32)
+    vis_d = np.empty(2 * L + 8, np.float32)
+    n_vis = 0
+    rowbytes = X.shape[1] * 2
+    base = X.ctypes.data
+
+    stamps[start] = stamp
+    cand_id[0] = start
+    cand_d[0] = _distance_to(X, norms, qf, qnorm, start)
+    n = 1
+    cur = 0
+    while cur < n:
+        p = cand_id[cur]
+        done[cur] = True
+        if n_vis == vis_id.shape[0]:
+            vis_id = np.concatenate((vis_id, np.empty_like(vis_id)))
+            vis_d = np.concatenate((vis_d, np.empty_like(vis_d)))
+        vis_id[n_vis] = p
+        vis_d[n_vis] = cand_d[cur]
+        n_vis += 1
+        m = 0
+        for t in range(degrees[p]):
+            u = graph[p, t]
+            if stamps[u] != stamp:
+                stamps[u] = stamp
+                fresh[m] = u
+                m += 1
+        for t in range(m):
+            prefetch_bytes(base + np.int64(fresh[t]) * rowbytes, rowbytes)
+        nxt = n
+        for t in range(m):
+            u = fresh[t]
+            d = _distance_to(X, norms, qf, qnorm, u)
+            if n == L and d >= cand_d[n - 1]:
+                continue
+            pos = n if n < L else L - 1
+            while pos > 0 and cand_d[pos - 1] > d:
+                cand_id[pos] = cand_id[pos - 1]
+                cand_d[pos] = cand_d[pos - 1]
+                done[pos] = done[pos - 1]
+                pos -= 1
+            cand_id[pos] = u
+            cand_d[pos] = d
+            done[pos] = False
+            if n < L:
+                n += 1
+            if pos < nxt:
+                nxt = pos
+        cur = nxt if nxt < cur else cur
+        while cur < n and done[cur]:
+            cur += 1
+    return vis_id[:n_vis], vis_d[:n_vis]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def robust_prune(X, norms, cand_ids, cand_d, alpha, R, out):
+    """Algorithm 2: choose at most R out-neighbours of a point p from its candidates.
+
+    cand_ids: (n,) int32 distinct candidates, p excluded; cand_d: (n,) float32 squared
+    distances to p; out: (>= R,) int32 receives the chosen ids, closest first. Returns their
+    count. Candidate p' is dropped once a chosen p* has alpha * d(p*, p') <= d(p, p').
+    Only the MAX_CANDIDATES closest candidates are considered: O(min(n, 750) * R * d).
+    """
+    order = np.argsort(cand_d, kind="mergesort")
+    n = min(order.shape[0], MAX_CANDIDATES)
+    removed = np.zeros(n, np.bool_)
+    pf = np.empty(X.shape[1], np.float32)
+    deg = 0
+    for a in range(n):
+        if removed[a]:
+            continue
+        star = cand_ids[order[a]]
+        out[deg] = star
+        deg += 1
+        if deg == R:
+            break
+        widen(X[star], pf)
+        nstar = norms[star]
+        for b in range(a + 1, n):
+            if removed[b]:
+                continue
+            j = order[b]
+            d = _distance_to(X, norms, pf, nstar, cand_ids[j])
+            if alpha * d <= cand_d[j]:
+                removed[b] = True
+    return deg
+
+
+@njit(nogil=True, cache=True)
+def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha, R, stamps, stamp0, out, out_deg):
+    """For points[lo:hi]: V = greedy_search from the medoid, then robust_prune(V + N_out(p)).
+
+    Writes out[b, :out_deg[b]] for b in [lo, hi); reads the graph only. Uses stamp values
+    stamp0 + 2 * (b - lo) and + 1 for that point.
+    """
+    qf = np.empty(X.shape[1], np.float32)
+    for b in range(lo, hi):
+        p = points[b]
+        widen(X[p], qf)
+        stamp = stamp0 + 2 * (b - lo)
+        vis_id, vis_d = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, stamps, stamp)
+        stamp += 1
+        stamps[p] = stamp
+        deg = degrees[p]
+        ids = np.empty(vis_id.shape[0] + deg, np.int32)
+        ds = np.empty(vis_id.shape[0] + deg, np.float32)
+        n = 0
+        for t in range(vis_id.shape[0]):
+            u = vis_id[t]
+            if stamps[u] != stamp:
+                stamps[u] = stamp
+                ids[n] = u
+                ds[n] = vis_d[t]
+                n += 1
+        for t in range(deg):
+            u = graph[p, t]
+            if stamps[u] != stamp:
+                stamps[u] = stamp
+                ids[n] = u
+                ds[n] = _distance_to(X, norms, qf, norms[p], u)
+                n += 1
+        out_deg[b] = robust_prune(X, norms, ids[:n], ds[:n], alpha, R, out[b])
+
+
+@njit(nogil=True, cache=True)
+def _add_reverse_edges(X, norms, graph, degrees, targets, starts, sources, glo, ghi, alpha, R, stamps, stamp0):
+    """Add edges source -> ... reversed: for groups g in [glo, ghi), target j = targets[g]
+    gets sources[starts[g]:starts[g+1]] appended to its out-list; when that would exceed the
+    list width, the union is robust_pruned to R instead. Each group touches only graph[j]."""
+    width = graph.shape[1]
+    pf = np.empty(X.shape[1], np.float32)
+    for g in range(glo, ghi):
+        j = targets[g]
+        stamp = stamp0 + (g - glo)
+        deg = degrees[j]
+        for t in range(deg):
+            stamps[graph[j, t]] = stamp
+        stamps[j] = stamp
+        s0, s1 = starts[g], starts[g + 1]
+        n_new = 0
+        for t in range(s0, s1):
+            if stamps[sources[t]] != stamp:
+                n_new += 1
+        if n_new == 0:
+            continue
+        if deg + n_new <= width:
+            for t in range(s0, s1):
+                u = sources[t]
+                if stamps[u] != stamp:
+                    stamps[u] = stamp
+                    graph[j, deg] = u
+                    deg += 1
+            degrees[j] = deg
+            continue
+        ids = np.empty(deg + n_new, np.int32)
+        ds = np.empty(deg + n_new, np.float32)
+        widen(X[j], pf)
+        n = 0
+        for t in range(deg):
+            ids[n] = graph[j, t]
+            n += 1
+        for t in range(s0, s1):
+            u = sources[t]
+            if stamps[u] != stamp:
+                stamps[u] = stamp
+                ids[n] = u
+                n += 1
+        for t in range(n):
+            ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
+        degrees[j] = robust_prune(X, norms, ids, ds, alpha, R, graph[j])
+
+
+@njit(nogil=True, cache=True)
+def _prune_to_degree(X, norms, graph, degrees, lo, hi, alpha, R):
+    """robust_prune every node in [lo, hi) whose out-list is longer than R."""
+    pf = np.empty(X.shape[1], np.float32)
+    for j in range(lo, hi):
+        deg = degrees[j]
+        if deg <= R:
+            continue
+        ids = graph[j, :deg].copy()
+        ds = np.empty(deg, np.float32)
+        widen(X[j], pf)
+        for t in range(deg):
+            ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
+        degrees[j] = robust_prune(X, norms, ids, ds, alpha, R, graph[j])
+
+
+def find_medoid(vectors: np.ndarray, block: int = 65536) -> int:
+    """Index of the point closest (Euclidean) to the mean of `vectors` ((N, d) float). O(N d)."""
+    n = vectors.shape[0]
+    mean = np.zeros(vectors.shape[1], np.float64)
+    for lo in range(0, n, block):
+        mean += np.asarray(vectors[lo : lo + block], dtype=np.float64).sum(axis=0)
+    mean = (mean / n).astype(np.float32)
+    best, best_d = 0, np.inf
+    for lo in range(0, n, block):
+        x = np.asarray(vectors[lo : lo + block], dtype=np.float32)
+        d = np.einsum("ij,ij->i", x, x) - 2.0 * (x @ mean)
+        i = int(np.argmin(d))
+        if d[i] < best_d:
+            best, best_d = lo + i, float(d[i])
+    return best
+
+
+def _batches(n: int, max_batch: int, grow: bool) -> list[tuple[int, int]]:
+    out, lo, size = [], 0, 1 if grow else max_batch
+    while lo < n:
+        hi = min(n, lo + size)
+        out.append((lo, hi))
+        lo = hi
+        size = min(max_batch, size * 2)
+    return out
+
+
+def build_vamana(
+    vectors: np.ndarray,
+    R: int = 64,
+    L: int = 100,
+    alpha: float = 1.2,
+    seed: int = 0,
+    threads: int | None = None,
+    max_batch: int | None = None,
+    slack: float = 1.3,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Build a Vamana graph over `vectors` (usable on any subset, e.g. one shard).
+
+    vectors: (N, d) float16 or float32 (stored and compared as fp16 -> fp32). R: max degree;
+    L: search list size during construction (>= R recommended); alpha >= 1: pruning slack of
+    the second pass; seed: insertion order (the result is identical for a seed at any thread
+    count); max_batch: points inserted per batch (default max(1000, N / 50)); slack: out-lists
+    may grow to ceil(slack * R) through reverse edges before being pruned back to R.
+
+    Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32, medoid int).
+    Time O(N * (L + R) * R * d) per pass (two passes); memory vectors + N * slack * R * 4 bytes.
+    """
+    X16 = as_fp16(vectors)
+    N, d = X16.shape
+    if N == 0:
+        raise ValueError("cannot build a graph over zero vectors")
+    if N >= 2**31 - 1:
+        raise ValueError(f"{N} points exceed the int32 node id range of one graph")
+    if R < 1 or L < 1 or alpha < 1.0:
+        raise ValueError(f"need R >= 1, L >= 1, alpha >= 1 (got R={R}, L={L}, alpha={alpha})")
+    X = X16.view(np.uint16)
+    threads = resolve_threads(threads)
+    width = max(R, int(math.ceil(slack * R)))
+    max_batch = max_batch or max(1000, N // 50)
+
+    norms = np.empty(N, np.float32)
+    medoid = find_medoid(X16)
+    graph = np.full((N, width), -1, np.int32)
+    degrees = np.zeros(N, np.int32)
+    order = np.random.default_rng(seed).permutation(N).astype(np.int32)
+    stamps = np.zeros((threads, N), np.int32)
+    stamp_next = np.ones(threads, np.int64)
+
+    def take_stamps(t: int, count: int) -> int:
+        if stamp_next[t] + count >= 2**31 - 1:
+            stamps[t].fill(0)
+            stamp_next[t] = 1
+        s = int(stamp_next[t])
+        stamp_next[t] += count
+        return s
+
+    with ThreadPoolExecutor(threads) as pool:
+        parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
+        for pass_no, a in enumerate((1.0, float(alpha))):
+            batches = _batches(N, max_batch, grow=pass_no == 0)
+            log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches", pass_no + 1, a, N, len(batches))
+            bar = tqdm(total=N, desc=f"vamana pass {pass_no + 1}/2", unit="pt", disable=None if progress is None else not progress)
+            for lo, hi in batches:
+                points = order[lo:hi]
+                B = hi - lo
+                out = np.full((B, R), -1, np.int32)
+                out_deg = np.zeros(B, np.int32)
+                slices = np.linspace(0, B, min(threads, B) + 1).astype(np.int64)
+
+                def search_slice(t: int, a=a, points=points, out=out, out_deg=out_deg, slices=slices) -> None:
+                    s0, s1 = int(slices[t]), int(slices[t + 1])
+                    stamp0 = take_stamps(t, 2 * (s1 - s0) + 2)
+                    _search_and_prune(X, norms, graph, degrees, medoid, points, s0, s1, L, a, R, stamps[t], stamp0, out, out_deg)
+
+                list(pool.map(search_slice, range(len(slices) - 1)))
+                graph[points, :R] = out
+                graph[points, R:] = -1
+                degrees[points] = out_deg
+
+                mask = out >= 0
+                tgt = out[mask]
+                src = np.repeat(points, out_deg)
+                by_target = np.argsort(tgt, kind="stable")
+                tgt, src = tgt[by_target], src[by_target]
+                targets, starts = np.unique(tgt, return_index=True)
+                starts = np.append(starts, tgt.shape[0]).astype(np.int64)
+                gsl = np.linspace(0, targets.shape[0], min(threads, max(1, targets.shape[0])) + 1).astype(np.int64)
+
+                def reverse_slice(t: int, a=a, targets=targets, starts=starts, src=src, gsl=gsl) -> None:
+                    g0, g1 = int(gsl[t]), int(gsl[t + 1])
+                    stamp0 = take_stamps(t, g1 - g0 + 1)
+                    _add_reverse_edges(X, norms, graph, degrees, targets, starts, src, g0, g1, a, R, stamps[t], stamp0)
+
+                list(pool.map(reverse_slice, range(len(gsl) - 1)))
+                bar.update(B)
+            bar.close()
+        parallel_for(lambda lo, hi: _prune_to_degree(X, norms, graph, degrees, lo, hi, float(alpha), R), N, threads, pool)
+
+    neighbours = np.ascontiguousarray(graph[:, :R])
+    neighbours[np.arange(R)[None, :] >= degrees[:, None]] = -1
+    return neighbours, degrees, medoid

@@ -1,0 +1,61 @@
+"""Ray metrics (ray.util.metrics) for ingest, build and serve, exported to Prometheus/the dashboard.
+
+Every metric the project emits is declared once in `METRICS`; `record(name, value, **tags)`
+creates it on first use in the calling process and is a no-op outside a Ray worker or driver,
+so library code stays testable without Ray. O(1) per call.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+# name -> (kind, description, tag keys, histogram boundaries)
+METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "memescale_ingest_posts_read": ("counter", "Dump records read and kept by the filters", (), None),
+    "memescale_ingest_bad_lines": ("counter", "Dump lines skipped as malformed", (), None),
+    "memescale_ingest_images_found": ("counter", "Image references extracted from posts", (), None),
+    "memescale_ingest_images_downloaded": ("counter", "Images downloaded successfully", (), None),
+    "memescale_ingest_images_failed": ("counter", "Images that failed, by reason", ("reason",), None),
+    "memescale_ingest_images_discarded": ("counter", "Images discarded, by reason", ("reason",), None),
+    "memescale_ingest_images_encoded": ("counter", "Images encoded to vectors", (), None),
+    "memescale_ingest_bytes": ("counter", "Image bytes downloaded", (), None),
+    "memescale_ingest_fetch_seconds": (
+        "histogram", "Per-image download latency", (), [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
+    "memescale_ingest_decode_seconds": (
+        "histogram", "Per-image decode+resize latency", (), [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 5]),
+    "memescale_ingest_encode_seconds": (
+        "histogram", "Per-batch encoder latency", (), [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]),
+}
+
+_made: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _metric(name: str):
+    with _lock:
+        if name not in _made:
+            import ray
+
+            if not ray.is_initialized():
+                _made[name] = None
+            else:
+                from ray.util import metrics
+
+                kind, desc, tags, bounds = METRICS[name]
+                if kind == "counter":
+                    _made[name] = metrics.Counter(name, description=desc, tag_keys=tags)
+                else:
+                    _made[name] = metrics.Histogram(name, description=desc, boundaries=bounds, tag_keys=tags)
+        return _made[name]
+
+
+def record(name: str, value: float = 1, **tags: str) -> None:
+    """Add `value` to a counter, or observe it on a histogram, declared in METRICS."""
+    m = _metric(name)
+    if m is None or value == 0 and METRICS[name][0] == "counter":
+        return
+    if METRICS[name][0] == "counter":
+        m.inc(value, tags=tags or None)
+    else:
+        m.observe(value, tags=tags or None)

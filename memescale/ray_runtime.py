@@ -1,0 +1,39 @@
+"""Attach to Ray: a running cluster when one is named (or when under `ray job submit`), else a
+fresh local instance sized by the config. Also sets the environment Ray needs on these
+machines (no auth token files, no usage stats) before Ray is imported."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from memescale.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+for _k, _v in RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+def init_ray(rc: RayConfig) -> None:
+    """Idempotent. `rc.address` "" means: the job's RAY_ADDRESS if set, else start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = rc.address or os.environ.get("RAY_ADDRESS", "")
+    runtime_env = {"env_vars": dict(RAY_ENV)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
+        return
+    ctx = ray.init(
+        address="local",
+        num_cpus=rc.num_cpus or None,
+        object_store_memory=rc.object_store_mb * 2**20 or None,
+        include_dashboard=rc.include_dashboard,
+        runtime_env=runtime_env,
+    )
+    log.info("started local Ray: %s, dashboard: %s", ray.cluster_resources(),
+             ctx.dashboard_url or "off")

@@ -1,0 +1,134 @@
+"""Sample inputs for the demo, tests and benchmarks: a loopback image server and a dump maker.
+
+`ImageServer` serves a folder over HTTP on 127.0.0.1 (threaded, stdlib only).
+`write_sample_dump` writes Reddit-style submission records whose images live on that server:
+single-image posts, galleries, preview-only posts, posts with no image and one malformed line,
+so a small dump exercises every path of the ingest.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote
+
+import zstandard
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    delay_s = 0.0
+
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        super().do_GET()
+
+
+class ImageServer:
+    """`with ImageServer(folder) as srv:` serves `folder` at `srv.base_url` until the block ends.
+
+    `delay_s` holds every response back that long (a slow image host, for resume tests)."""
+
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0):
+        handler = functools.partial(type("Handler", (_QuietHandler,), {"delay_s": delay_s}),
+                                    directory=str(root))
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ImageServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{quote(name)}"
+
+
+def image_files(folder: str | Path) -> list[str]:
+    """Names of the image files directly in `folder`, sorted."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def sample_records(names: list[str], base_url: str, titles: dict[str, str] | None = None,
+                   seed: int = 0) -> list[dict]:
+    """Submission records covering every image in `names` exactly once, plus imageless posts.
+
+    Every 7th post with images is a gallery of up to 3 images, every 5th a preview-only post;
+    every 4th post is followed by a self post. `created_utc` alternates int/float/str.
+    """
+    rng = random.Random(seed)
+    titles = titles or {}
+    subs = ["memes", "dankmemes", "AdviceAnimals", "funny", "pics"]
+    records: list[dict] = []
+    i = n = 0
+    while i < len(names):
+        pid = f"t{n:05d}"
+        created = 1_600_000_000 + n * 3600
+        rec = {
+            "id": pid, "subreddit": subs[n % len(subs)], "author": f"user{rng.randrange(1000)}",
+            "title": titles.get(names[i], Path(names[i]).stem.replace("-", " ").replace("_", " ")),
+            "created_utc": [created, float(created), str(created)][n % 3],
+            "score": rng.randrange(0, 5000), "over_18": n % 11 == 10, "is_self": False,
+            "permalink": f"/r/{subs[n % len(subs)]}/comments/{pid}/post/",
+        }
+        if n % 7 == 3 and i + 1 < len(names):
+            group = names[i:i + 3]
+            ids = [f"m{pid}{k}" for k in range(len(group))]
+            rec.update(url=f"https://www.reddit.com/gallery/{pid}", is_gallery=True,
+                       gallery_data={"items": [{"media_id": m, "id": k} for k, m in enumerate(ids)]},
+                       media_metadata={m: {"status": "valid", "e": "Image", "m": "image/jpeg",
+                                           "s": {"u": _amp(f"{base_url}/{quote(g)}?gallery=1"),
+                                                 "x": 100, "y": 100}}
+                                       for m, g in zip(ids, group)})
+            i += len(group)
+        elif n % 5 == 2:
+            rec.update(url=f"https://imgflip.com/i/{pid}", post_hint="image",
+                       preview={"images": [{"source": {"url": _amp(f"{base_url}/{quote(names[i])}?preview=1"),
+                                                       "width": 100, "height": 100}}]})
+            i += 1
+        else:
+            rec["url"] = f"{base_url}/{quote(names[i])}"
+            i += 1
+        records.append(rec)
+        if n % 4 == 0:
+            records.append({"id": f"s{n:05d}", "subreddit": "AskReddit", "title": "a self post",
+                            "created_utc": created, "is_self": True, "author": "someone",
+                            "url": f"https://www.reddit.com/r/AskReddit/comments/s{n:05d}/",
+                            "permalink": f"/r/AskReddit/comments/s{n:05d}/x/"})
+        n += 1
+    return records
+
+
+def _amp(url: str) -> str:
+    return url.replace("&", "&amp;")
+
+
+def write_sample_dump(path: str | Path, records: list[dict], bad_line_every: int = 17) -> Path:
+    """Write `records` as NDJSON (or zstd NDJSON when `path` ends in .zst), with one malformed
+    line after every `bad_line_every` records (0: none)."""
+    lines = []
+    for k, rec in enumerate(records):
+        lines.append(json.dumps(rec))
+        if bad_line_every and k % bad_line_every == bad_line_every - 1:
+            lines.append('{"id": "broken", "title": "unterminated')
+    data = ("\n".join(lines) + "\n").encode()
+    path = Path(path)
+    if path.suffix == ".zst":
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    path.write_bytes(data)
+    return path

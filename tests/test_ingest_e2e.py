@@ -1,0 +1,126 @@
+"""End to end: a dump whose URLs point at a loopback server of real memes -> Parquet shards.
+
+Runs the real job script (`ray_jobs/ingest.py`) in a subprocess with a local Ray, the tiny
+model and `--allow-private`: every image appears exactly once, a rerun is a no-op, and a run
+killed with SIGKILL in the middle then rerun yields exactly the uninterrupted run's image ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, shared_path
+from memescale.sample_data import ImageServer, image_files, sample_records, write_sample_dump
+from memescale.store import ShardStore, embeddings_of, read_shards
+from memescale.urls import extract_image_refs
+
+N_IMAGES = 72
+
+
+def _ingest_cmd(dump: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "ray_jobs" / "ingest.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
+            "--dumps", str(dump), "--out", str(out), "--allow-private", "--no-progress", *extra]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    memes = shared_path("images", "memes")
+    names = image_files(memes)[:N_IMAGES]
+    tmp = tmp_path_factory.mktemp("ingest")
+    with ImageServer(memes, delay_s=0.02) as srv:
+        records = sample_records(names, srv.base_url)
+        dump = write_sample_dump(tmp / "RS_2020-09.zst", records)
+        expected = {r.image_id: r for rec in records for r in extract_image_refs(rec)}
+        yield tmp, dump, expected
+
+
+def test_every_image_exactly_once_and_rerun_is_noop(corpus):
+    tmp, dump, expected = corpus
+    out = tmp / "full"
+    summary = _run(_ingest_cmd(dump, out))
+    table = read_shards(str(out))
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "an image was written twice"
+    assert set(ids) == set(expected), (set(expected) - set(ids), set(ids) - set(expected))
+    assert summary["encoded"] == len(expected) and summary["refs"] == len(expected)
+    assert summary["bad_lines"] >= 1 and summary["failed"] == {}
+    emb = embeddings_of(table).astype(np.float32)
+    assert emb.shape == (len(expected), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+    urls = dict(zip(ids, table.column("url").to_pylist()))
+    assert all(urls[i] == expected[i].url for i in ids)
+    assert "&amp;" not in "".join(urls.values())
+    assert set(table.column("model").to_pylist()) == {"memescale-tiny-vit/random-seed0"}
+    assert pq.ParquetFile(ShardStore(str(out)).shard_paths()[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+
+    before = {p: os.stat(p).st_mtime_ns for p in ShardStore(str(out)).shard_paths()}
+    again = _run(_ingest_cmd(dump, out))
+    assert again["written_this_run"] == 0
+    assert {p: os.stat(p).st_mtime_ns for p in ShardStore(str(out)).shard_paths()} == before
+
+
+def test_kill_9_then_resume_gives_the_same_images(corpus):
+    tmp, dump, expected = corpus
+    out = tmp / "killed"
+    manifest = out / "_manifest"
+    proc = subprocess.Popen(_ingest_cmd(dump, out), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (manifest.exists() and any(manifest.glob("*.json"))):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no chunk completed in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(manifest.glob("*.json")))
+    total_chunks = len(_run_plan_chunks(dump))
+    assert 0 < partial < total_chunks, "the kill did not land in the middle of the run"
+
+    _run(_ingest_cmd(dump, out))
+    ids = read_shards(str(out), columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert set(ids) == set(expected)
+
+
+def test_limit_and_date_filters_are_exact(corpus):
+    tmp, dump, expected = corpus
+    out = tmp / "limited"
+    summary = _run(_ingest_cmd(dump, out, "--limit", "9", "--after", "2020-09-13"))
+    assert summary["posts"] == 9
+    t = read_shards(str(out), columns=["created_utc", "post_id"])
+    assert min(t.column("created_utc").to_pylist()) >= 1_599_955_200
+    assert len(set(t.column("post_id").to_pylist())) <= 9
+
+
+def test_missing_weights_exit_with_instructions(tmp_path, corpus):
+    _, dump, _ = corpus
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs" / "ingest.py"), "--config", str(ROOT / "configs" / "gpu.toml"),
+         "--dumps", str(dump), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "model.pretrained" in proc.stderr and "Hugging Face cache" in proc.stderr
+
+
+def _run_plan_chunks(dump: Path) -> list:
+    from memescale.config import load_config
+    from memescale.plan import plan_chunks
+
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    return list(plan_chunks([str(dump)], cfg.ingest.chunk_posts, {}))

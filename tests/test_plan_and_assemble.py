@@ -1,0 +1,125 @@
+"""Resume planning and chunk assembly, without Ray: the exactness the ingest job relies on."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from memescale.assemble import ChunkAssembler
+from memescale.config import ConfigError, load_config
+from memescale.plan import PostFilter, parse_date, plan_chunks
+from memescale.sample_data import sample_records, write_sample_dump
+from memescale.store import ShardStore, read_shards
+
+NAMES = [f"img{i:03d}.jpg" for i in range(60)]
+
+
+@pytest.fixture
+def dump(tmp_path):
+    return str(write_sample_dump(tmp_path / "RS_2021-01.zst", sample_records(NAMES, "http://127.0.0.1:9")))
+
+
+def _posts(chunks):
+    return [r.post_id for _, refs in chunks for r in refs]
+
+
+def test_plan_covers_every_image_once(dump):
+    chunks = list(plan_chunks([dump], 7, {}))
+    urls = [r.url for _, refs in chunks for r in refs]
+    assert len({u.split("?")[0].rsplit("/", 1)[-1] for u in urls}) == len(NAMES) == len(urls)
+    assert sum(c.bad_lines for c, _ in chunks) >= 1
+    assert [c.index for c, _ in chunks] == list(range(len(chunks)))
+
+
+def test_resume_skips_done_chunks_and_limit_stays_exact(dump):
+    full = list(plan_chunks([dump], 7, {}, limit=38))
+    assert sum(c.posts for c, _ in full) == 38
+    assert not full[-1][0].complete
+    done = {c.key: c for c, _ in full[:2]}
+    done.update({full[3][0].key: full[3][0]})
+    rest = list(plan_chunks([dump], 7, done, limit=38))
+    assert [c.index for c, _ in rest] == [c.index for c, _ in full if c.key not in done]
+    assert sorted(_posts(rest) + _posts([full[0], full[1], full[3]])) == sorted(_posts(full))
+    # the chunk cut by the limit is redone with the same rows, never counted as done
+    done_all = {c.key: c for c, _ in full}
+    again = list(plan_chunks([dump], 7, done_all, limit=38))
+    assert [c.key for c, _ in again] == [full[-1][0].key]
+    assert _posts(again) == _posts([full[-1]])
+
+
+def test_post_filter_dates_and_sample(dump):
+    after = parse_date("2020-09-14")
+    kept = list(plan_chunks([dump], 7, {}, PostFilter(after=after)))
+    assert all(r.created_utc >= after for _, refs in kept for r in refs)
+    assert 0 < len(_posts(kept)) < len(_posts(list(plan_chunks([dump], 7, {}))))
+    half = _posts(list(plan_chunks([dump], 7, {}, PostFilter(sample=0.5))))
+    assert half == _posts(list(plan_chunks([dump], 7, {}, PostFilter(sample=0.5))))
+    assert 0.2 < len(set(half)) / len(set(_posts(list(plan_chunks([dump], 7, {}))))) < 0.8
+
+
+def _rows(result, refs, dim=4):
+    n = len(refs) + 1
+    status = ["ok"] * len(refs) + ["marker"]
+    if refs:
+        status[0] = "failed"
+    return {
+        "chunk": np.array([result.key] * n, dtype=object), "chunk_total": np.full(n, n),
+        "seq": np.arange(n), "status": np.array(status, dtype=object),
+        "reason": np.array(["timeout" if s == "failed" else "" for s in status], dtype=object),
+        "chunk_info": np.array([""] * len(refs) + [json.dumps(asdict(result))], dtype=object),
+        **{c: np.array([getattr(r, c) for r in refs] + [blank], dtype=object if isinstance(blank, str) else None)
+           for c, blank in (("image_id", -1), ("post_id", ""), ("image_index", -1), ("url", ""),
+                            ("subreddit", ""), ("title", ""), ("author", ""), ("created_utc", 0),
+                            ("score", 0), ("over_18", False), ("permalink", ""))},
+        "final_url": np.array([r.url for r in refs] + [""], dtype=object),
+        "mime": np.array(["image/jpeg"] * n, dtype=object), "bytes": np.full(n, 10),
+        "content_hash": np.array(["h"] * n, dtype=object), "width": np.full(n, 5, dtype=np.int32),
+        "height": np.full(n, 6, dtype=np.int32),
+        "embedding": np.ones((n, dim), dtype=np.float16) / 2, "model": np.array(["m"] * n, dtype=object),
+    }
+
+
+def test_assembler_emits_each_chunk_once_in_input_order(dump, tmp_path):
+    chunks = list(plan_chunks([dump], 7, {}))
+    rows = [_rows(c, refs) for c, refs in chunks]
+    pieces = []
+    for b in rows:  # cut every chunk into pieces and shuffle the pieces across chunks
+        cut = sorted(random.Random(1).sample(range(1, len(b["seq"])), min(2, len(b["seq"]) - 1)))
+        for lo, hi in zip([0] + cut, cut + [len(b["seq"])]):
+            pieces.append({k: v[lo:hi] for k, v in b.items()})
+    random.Random(2).shuffle(pieces)
+    asm = ChunkAssembler()
+    store = ShardStore(str(tmp_path / "out"))
+    emitted = []
+    for p in pieces:
+        for result, table in asm.add(p):
+            store.write_chunk(result, table)
+            emitted.append(result.key)
+    assert sorted(emitted) == sorted(c.key for c, _ in chunks) and not asm.pending()
+    done = store.done()
+    assert sum(r.failed.get("timeout", 0) for r in done.values()) == sum(1 for _, refs in chunks if refs)
+    t = read_shards(str(tmp_path / "out"))
+    expect = [r.image_id for _, refs in chunks for r in refs[1:]]
+    assert sorted(t.column("image_id").to_pylist()) == sorted(expect)
+    first = [r.image_id for r in chunks[0][1][1:]]
+    assert t.column("image_id").to_pylist()[: len(first)] == first
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("configs/tiny.toml", ["ingest.download_concurrency=7", "model.precision=fp16"])
+    assert cfg.ingest.download_concurrency == 7 and cfg.model.precision == "fp16"
+    assert cfg.model.config_file.endswith("configs/models/memescale-tiny-vit.json")
+    with pytest.raises(ConfigError, match="unknown config key ingest.nope"):
+        load_config("configs/tiny.toml", ["ingest.nope=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config("configs/tiny.toml", ["ingest.retries=many"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nname='x'\n")
+    with pytest.raises(ConfigError, match="unknown config section"):
+        load_config(bad)
+    for name in ("tiny", "cpu", "gpu", "cluster"):
+        load_config(f"configs/{name}.toml")
