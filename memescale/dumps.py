@@ -11,9 +11,10 @@ and a stream that cannot be read to its end (truncated or corrupt zstd, an I/O e
 with one `DumpReadError` naming the file and the number of lines read before it stopped.
 Nothing in a dump's contents raises; nothing can hang (every loop consumes input).
 
-Memory is O(read block + longest line): zstd input is fed in `ZSTD_READ_SIZE` pieces and
-lines are assembled from pieces without quadratic copying; a line longer than
-``max_line_bytes`` is dropped while it streams (reason ``too_long``) instead of buffered.
+Memory is O(decoded block + min(longest line, max_line_bytes)): zstd input is fed in
+`ZSTD_READ_SIZE` pieces, lines are assembled from pieces without quadratic copying, and a
+line longer than ``max_line_bytes`` is dropped while it streams (reason ``too_long``).
+Lines before a resume point are split but not parsed: about 20x cheaper than parsing.
 
 Truncation: python-zstandard's ``stream_reader`` reports end-of-file when its input ends in
 the middle of a frame, indistinguishable from a complete stream. Frames are therefore
@@ -135,7 +136,8 @@ def expand_dump_paths(patterns: list[str]) -> list[str]:
     """
     found: set[str] = set()
     for pattern in patterns:
-        matches = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        matches = [p for p in matches if os.path.isfile(p)]
         if not matches:
             raise DumpPathError(f"dump pattern {pattern!r} matches no file")
         found.update(matches)
@@ -172,20 +174,22 @@ def iter_records(
     the dump could not be read to its end.
 
     Lines before `start_line` are still read (and decompressed) but not parsed or yielded.
-    Raises DumpPathError for an unsupported suffix and OSError if the file cannot be opened;
-    everything that goes wrong after that is an outcome. Time O(file), memory as in the
-    module docstring.
+    Raises (on first iteration) DumpPathError for an unsupported suffix and OSError if the
+    file cannot be opened; everything that goes wrong after that is an outcome.
+    Time O(file), memory as in the module docstring.
     """
-    dump = os.path.basename(path)
     line = 0
     try:
         for raw in _lines(path, max_line_bytes):
             if line >= start_line:
-                outcome = parse_line(raw) if raw is not None else "too_long"
-                yield DumpRecord(line, outcome) if isinstance(outcome, dict) else BadLine(line, outcome)
+                outcome = _outcome(raw)
+                if isinstance(outcome, dict):
+                    yield DumpRecord(line, outcome)
+                else:
+                    yield BadLine(line, outcome)
             line += 1
     except _StreamError as e:
-        yield DumpReadError(dump, line, str(e))
+        yield DumpReadError(os.path.basename(path), line, str(e))
 
 
 def iter_chunks(
@@ -198,48 +202,57 @@ def iter_chunks(
 
     Chunks whose index is in `skip` are read but not parsed and not yielded, except a final
     error chunk (see `Chunk`). A dump that stops with an error always yields a final chunk
-    carrying it, possibly with no lines. Raises ValueError for chunk_lines < 1, plus what
-    `iter_records` raises; time O(file), memory O(chunk + longest line).
+    carrying it, possibly with no lines (when it stopped at a chunk boundary). Raises (on
+    first iteration) ValueError for chunk_lines < 1, plus what `iter_records` raises.
+    Time O(file), memory O(chunk + longest line).
     """
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
     dump = os.path.basename(path)
     skip = frozenset(skip)
-    chunk = _new_chunk(dump, 0, chunk_lines, skip)
-    line = 0
+    chunk = Chunk(dump=dump, index=0, first_line=0, skipped=0 in skip)
+    error = None
     try:
         for raw in _lines(path, max_line_bytes):
-            if line == chunk.first_line + chunk_lines:
+            if chunk.n_lines == chunk_lines:
                 if not chunk.skipped:
                     yield chunk
-                chunk = _new_chunk(dump, line // chunk_lines, chunk_lines, skip)
+                chunk = _next_chunk(chunk, chunk_lines, skip)
             if not chunk.skipped:
                 _add_line(chunk, raw)
             chunk.n_lines += 1
-            line += 1
     except _StreamError as e:
-        if line == chunk.first_line + chunk_lines:
-            if not chunk.skipped:
-                yield chunk
-            chunk = _new_chunk(dump, line // chunk_lines, chunk_lines, skip)
-        chunk.error = str(DumpReadError(dump, line, str(e)))
-        yield chunk
+        error = str(DumpReadError(dump, chunk.first_line + chunk.n_lines, str(e)))
+    if error is None:
+        if chunk.n_lines and not chunk.skipped:
+            yield chunk
         return
-    if chunk.n_lines and not chunk.skipped:
-        yield chunk
+    if chunk.n_lines == chunk_lines:  # stopped at a boundary: the error opens the next chunk
+        if not chunk.skipped:
+            yield chunk
+        chunk = _next_chunk(chunk, chunk_lines, skip)
+    chunk.error = error
+    yield chunk
 
 
-def _new_chunk(dump: str, index: int, chunk_lines: int, skip: frozenset[int]) -> Chunk:
-    return Chunk(dump=dump, index=index, first_line=index * chunk_lines, skipped=index in skip)
+def _next_chunk(chunk: Chunk, chunk_lines: int, skip: frozenset[int]) -> Chunk:
+    index = chunk.index + 1
+    return Chunk(dump=chunk.dump, index=index, first_line=index * chunk_lines,
+                 skipped=index in skip)
 
 
 def _add_line(chunk: Chunk, raw: bytes | None) -> None:
-    outcome = parse_line(raw) if raw is not None else "too_long"
+    outcome = _outcome(raw)
     if isinstance(outcome, dict):
         chunk.records.append(outcome)
     else:
         chunk.bad_lines += 1
         chunk.bad_reasons[outcome] += 1
+
+
+def _outcome(raw: bytes | None) -> dict | str:
+    """`parse_line` of a line, or ``too_long`` for a line dropped for its length (None)."""
+    return "too_long" if raw is None else parse_line(raw)
 
 
 def _lines(path: str, max_line_bytes: int) -> Iterator[bytes | None]:

@@ -35,7 +35,8 @@ _TRANSPOSE = {  # EXIF orientation -> the transform that brings the image uprigh
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# Signatures of the main web formats (JPEG covers MPO): data starting so that Pillow cannot open is corrupt.
+# Signatures of the main web formats (JPEG covers MPO): such data that Pillow cannot open is
+# a broken image ("corrupt"), anything else is not an image at all ("unsupported").
 _WEB_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -72,7 +73,8 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     Rejects sources of more than `max_pixels` pixels (width x height from the header) as
     ``bomb`` before decoding; sources beyond Pillow's own global guard are ``bomb`` too.
     Alpha is composited on white; 16-bit and float images are stretched to 8 bits; EXIF
-    orientation is applied (corrupt EXIF is ignored). Raises ImageDecodeError only.
+    orientation is applied (corrupt EXIF is ignored). `data` is any bytes-like object.
+    Raises ImageDecodeError for every problem with the data (ValueError only for size < 1).
     Time O(decoded pixels) (about size^2..4 size^2 for JPEGs), memory likewise.
     """
     if size < 1:
@@ -80,7 +82,8 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as e:
-        if data.startswith(_WEB_MAGIC) or data[8:12] == b"WEBP":
+        head = bytes(data[:12])
+        if head.startswith(_WEB_MAGIC) or (head.startswith(b"RIFF") and head[8:] == b"WEBP"):
             raise ImageDecodeError("corrupt", "broken PNG/JPEG/GIF/WebP header") from e
         raise ImageDecodeError("unsupported", f"not one of {'/'.join(ALLOWED_FORMATS)}") from e
     except Exception as e:
@@ -113,7 +116,8 @@ def _decode_opened(img: Image.Image, size: int) -> DecodedImage:
     img = _crop_resize(_to_rgb_or_rgba(img), size)
     if img.mode == "RGBA":
         img = _on_white(img)
-    return DecodedImage(pixels=np.asarray(img, dtype=np.uint8), width=width, height=height, mode=mode)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return DecodedImage(pixels=pixels, width=width, height=height, mode=mode)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -147,7 +151,7 @@ def _stretch_to_l(img: Image.Image) -> Image.Image:
     values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = float(values.min()), float(values.max())
     scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))
 
 
 def _crop_resize(img: Image.Image, size: int) -> Image.Image:

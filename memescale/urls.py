@@ -149,7 +149,8 @@ def image_urls(record: dict) -> list[str]:
     if record.get("is_self") is True:
         return []
     parents = record.get("crosspost_parent_list")
-    parent = parents[0] if isinstance(parents, list) and parents and isinstance(parents[0], dict) else {}
+    parent = parents[0] if isinstance(parents, list) and parents else None
+    parent = parent if isinstance(parent, dict) else {}
     link = record.get("url_overridden_by_dest") or record.get("url")
     kind, url = classify_url(link) if isinstance(link, str) else (BLOCKED, "")
     if kind == IMAGE:

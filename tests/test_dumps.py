@@ -327,8 +327,9 @@ def test_expand_dump_paths_sorted_deduplicated(tmp_path):
     for name in ["RS_2006-02.zst", "RS_2005-12.zst", "RS_2006-01.zst", "extra.ndjson"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "RS_dir.zst").mkdir()
-    got = expand_dump_paths([str(tmp_path / "RS_*.zst"), str(tmp_path / "RS_2006-01.zst"), str(tmp_path / "*.ndjson")])
-    assert got == [str(tmp_path / n) for n in ["RS_2005-12.zst", "RS_2006-01.zst", "RS_2006-02.zst", "extra.ndjson"]]
+    got = expand_dump_paths([str(tmp_path / p) for p in ["RS_*.zst", "RS_2006-01.zst", "*.ndjson"]])
+    want = ["RS_2005-12.zst", "RS_2006-01.zst", "RS_2006-02.zst", "extra.ndjson"]
+    assert got == [str(tmp_path / n) for n in want]
 
 
 def test_expand_dump_paths_rejects_no_match_and_bad_suffix(tmp_path):

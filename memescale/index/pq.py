@@ -1,0 +1,302 @@
+"""Product quantisation for inner-product search: k-means codebooks, OPQ, query-aware training.
+
+A `PQCodec` maps a vector x (d,) to M bytes. Encoding works in a transformed space
+``y = x @ A`` (A: (d, D), D = M * dsub >= d), split into M subvectors of dsub dims, each
+replaced by the nearest of K = 256 centroids. A query is mapped with ``q @ B`` so that
+``(q @ B) . (x @ A) = q . x`` exactly; the ADC score of a code is then
+``sum_m table[m, code[m]]`` with ``table[m, c] = (q @ B)_m . centroid[m, c]``.
+
+Query-aware training (`train_pq` with `queries`): for inner-product search the error that
+matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)`` with S the second-
+moment matrix of the query distribution. With ``S_r = S + eps * trace(S) / d * I`` (a
+regularised estimate from a query sample) and ``A = [S_r^(1/2) | 0] @ Rot``,
+``B = [S_r^(-1/2) | 0] @ Rot``, the Euclidean quantisation error in the y space is exactly
+that query-weighted error, so k-means in y space minimises it. Rot is an orthogonal
+rotation learned as in OPQ (Ge et al., non-parametric: alternate codebook training and the
+orthogonal Procrustes solution). Without queries S = I (plain PQ, optionally OPQ).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+from tqdm.auto import tqdm
+
+from .disk import MAGIC_CODEC, pack_arrays, read_small_file, unpack_arrays, write_small_file
+from .kernels import parallel_for, resolve_threads
+
+log = logging.getLogger(__name__)
+
+K = 256  # centroids per subspace: one byte per subvector
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _assign(Y, lo, hi, cb_t, cnorm, codes, err):
+    """Nearest centroid per subspace for rows [lo, hi) of Y (n, M * dsub) float32.
+
+    cb_t: (M, dsub, K) float32 codebooks, transposed so the loop over centroids vectorises;
+    cnorm: (M, K) float32 squared centroid norms. Writes codes (n, M) uint8 and err (n,)
+    float32 squared quantisation error. O((hi - lo) * K * D).
+    """
+    M, dsub, k = cb_t.shape
+    dist = np.empty(k, np.float32)
+    block_min = np.empty(k // 16, np.float32)
+    for i in range(lo, hi):
+        e = np.float32(0.0)
+        for m in range(M):
+            cm = cb_t[m]
+            cn = cnorm[m]
+            for t in range(k):
+                dist[t] = cn[t]
+            y2 = np.float32(0.0)
+            for j in range(dsub):
+                v = Y[i, m * dsub + j]
+                y2 += v * v
+                v *= np.float32(-2.0)
+                for t in range(k):
+                    dist[t] += v * cm[j, t]
+            for b in range(k // 16):
+                mn = dist[b * 16]
+                for t in range(1, 16):
+                    mn = min(mn, dist[b * 16 + t])
+                block_min[b] = mn
+            bb = 0
+            for b in range(1, k // 16):
+                if block_min[b] < block_min[bb]:
+                    bb = b
+            mn = block_min[bb]
+            best = bb * 16
+            while dist[best] != mn:
+                best += 1
+            codes[i, m] = best
+            e += max(mn + y2, np.float32(0.0))
+        err[i] = e
+
+
+@njit(nogil=True, cache=True)
+def _centroid_sums(Y, codes, M, dsub, k):
+    """Per-subspace sums (M, k, dsub) float64 and counts (M, k) int64 of Y rows by code."""
+    sums = np.zeros((M, k, dsub), np.float64)
+    counts = np.zeros((M, k), np.int64)
+    for i in range(Y.shape[0]):
+        for m in range(M):
+            c = codes[i, m]
+            counts[m, c] += 1
+            for j in range(dsub):
+                sums[m, c, j] += Y[i, m * dsub + j]
+    return sums, counts
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def adc_score(table, code):
+    """ADC inner-product estimate: sum_m table[m * K + code[m]]; table: (M * K,) float32."""
+    s = np.float32(0.0)
+    for m in range(code.shape[0]):
+        s += table[m * K + code[m]]
+    return s
+
+
+def _assign_all(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
+    cb_t = np.ascontiguousarray(centroids.transpose(0, 2, 1))
+    cnorm = np.einsum("mkj,mkj->mk", centroids, centroids).astype(np.float32)
+    codes = np.empty((Y.shape[0], centroids.shape[0]), np.uint8)
+    err = np.empty(Y.shape[0], np.float32)
+    parallel_for(lambda lo, hi: _assign(Y, lo, hi, cb_t, cnorm, codes, err), Y.shape[0], threads, pool)
+    return codes, err
+
+
+def kmeans_subspaces(
+    Y: np.ndarray, centroids: np.ndarray, iters: int, rng: np.random.Generator, threads: int, pool=None
+) -> np.ndarray:
+    """Lloyd iterations of M independent k-means (K centroids each) on the subvectors of Y.
+
+    Y: (n, M * dsub) float32; centroids: (M, K, dsub) float32 starting point. Empty clusters
+    are re-seeded from random training rows. Returns new centroids. O(iters * n * K * D).
+    """
+    M, k, dsub = centroids.shape
+    c = centroids.copy()
+    for _ in range(iters):
+        codes, _ = _assign_all(Y, c, threads, pool)
+        sums, counts = _centroid_sums(Y, codes, M, dsub, k)
+        filled = counts > 0
+        c[filled] = (sums[filled] / counts[filled][:, None]).astype(np.float32)
+        for m, t in zip(*np.nonzero(~filled)):
+            c[m, t] = Y[rng.integers(Y.shape[0]), m * dsub : (m + 1) * dsub]
+    return c
+
+
+def _pad(x: np.ndarray, D: int) -> np.ndarray:
+    return x if x.shape[1] == D else np.pad(x, ((0, 0), (0, D - x.shape[1])))
+
+
+@dataclass
+class PQCodec:
+    """Trained PQ codec (see module doc).
+
+    centroids: (M, K, dsub) float32; base_transform A: (d, D) float32;
+    query_transform B: (d, D) float32, with D = M * dsub and A @ B.T = I_d.
+    """
+
+    centroids: np.ndarray
+    base_transform: np.ndarray
+    query_transform: np.ndarray
+
+    @property
+    def M(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def dsub(self) -> int:
+        return self.centroids.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self.base_transform.shape[0]
+
+    def _transform(self, x: np.ndarray, T: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected (n, {self.dim}) vectors, got shape {x.shape}")
+        return np.ascontiguousarray(x @ T, dtype=np.float32)
+
+    def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536) -> np.ndarray:
+        """PQ codes (N, M) uint8 of vectors (N, d) float16/float32. O(N * K * D)."""
+        threads = resolve_threads(threads)
+        n = vectors.shape[0]
+        codes = np.empty((n, self.M), np.uint8)
+        with ThreadPoolExecutor(threads) as pool:
+            for lo in range(0, n, block):
+                Y = self._transform(vectors[lo : lo + block], self.base_transform)
+                codes[lo : lo + Y.shape[0]] = _assign_all(Y, self.centroids, threads, pool)[0]
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Reconstructions x_hat (N, d) float32 of codes (N, M) uint8; q . x_hat = ADC score."""
+        codes = np.asarray(codes)
+        Yhat = self.centroids[np.arange(self.M)[None, :], codes].reshape(codes.shape[0], -1)
+        return Yhat @ self.query_transform.T
+
+    def lookup_tables(self, queries: np.ndarray) -> np.ndarray:
+        """ADC tables (nq, M, K) float32 of queries (nq, d): table[m, c] = (q B)_m . centroid[m, c]."""
+        qt = self._transform(queries, self.query_transform).reshape(-1, self.M, self.dsub)
+        return np.einsum("nmj,mkj->nmk", qt, self.centroids, optimize=True).astype(np.float32)
+
+    def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """ADC inner-product estimates (nq, N) float32 of every query against every code."""
+        tables = self.lookup_tables(queries)
+        out = np.zeros((tables.shape[0], codes.shape[0]), np.float32)
+        for m in range(self.M):
+            out += tables[:, m, codes[:, m]]
+        return out
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids, "base_transform": self.base_transform, "query_transform": self.query_transform}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PQCodec:
+        return cls(
+            np.ascontiguousarray(arrays["centroids"], np.float32),
+            np.ascontiguousarray(arrays["base_transform"], np.float32),
+            np.ascontiguousarray(arrays["query_transform"], np.float32),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the codec to one checksummed file."""
+        write_small_file(Path(path), MAGIC_CODEC, pack_arrays(self.to_arrays(), {"K": K}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PQCodec:
+        """Read a codec written by `save`; raises IndexFormatError on a bad file."""
+        payload, _, _ = read_small_file(Path(path), MAGIC_CODEC)
+        arrays, _ = unpack_arrays(Path(path), payload)
+        return cls.from_arrays(arrays)
+
+
+def query_whitening(queries: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S_r^(1/2), S_r^(-1/2)), both (d, d) float64, for S_r = S + eps * trace(S) / d * I and
+    S = Q^T Q / n the second-moment matrix of a query sample Q (n, d). O(n d^2 + d^3)."""
+    Q = np.asarray(queries, dtype=np.float64)
+    d = Q.shape[1]
+    S = Q.T @ Q / Q.shape[0]
+    S += eps * np.trace(S) / d * np.eye(d)
+    w, V = np.linalg.eigh(S)
+    w = np.maximum(w, w.max() * 1e-12)
+    return (V * np.sqrt(w)) @ V.T, (V / np.sqrt(w)) @ V.T
+
+
+def train_pq(
+    vectors: np.ndarray,
+    M: int,
+    queries: np.ndarray | None = None,
+    eps: float = 0.1,
+    opq_iters: int = 6,
+    kmeans_iters: int = 12,
+    opq_kmeans_iters: int = 2,
+    train_size: int = 50_000,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> PQCodec:
+    """Train a PQ codec with M bytes per vector on (a sample of) `vectors` (N, d).
+
+    queries: optional (nq, d) query sample for query-aware training (see module doc); eps:
+    its regulariser; opq_iters: OPQ rotation updates (0: no rotation, plain PQ on S^(1/2) x);
+    kmeans_iters: Lloyd iterations of the final codebooks (each OPQ step runs 3 more);
+    train_size: rows sampled for training. Deterministic for a seed.
+    Time O((opq_iters * 3 + kmeans_iters) * train_size * K * D + opq_iters * D^3).
+    """
+    threads = resolve_threads(threads)
+    n, d = vectors.shape
+    if M < 1 or M > d:
+        raise ValueError(f"need 1 <= M <= d (got M={M}, d={d})")
+    dsub = -(-d // M)
+    D = M * dsub
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+    X = np.asarray(vectors[rows], dtype=np.float32)
+
+    if queries is not None and len(queries):
+        s_half, s_inv_half = query_whitening(queries, eps)
+    else:
+        s_half = s_inv_half = np.eye(d)
+    A0 = _pad(s_half, D)
+    B0 = _pad(s_inv_half, D)
+    Xs = np.ascontiguousarray(X @ A0, dtype=np.float32)
+
+    rot = np.eye(D, dtype=np.float32)
+    seeds = Xs[rng.choice(Xs.shape[0], size=K, replace=Xs.shape[0] < K)]
+    centroids = np.ascontiguousarray(seeds.reshape(K, M, dsub).transpose(1, 0, 2))
+    steps = opq_iters + 1
+    bar = tqdm(total=steps, desc="pq training", unit="step", disable=None if progress is None else not progress)
+    with ThreadPoolExecutor(threads) as pool:
+        for it in range(opq_iters):
+            Y = np.ascontiguousarray(Xs @ rot)
+            centroids = kmeans_subspaces(Y, centroids, opq_kmeans_iters, rng, threads, pool)
+            codes, err = _assign_all(Y, centroids, threads, pool)
+            Yhat = centroids[np.arange(M)[None, :], codes].reshape(len(Y), D)
+            U, _, Vt = np.linalg.svd(Xs.T.astype(np.float64) @ Yhat.astype(np.float64))
+            rot = (U @ Vt).astype(np.float32)
+            log.debug("opq step %d: mean squared error %.6f", it + 1, float(err.mean()))
+            bar.update(1)
+        Y = np.ascontiguousarray(Xs @ rot)
+        centroids = kmeans_subspaces(Y, centroids, kmeans_iters, rng, threads, pool)
+        bar.update(1)
+    bar.close()
+    A = (A0 @ rot).astype(np.float32)
+    B = (B0 @ rot).astype(np.float32)
+    return PQCodec(centroids.astype(np.float32), A, B)
+
+
+def query_weighted_error(codec: PQCodec, vectors: np.ndarray, queries: np.ndarray, codes: np.ndarray | None = None) -> float:
+    """Mean over queries q and vectors x of (q . (x - x_hat))^2: the error ADC scores make."""
+    X = np.asarray(vectors, dtype=np.float32)
+    codes = codec.encode(X) if codes is None else codes
+    E = X - codec.decode(codes)
+    Q = np.asarray(queries, dtype=np.float32)
+    S = Q.T.astype(np.float64) @ Q / Q.shape[0]
+    return float(np.sum((E @ S) * E) / E.shape[0])
