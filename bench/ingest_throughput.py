@@ -14,10 +14,14 @@ output size (centre crop to --size) and both write JPEG (quality 95) into tar sh
   webdataset output, resize_mode center_crop, processes_count = --procs, thread_count =
   --threads, EXIF extraction and robots-header checks off (memescale does neither).
 
-Two rates per tool, both from successful images only: end-to-end (process launch to exit,
-interpreter start and imports included) and work (first worker ready to last worker done).
+Reported per run, from successful images only: end-to-end rate (process launch to exit,
+interpreter start and imports included), work rate (first worker ready to last worker done),
+and CPU milliseconds per image of the tool's processes (start-up included; the server's CPU
+is shown apart). On a machine shared with other jobs the wall-clock rates move with the
+load; the CPU per image does not, and `--repeat` alternates the tools and keeps each one's
+best run.
 
-    .venv/bin/python bench/ingest_throughput.py [--n 2000] [--size 384] [--procs 2]
+    .venv/bin/python bench/ingest_throughput.py [--n 2000] [--size 384] [--procs 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -26,17 +30,18 @@ import argparse
 import asyncio
 import io
 import json
-import logging
 import math
 import mimetypes
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,18 +50,19 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
 JPEG_QUALITY = 95
 
-log = logging.getLogger("bench.ingest_throughput")
-
 
 @dataclass
 class RunStats:
-    """One tool's run: images written, failures, and the two wall-clock windows in seconds."""
+    """One tool's run: images written, failures, the two wall-clock windows, CPU seconds of
+    the tool's processes (start-up included) and of the shared image server during the run."""
 
     tool: str
     ok: int
     failed: int
     end_to_end_s: float
     work_s: float
+    cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
 
     @property
     def end_to_end_rate(self) -> float:
@@ -65,6 +71,10 @@ class RunStats:
     @property
     def work_rate(self) -> float:
         return self.ok / self.work_s
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_s / self.ok
 
 
 # ---------------------------------------------------------------------------- image server
@@ -83,8 +93,12 @@ def _serve(images_dir: str, port_conn) -> None:  # noqa: ANN001 - a multiprocess
         body, ctype = bodies[request.match_info["name"]]
         return web.Response(body=body, content_type=ctype)
 
+    async def cpu(request: web.Request) -> web.Response:
+        return web.Response(text=repr(time.process_time()))
+
     async def main() -> None:
         app = web.Application()
+        app.router.add_get("/_cpu", cpu)
         app.router.add_get("/{name}", handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -117,6 +131,11 @@ class ImageServer:
         self._proc.start()
         self.port, self.names = parent.recv()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_cpu") as resp:
+            return float(resp.read())
+
     def urls(self, n: int) -> list[str]:
         names = self.names
         return [f"http://127.0.0.1:{self.port}/{names[i % len(names)]}?i={i}" for i in range(n)]
@@ -138,19 +157,20 @@ class WorkerArgs:
     concurrency: int
 
 
-def _transform(data: bytes, size: int, max_pixels: int, encode: bool) -> tuple[str, bytes | None]:
-    """decode_image + content hash (+ JPEG encode): the CPU work of one image. Thread-safe."""
+def _transform(data: bytes, size: int, max_pixels: int, encode: bool) -> bytes | None:
+    """The CPU work of one image, as in the ingest decode stage: decode_image and the content
+    hash (the placeholder filter's key), then the JPEG encode when `encode`. Thread-safe."""
     from PIL import Image
 
     from memescale.images import content_hash, decode_image
 
     decoded = decode_image(data, size, max_pixels)
-    digest = content_hash(data)
+    content_hash(data)
     if not encode:
-        return digest, None
+        return None
     buf = io.BytesIO()
     Image.fromarray(decoded.pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return digest, buf.getvalue()
+    return buf.getvalue()
 
 
 async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, int]:
@@ -172,7 +192,7 @@ async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, i
                 counts["failed"] += 1
                 return
             try:
-                _, jpeg = await loop.run_in_executor(
+                jpeg = await loop.run_in_executor(
                     pool, _transform, result.data, args.size, cfg.max_pixels, tar is not None
                 )
             except ImageDecodeError:
@@ -234,7 +254,7 @@ def _img2dataset_bin() -> Path:
     """The img2dataset CLI of .venv-img2dataset, set up by bench/setup_peers.sh if missing."""
     exe = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
     if not exe.exists():
-        subprocess.run(["bash", str(ROOT / "bench" / "setup_peers.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "bench" / "setup_peers.sh"), "ingest"], check=True)
     return exe
 
 
@@ -251,7 +271,6 @@ def run_img2dataset(urls: list[str], out: Path, opts: argparse.Namespace) -> Run
         f"--number_sample_per_shard={math.ceil(len(urls) / opts.procs)}",
         f"--encode_quality={JPEG_QUALITY}", "--encode_format=jpg", "--timeout=10", "--retries=0",
         "--extract_exif=False", "--disallowed_header_directives=[]", "--enable_wandb=False",
-        "--incremental_mode=overwrite",
     ]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     t0 = time.time()
@@ -267,6 +286,45 @@ def run_img2dataset(urls: list[str], out: Path, opts: argparse.Namespace) -> Run
 
 # ---------------------------------------------------------------------------- main
 
+RUNNERS = {"memescale": run_memescale, "img2dataset": run_img2dataset}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of every reaped descendant process so far (their pools' workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(tool: str, urls: list[str], out: Path, opts: argparse.Namespace, server: ImageServer) -> RunStats:
+    """Run one tool and add the CPU its processes and the image server spent meanwhile."""
+    cpu0, server0 = _children_cpu_s(), server.cpu_s()
+    stats = RUNNERS[tool](urls, out, opts)
+    stats.cpu_s = _children_cpu_s() - cpu0
+    stats.server_cpu_s = server.cpu_s() - server0
+    return stats
+
+
+def _line(r: RunStats) -> str:
+    return (f"{r.tool:12s} ok={r.ok:5d} failed={r.failed:4d}  end-to-end {r.end_to_end_s:6.2f} s "
+            f"{r.end_to_end_rate:6.1f} img/s  work {r.work_s:6.2f} s {r.work_rate:6.1f} img/s  "
+            f"cpu {r.cpu_ms_per_image:5.1f} ms/img (+server {1000 * r.server_cpu_s / r.ok:4.1f})")
+
+
+def summarize(results: list[RunStats]) -> list[str]:
+    """Best run of each tool (by work rate) and, with both tools, the ratios of the bests."""
+    best: dict[str, RunStats] = {}
+    for r in results:
+        if r.tool not in best or r.work_rate > best[r.tool].work_rate:
+            best[r.tool] = r
+    lines = ["best of each:"] + [_line(r) for r in best.values()]
+    if len(best) == 2:
+        m, i = best["memescale"], best["img2dataset"]
+        lines.append(
+            f"ratio memescale/img2dataset: end-to-end {m.end_to_end_rate / i.end_to_end_rate:.2f}x, "
+            f"work {m.work_rate / i.work_rate:.2f}x, cpu per image {i.cpu_ms_per_image / m.cpu_ms_per_image:.2f}x"
+        )
+    return lines
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cores = os.cpu_count() or 1
@@ -280,35 +338,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-threads", type=int, default=2, help="memescale decode threads per process")
     p.add_argument("--memescale-output", choices=("jpeg", "none"), default="jpeg")
     p.add_argument("--tools", default="memescale,img2dataset", help="comma-separated subset to run")
+    p.add_argument("--repeat", type=int, default=1, help="alternating runs of each tool; the best counts")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest_throughput")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     opts = parse_args(argv)
     if not opts.images.is_dir():
         sys.exit(f"no image folder {opts.images} (pass --images)")
     shutil.rmtree(opts.out, ignore_errors=True)
-    runners = {"memescale": run_memescale, "img2dataset": run_img2dataset}
+    tools = opts.tools.split(",")
     server = ImageServer(opts.images)
+    print(f"N={opts.n} size={opts.size} procs={opts.procs} files={len(server.names)} cores={os.cpu_count()}")
+    results = []
     try:
         urls = server.urls(opts.n)
-        results = [runners[t](urls, opts.out / t, opts) for t in opts.tools.split(",")]
+        for rep in range(opts.repeat):
+            for tool in tools:
+                results.append(measure(tool, urls, opts.out / f"{tool}-{rep}", opts, server))
+                print(_line(results[-1]), flush=True)
     finally:
         server.close()
-    print(f"N={opts.n} size={opts.size} procs={opts.procs} images={len(server.names)} files")
-    for r in results:
-        print(f"{r.tool:12s} ok={r.ok:5d} failed={r.failed:4d}  end-to-end {r.end_to_end_s:6.2f} s "
-              f"{r.end_to_end_rate:7.1f} img/s   work {r.work_s:6.2f} s {r.work_rate:7.1f} img/s")
-    by_tool = {r.tool: r for r in results}
-    if len(by_tool) == 2:
-        m, i = by_tool["memescale"], by_tool["img2dataset"]
-        print(f"ratio memescale/img2dataset: end-to-end {m.end_to_end_rate / i.end_to_end_rate:.2f}x, "
-              f"work {m.work_rate / i.work_rate:.2f}x")
-    report = {"options": {k: str(v) for k, v in vars(opts).items()},
-              "results": [asdict(r) | {"end_to_end_rate": r.end_to_end_rate, "work_rate": r.work_rate}
-                          for r in results]}
+    summary = summarize(results)
+    print("\n".join(summary))
+    report = {
+        "options": {k: str(v) for k, v in vars(opts).items()},
+        "runs": [asdict(r) | {"end_to_end_rate": r.end_to_end_rate, "work_rate": r.work_rate} for r in results],
+        "summary": summary,
+    }
     (opts.out / "results.json").write_text(json.dumps(report, indent=2))
 
 

@@ -1,6 +1,6 @@
 """One typed configuration object, loaded from TOML, any field overridable from the command line.
 
-A config file has one table per section (`[model]`, `[ingest]`, `[index]`, `[ray]`); every
+A config file has one table per section (`[model]`, `[ingest]`, `[index]`, `[ray]`, `[serve]`); every
 key is optional and defaults to the value below. Overrides use dotted paths:
 ``--set ingest.download_concurrency=128`` (the value is parsed as TOML, falling back to a
 plain string), and the dedicated CLI flags of each job map onto fields the same way.
@@ -94,11 +94,50 @@ class RayConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The Ray Serve app (serve/app.py): deployments, search defaults, input limits, telemetry."""
+
+    # Deployments: replicas and the resources each replica reserves.
+    encoder_replicas: int = 1
+    searcher_replicas: int = 1
+    api_replicas: int = 1
+    encoder_cpus: float = 0.5
+    searcher_cpus: float = 0.5
+    api_cpus: float = 0.25
+    encoder_gpus: float = -1.0  # -1: one GPU per encoder replica when the cluster has GPUs
+    encode_batch: int = 32  # @serve.batch max_batch_size (texts and images alike)
+    encode_batch_wait_s: float = 0.002
+    search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
+    max_ongoing_requests: int = 64
+    # Search
+    default_k: int = 24
+    search_L: int = 64  # candidate list size of an unfiltered search (raised to k when smaller)
+    beam_width: int = 4
+    io_budget: int = 0  # sector reads per query, 0: unbounded
+    filter_L_multiplier: int = 4  # a filtered search that comes up short retries with L x this
+    max_depth: int = 1000  # deepest result (cursor offset + k) a query can page to
+    dedup_threshold: float = 0.95  # cosine at or above which a result is a duplicate (per model)
+    extra_dim_scale: float = 1.0  # query-side multiplier on the weights' extra dimensions
+    # Inputs
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_text_chars: int = 4096
+    max_image_pixels: int = 40_000_000
+    allow_private: bool = False  # image_url may reach loopback/private addresses (tests, demo)
+    image_url_timeout_s: float = 10.0
+    # Telemetry: relative paths are resolved against the working directory of the app builder.
+    telemetry_enabled: bool = True
+    telemetry_path: str = "~/.cache/memescale/telemetry/events.jsonl"
+    telemetry_max_bytes: int = 16 * 1024 * 1024  # then the file is rotated once (.1)
+    telemetry_event_max_bytes: int = 2048
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     source: str = ""  # the file this config was loaded from ("" for defaults)
 
     def to_dict(self) -> dict[str, Any]:

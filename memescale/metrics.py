@@ -26,6 +26,18 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "histogram", "Per-image decode+resize latency", (), [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 5]),
     "memescale_ingest_encode_seconds": (
         "histogram", "Per-batch encoder latency", (), [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]),
+    "memescale_serve_requests": ("counter", "HTTP API requests, by route and status", ("route", "status"), None),
+    "memescale_serve_latency_seconds": (
+        "histogram", "Search latency by stage (encode, search, metadata, total)", ("stage",),
+        [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]),
+    "memescale_serve_index_reads": (
+        "histogram", "Index sector reads per search request", (), [4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]),
+    "memescale_serve_encode_batch_size": (
+        "histogram", "Encoder batch sizes, by input kind", ("kind",), [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    "memescale_serve_telemetry_events": ("counter", "Telemetry events, by outcome", ("outcome",), None),
+    "memescale_build_shards_built": ("counter", "Shard graphs built by the index build", (), None),
+    "memescale_build_shard_seconds": (
+        "histogram", "Seconds per shard graph build", (), [1, 3, 10, 30, 100, 300, 1000, 3000]),
 }
 
 _made: dict[str, Any] = {}

@@ -16,18 +16,19 @@ for _k, _v in RAY_ENV.items():
     os.environ.setdefault(_k, _v)
 
 
-def init_ray(rc: RayConfig) -> None:
-    """Idempotent. `rc.address` "" means: the job's RAY_ADDRESS if set, else start locally."""
+def init_ray(rc: RayConfig) -> str:
+    """Idempotent. `rc.address` "" means: the job's RAY_ADDRESS if set, else start locally.
+    Returns the dashboard URL of a Ray this call started ("" otherwise)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return ""
     address = rc.address or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": dict(RAY_ENV)}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
-        return
+        return ""
     ctx = ray.init(
         address="local",
         num_cpus=rc.num_cpus or None,
@@ -37,3 +38,4 @@ def init_ray(rc: RayConfig) -> None:
     )
     log.info("started local Ray: %s, dashboard: %s", ray.cluster_resources(),
              ctx.dashboard_url or "off")
+    return f"http://{ctx.dashboard_url}" if ctx.dashboard_url else ""

@@ -70,9 +70,10 @@ def load_dataset(path: str | os.PathLike, max_base: int = 0, eval_start: int = 1
     return out
 
 
-def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
-    """Exact top-k by inner product, best first: (nq, k) int32."""
+def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, block: int = 0) -> np.ndarray:
+    """Exact top-k by inner product, best first: (nq, k) int32 (blocks of ~256 MB scores)."""
     k = min(k, base.shape[0])
+    block = block or max(1, min(256, 2**26 // max(1, base.shape[0])))
     res = np.empty((queries.shape[0], k), dtype=np.int32)
     for i in range(0, queries.shape[0], block):
         s = queries[i:i + block] @ base.T
@@ -96,6 +97,18 @@ def rss_bytes() -> int:
     """Current resident set size of this process (from /proc, no psutil needed)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_parts() -> dict[str, int]:
+    """Resident memory split as /proc/self/status reports it: anon (heap, private arrays) and
+    file (mapped file pages, e.g. an index file read through mmap), in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) * 1024
+    return out
 
 
 def peak_rss_bytes() -> int:

@@ -60,6 +60,9 @@ def parse_args(argv=None):
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--cache-nodes", type=int, default=0,
                     help="DiskANN's in-RAM node cache (0 = every node read comes from disk)")
+    ap.add_argument("--cache-mechanism", type=int, default=2,
+                    help="1: nodes visited by sample queries; 2: breadth-first from the medoid "
+                         "(what memescale does)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per point; best kept")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reuse", action="store_true",
@@ -75,6 +78,7 @@ def main(argv=None):
     n, d = base.shape
     work = Path(a.workdir)
     params = {"R": a.R, "L": a.L, "pq_bytes": a.pq_bytes, "n": n, "d": d,
+              "dataset": str(Path(a.dataset).resolve()),
               "build_threads": a.build_threads}
     # floor(budget_bytes / N) = pq_bytes; half a byte of slack survives the C++ side's
     # six-decimal formatting of the budget in GB.
@@ -155,21 +159,25 @@ def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
 
     results = {"library": "diskannpy", "version": "0.7.0", "cpus": cpus, "n": n, "d": d,
                "params": {**params, "alpha": 1.2, "beam_width": a.beam_width,
-                          "cache_nodes": a.cache_nodes, "pq_disk_bytes": 0,
+                          "cache_nodes": a.cache_nodes, "cache_mechanism": a.cache_mechanism,
+                          "pq_disk_bytes": 0,
                           "metric": "mips"},
                "build": build, "files": files, "runs": []}
     for threads in [int(t) for t in a.threads.split(",")]:
-        rss0 = C.rss_bytes()
+        rss0 = C.rss_parts()
         t0 = time.perf_counter()
         index = dap.StaticDiskIndex(index_directory=str(work), num_threads=threads,
-                                    num_nodes_to_cache=a.cache_nodes, cache_mechanism=1,
+                                    num_nodes_to_cache=a.cache_nodes,
+                                    cache_mechanism=a.cache_mechanism,
                                     distance_metric="mips", vector_dtype=np.float32,
                                     dimensions=d)
         load_s = time.perf_counter() - t0
-        ram = C.rss_bytes() - rss0
+        rss1 = C.rss_parts()
+        ram = rss1["VmRSS"] - rss0["VmRSS"]
         # In-RAM parts by file: PQ codes and pivots (the graph and vectors stay on disk).
         ram_files = sum(v for k, v in files.items() if "pq_compressed" in k or "pq_pivots" in k)
         run = {"threads": threads, "index_ram_rss_delta_bytes": ram,
+               "index_ram_rss_delta_parts": {k: rss1[k] - rss0[k] for k in rss0},
                "index_ram_files_bytes": ram_files, "load_seconds": load_s, "points": []}
         C.log(f"[diskann] {threads} threads: loaded in {load_s:.2f} s, RSS +{ram / 2**20:.1f} MiB")
         # One untimed pass so one-time allocations do not land in the first point.

@@ -11,6 +11,11 @@ here and swept over L twice:
   (posix_fadvise DONTNEED) and it is reopened, so the batch starts with nothing cached. Pages
   read by earlier queries of the same batch stay cached for later ones (as they would in a
   server); the physical bytes read per query (/proc/self/io) say how cold the batch really was.
+- coldq: the index stays open, and before every group of --threads queries its mapped pages
+  are dropped (madvise DONTNEED on the mapping, then posix_fadvise DONTNEED on the files), so
+  every query starts with an empty page cache, as with O_DIRECT; only the index's own node
+  cache (--cache-nodes records copied into RAM at open) survives. QPS = queries / the summed
+  wall time of the search calls (the evictions between them are not timed).
 - warm: after one untimed pass over the queries, best of --reps timed passes.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -51,7 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--modes", default="cold,warm")
+    ap.add_argument("--modes", default="cold,coldq,warm")
+    ap.add_argument("--cache-nodes", type=int, default=1024,
+                    help="records kept in RAM by Index.open (breadth-first from the entry points)")
     ap.add_argument("--metadata", default="text", choices=["text", "none"],
                     help="text: each record carries a result's metadata (title from base.txt, "
                          "url, subreddit, time, score), as the real index does")
@@ -95,6 +103,15 @@ def build_variant(a, data, variant: str, out_dir: Path, params: dict) -> None:
     meta = make_metadata(Path(a.dataset), n, a.metadata)
     queries = train_sample(data, a.qa_sample) if variant == "qa" else None
     shutil.rmtree(out_dir, ignore_errors=True)
+    # Compile the numba kernels (or load them from numba's cache) on a tiny build first, so
+    # the timed build measures building, not a one-time JIT compilation.
+    t0 = time.perf_counter()
+    tmp = out_dir.parent / f".jit-warmup-{variant}"
+    build_index(base16[:2000], None, str(tmp),
+                IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, seed=a.seed,
+                            threads=a.threads, queries=None if queries is None else queries[:200]))
+    shutil.rmtree(tmp, ignore_errors=True)
+    jit_s = time.perf_counter() - t0
     p = IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, seed=a.seed,
                     threads=a.threads, queries=queries)
     C.log(f"[memescale:{variant}] building n={n} R={a.R} L={a.L} alpha={a.alpha} "
@@ -102,8 +119,9 @@ def build_variant(a, data, variant: str, out_dir: Path, params: dict) -> None:
     rss0 = C.peak_rss_bytes()
     t0 = time.perf_counter()
     info = build_index(base16, meta, str(out_dir), p)
+    info = info.as_dict() if hasattr(info, "as_dict") else info
     secs = time.perf_counter() - t0
-    build = {"seconds": secs, "peak_rss_bytes": C.peak_rss_bytes(),
+    build = {"seconds": secs, "peak_rss_bytes": C.peak_rss_bytes(), "jit_warmup_seconds": jit_s,
              "peak_rss_before_bytes": rss0, "info": _jsonable(info)}
     (out_dir / "bench_params.json").write_text(json.dumps({"params": params, "build": build}))
     C.log(f"[memescale:{variant}] built in {secs:.1f} s")
@@ -123,9 +141,18 @@ def evict(path: Path) -> None:
         if f.is_file():
             fd = os.open(f, os.O_RDONLY)
             try:
+                os.fsync(fd)  # dirty pages (a fresh build) would survive DONTNEED
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def drop_mapped(index, vdir: Path) -> None:
+    """Evict the records of an open index: unmap its touched pages, then drop them."""
+    mm = getattr(index, "_mm", None)
+    if mm is not None:
+        mm.madvise(mmap.MADV_DONTNEED)
+    evict(vdir)
 
 
 def main(argv=None):
@@ -135,12 +162,14 @@ def main(argv=None):
     n, d = data["base"].shape
     work = Path(a.workdir)
     params = {"R": a.R, "L": a.L, "alpha": a.alpha, "pq_bytes": a.pq_bytes, "n": n, "d": d,
+              "dataset": str(Path(a.dataset).resolve()),
               "threads": a.threads, "metadata": a.metadata, "qa_sample": a.qa_sample,
               "eval_start": a.eval_start, "seed": a.seed}
     if a.build_variant:
         build_variant(a, data, a.build_variant, work / a.build_variant, params)
         return
-    results = {"library": "memescale", "cpus": cpus, "n": n, "d": d, "params": params,
+    results = {"library": "memescale", "cpus": cpus, "n": n, "d": d,
+               "params": {**params, "beam_width": a.beam_width, "cache_nodes": a.cache_nodes},
                "variants": []}
     for variant in a.variants.split(","):
         vdir = work / variant
@@ -168,18 +197,23 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
 
     files = C.dir_bytes(vdir)
     gc.collect()
-    rss0 = C.rss_bytes()
+    rss0 = C.rss_parts()
     t0 = time.perf_counter()
-    index = Index.open(str(vdir))
+    index = Index.open(str(vdir), threads=a.threads, cache_nodes=a.cache_nodes)
     load_s = time.perf_counter() - t0
-    ram = C.rss_bytes() - rss0
+    rss1 = C.rss_parts()
+    ram = rss1["VmRSS"] - rss0["VmRSS"]
     # JIT compilation happens on the first search: keep it out of every timed pass.
     index.search(data["queries"]["id"][:8], a.k, L=max(a.k, 20), beam_width=a.beam_width)
     out = {"variant": variant, "files": files, "index_ram_rss_delta_bytes": ram,
+           "index_ram_rss_delta_parts": {k: rss1[k] - rss0[k] for k in rss0},
+           "cached_nodes": int(getattr(index, "cached_nodes", 0)),
            "index_ram_files_bytes": sum(v for k, v in files.items() if not k.startswith("records")
                                         and not k.startswith("metadata") and not k.endswith(".json")),
            "load_seconds": load_s, "runs": []}
-    C.log(f"[memescale:{variant}] opened in {load_s:.2f} s, RSS +{ram / 2**20:.1f} MiB")
+    C.log(f"[memescale:{variant}] opened in {load_s:.2f} s, RSS +{ram / 2**20:.1f} MiB "
+          f"(anon +{(rss1['RssAnon'] - rss0['RssAnon']) / 2**20:.1f}, "
+          f"file +{(rss1['RssFile'] - rss0['RssFile']) / 2**20:.1f})")
     Ls = [max(a.k, int(x)) for x in a.Ls.split(",")]
 
     def one(Q, L):
@@ -190,12 +224,14 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
         return ids, stats, dt, C.io_read_bytes() - io0
 
     def point(qs, L, mode, ids, stats, dt, phys, Q, gt):
-        ms = np.asarray(stats.get("ms", []), dtype=np.float64)
+        get = lambda name: getattr(stats, name, None) if not isinstance(stats, dict) else stats.get(name)  # noqa: E731
+        ms = np.asarray(get("ms") if get("ms") is not None else [], dtype=np.float64)
         pt = {"query_set": qs, "L": L, "mode": mode, "recall": C.recall_at_k(ids, gt, a.k),
               "qps": len(Q) / dt, "seconds": dt,
-              "mean_reads": float(np.mean(stats["reads"])) if "reads" in stats else None,
-              "mean_pq_comparisons": float(np.mean(stats["pq_comparisons"]))
-              if "pq_comparisons" in stats else None,
+              "mean_reads": float(np.mean(get("reads"))) if get("reads") is not None else None,
+              "mean_pq_comparisons": float(np.mean(get("pq_comparisons")))
+              if get("pq_comparisons") is not None else None,
+              "p99_reads": float(np.percentile(get("reads"), 99)) if get("reads") is not None else None,
               "latency_ms_mean": float(ms.mean()) if ms.size else None,
               "latency_ms_p50": float(np.percentile(ms, 50)) if ms.size else None,
               "latency_ms_p99": float(np.percentile(ms, 99)) if ms.size else None,
@@ -213,11 +249,21 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
                 one(Q, max(Ls))  # bring every page the sweep can touch into the page cache
             for L in Ls:
                 if mode == "cold":
-                    del index
-                    gc.collect()
+                    index.close()
                     evict(vdir)
-                    index = Index.open(str(vdir))
+                    index = Index.open(str(vdir), threads=a.threads, cache_nodes=a.cache_nodes)
                     ids, stats, dt, phys = one(Q, L)
+                elif mode == "coldq":
+                    parts, dt, phys = [], 0.0, 0
+                    for lo in range(0, len(Q), a.threads):
+                        drop_mapped(index, vdir)
+                        r = one(Q[lo:lo + a.threads], L)
+                        parts.append(r)
+                        dt += r[2]
+                        phys += r[3]
+                    ids = np.concatenate([r[0] for r in parts])
+                    stats = {name: np.concatenate([np.asarray(getattr(r[1], name)) for r in parts])
+                             for name in ("reads", "pq_comparisons", "ms")}
                 else:
                     best = None
                     for _ in range(a.reps):
@@ -227,7 +273,7 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
                     ids, stats, dt, phys = best
                 run["points"].append(point(qs, L, mode, ids, stats, dt, phys, Q, gt))
         out["runs"].append(run)
-    del index
+    index.close()
     return out
 
 

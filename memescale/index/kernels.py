@@ -19,6 +19,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from threadpoolctl import threadpool_limits
 
 _I8P = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
@@ -158,6 +159,55 @@ def parallel_for(fn: Callable[[int, int], None], n: int, threads: int, pool: Thr
             list(own.map(fn, bounds[:-1], bounds[1:]))
     else:
         list(pool.map(fn, bounds[:-1], bounds[1:]))
+
+
+def single_threaded_blas() -> threadpool_limits:
+    """Context in which BLAS/LAPACK use one thread each.
+
+    Parallel work here runs on our own threads (`parallel_for`), each calling BLAS on its own
+    slice; BLAS's own thread pool on top of that oversubscribes the cores, and on a loaded
+    machine its spin-waiting makes even a 384 x 384 SVD take tens of times longer.
+    """
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def matmul_rows(A: np.ndarray, B: np.ndarray, pool: ThreadPoolExecutor | None = None, rows: int = 4096) -> np.ndarray:
+    """A @ B as float32 for A (n, k), over fixed slices of `rows` rows (run on `pool`).
+
+    BLAS rounding depends on the shape it is given, so the slices are fixed rather than
+    per thread: the result does not depend on the thread count.
+    """
+    out = np.empty((A.shape[0], B.shape[1]), np.float32)
+    Bf = np.ascontiguousarray(B, np.float32)
+
+    def part(lo: int) -> None:
+        np.matmul(np.asarray(A[lo : lo + rows], np.float32), Bf, out=out[lo : lo + rows])
+
+    starts = range(0, A.shape[0], rows)
+    if pool is not None:
+        list(pool.map(part, starts))
+    else:
+        for lo in starts:
+            part(lo)
+    return out
+
+
+def gram(A: np.ndarray, B: np.ndarray, pool: ThreadPoolExecutor | None = None, rows: int = 4096) -> np.ndarray:
+    """A.T @ B (float64) for row-aligned A (n, p), B (n, q).
+
+    Summed over fixed slices of `rows` rows in order, so the rounding (and everything
+    trained from it) does not depend on the thread count.
+    """
+    starts = range(0, A.shape[0], rows)
+
+    def part(lo: int) -> np.ndarray:
+        return (A[lo : lo + rows].T @ B[lo : lo + rows]).astype(np.float64)
+
+    parts = list(pool.map(part, starts)) if pool is not None else [part(lo) for lo in starts]
+    total = np.zeros((A.shape[1], B.shape[1]), np.float64)
+    for p in parts:
+        total += p
+    return total
 
 
 def as_fp16(vectors: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from numba import njit
 from tqdm.auto import tqdm
 
 from .disk import MAGIC_CODEC, pack_arrays, read_small_file, unpack_arrays, write_small_file
-from .kernels import parallel_for, resolve_threads
+from .kernels import gram, matmul_rows, parallel_for, resolve_threads, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +110,31 @@ def _assign_all(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -
     return codes, err
 
 
+def _update_centroids(Y: np.ndarray, codes: np.ndarray, centroids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd update: each centroid becomes the mean of its rows; empty ones are re-seeded
+    from random training rows. Y: (n, M * dsub); codes: (n, M); centroids: (M, K, dsub)."""
+    M, k, dsub = centroids.shape
+    sums, counts = _centroid_sums(Y, codes, M, dsub, k)
+    c = centroids.copy()
+    filled = counts > 0
+    c[filled] = (sums[filled] / counts[filled][:, None]).astype(np.float32)
+    for m, t in zip(*np.nonzero(~filled)):
+        c[m, t] = Y[rng.integers(Y.shape[0]), m * dsub : (m + 1) * dsub]
+    return c
+
+
 def kmeans_subspaces(
     Y: np.ndarray, centroids: np.ndarray, iters: int, rng: np.random.Generator, threads: int, pool=None
 ) -> np.ndarray:
     """Lloyd iterations of M independent k-means (K centroids each) on the subvectors of Y.
 
-    Y: (n, M * dsub) float32; centroids: (M, K, dsub) float32 starting point. Empty clusters
-    are re-seeded from random training rows. Returns new centroids. O(iters * n * K * D).
+    Y: (n, M * dsub) float32; centroids: (M, K, dsub) float32 starting point. Returns new
+    centroids. O(iters * n * K * D).
     """
-    M, k, dsub = centroids.shape
-    c = centroids.copy()
     for _ in range(iters):
-        codes, _ = _assign_all(Y, c, threads, pool)
-        sums, counts = _centroid_sums(Y, codes, M, dsub, k)
-        filled = counts > 0
-        c[filled] = (sums[filled] / counts[filled][:, None]).astype(np.float32)
-        for m, t in zip(*np.nonzero(~filled)):
-            c[m, t] = Y[rng.integers(Y.shape[0]), m * dsub : (m + 1) * dsub]
-    return c
+        codes, _ = _assign_all(Y, centroids, threads, pool)
+        centroids = _update_centroids(Y, codes, centroids, rng)
+    return centroids
 
 
 def _pad(x: np.ndarray, D: int) -> np.ndarray:
@@ -158,20 +165,20 @@ class PQCodec:
     def dim(self) -> int:
         return self.base_transform.shape[0]
 
-    def _transform(self, x: np.ndarray, T: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+    def _transform(self, x: np.ndarray, T: np.ndarray, pool=None) -> np.ndarray:
+        x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected (n, {self.dim}) vectors, got shape {x.shape}")
-        return np.ascontiguousarray(x @ T, dtype=np.float32)
+        return matmul_rows(x, T, pool)
 
     def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536) -> np.ndarray:
         """PQ codes (N, M) uint8 of vectors (N, d) float16/float32. O(N * K * D)."""
         threads = resolve_threads(threads)
         n = vectors.shape[0]
         codes = np.empty((n, self.M), np.uint8)
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
             for lo in range(0, n, block):
-                Y = self._transform(vectors[lo : lo + block], self.base_transform)
+                Y = self._transform(vectors[lo : lo + block], self.base_transform, pool)
                 codes[lo : lo + Y.shape[0]] = _assign_all(Y, self.centroids, threads, pool)[0]
         return codes
 
@@ -233,11 +240,10 @@ def train_pq(
     vectors: np.ndarray,
     M: int,
     queries: np.ndarray | None = None,
-    eps: float = 0.1,
-    opq_iters: int = 6,
+    eps: float = 0.3,
+    opq_iters: int = 16,
     kmeans_iters: int = 12,
-    opq_kmeans_iters: int = 2,
-    train_size: int = 50_000,
+    train_size: int = 25_000,
     seed: int = 0,
     threads: int | None = None,
     progress: bool | None = None,
@@ -246,9 +252,9 @@ def train_pq(
 
     queries: optional (nq, d) query sample for query-aware training (see module doc); eps:
     its regulariser; opq_iters: OPQ rotation updates (0: no rotation, plain PQ on S^(1/2) x);
-    kmeans_iters: Lloyd iterations of the final codebooks (each OPQ step runs 3 more);
+    kmeans_iters: Lloyd iterations of the final codebooks (each OPQ step runs one more);
     train_size: rows sampled for training. Deterministic for a seed.
-    Time O((opq_iters * 3 + kmeans_iters) * train_size * K * D + opq_iters * D^3).
+    Time O((opq_iters + kmeans_iters) * train_size * K * D + opq_iters * D^3).
     """
     threads = resolve_threads(threads)
     n, d = vectors.shape
@@ -258,32 +264,28 @@ def train_pq(
     D = M * dsub
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
-    X = np.asarray(vectors[rows], dtype=np.float32)
-
-    if queries is not None and len(queries):
-        s_half, s_inv_half = query_whitening(queries, eps)
-    else:
-        s_half = s_inv_half = np.eye(d)
-    A0 = _pad(s_half, D)
-    B0 = _pad(s_inv_half, D)
-    Xs = np.ascontiguousarray(X @ A0, dtype=np.float32)
-
-    rot = np.eye(D, dtype=np.float32)
-    seeds = Xs[rng.choice(Xs.shape[0], size=K, replace=Xs.shape[0] < K)]
-    centroids = np.ascontiguousarray(seeds.reshape(K, M, dsub).transpose(1, 0, 2))
-    steps = opq_iters + 1
-    bar = tqdm(total=steps, desc="pq training", unit="step", disable=None if progress is None else not progress)
-    with ThreadPoolExecutor(threads) as pool:
+    bar = tqdm(total=opq_iters + 1, desc="pq training", unit="step", disable=None if progress is None else not progress)
+    with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
+        if queries is not None and len(queries):
+            s_half, s_inv_half = query_whitening(queries, eps)
+        else:
+            s_half = s_inv_half = np.eye(d)
+        A0 = _pad(s_half, D)
+        B0 = _pad(s_inv_half, D)
+        Xs = matmul_rows(vectors[rows], A0, pool)
+        seeds = Xs[rng.choice(Xs.shape[0], size=K, replace=Xs.shape[0] < K)]
+        centroids = np.ascontiguousarray(seeds.reshape(K, M, dsub).transpose(1, 0, 2))
+        rot = np.eye(D, dtype=np.float32)
         for it in range(opq_iters):
-            Y = np.ascontiguousarray(Xs @ rot)
-            centroids = kmeans_subspaces(Y, centroids, opq_kmeans_iters, rng, threads, pool)
+            Y = matmul_rows(Xs, rot, pool)
             codes, err = _assign_all(Y, centroids, threads, pool)
+            centroids = _update_centroids(Y, codes, centroids, rng)
             Yhat = centroids[np.arange(M)[None, :], codes].reshape(len(Y), D)
-            U, _, Vt = np.linalg.svd(Xs.T.astype(np.float64) @ Yhat.astype(np.float64))
+            U, _, Vt = np.linalg.svd(gram(Xs, Yhat, pool))
             rot = (U @ Vt).astype(np.float32)
             log.debug("opq step %d: mean squared error %.6f", it + 1, float(err.mean()))
             bar.update(1)
-        Y = np.ascontiguousarray(Xs @ rot)
+        Y = matmul_rows(Xs, rot, pool)
         centroids = kmeans_subspaces(Y, centroids, kmeans_iters, rng, threads, pool)
         bar.update(1)
     bar.close()

@@ -1,0 +1,533 @@
+"""The Ray Serve app: `Encoder` (texts, images -> vectors), `Searcher` (the disk index) and
+`Api` (FastAPI ingress: JSON API, the web page, metrics, telemetry).
+
+    serve run serve.app:build_app index=DIR config=configs/tiny.toml [serve.allow_private=true ...]
+    serve deploy configs/serve.yaml            # on a running cluster
+    python -m serve.app --index DIR --config configs/tiny.toml --port 8000
+    base_url = serve.app.start(index_dir, "configs/tiny.toml", "127.0.0.1", 8000)
+
+Request path of `POST /api/search`: Api validates the body (`memescale.search_service`),
+turns the input into a query vector (text -> Encoder; image bytes or an image_url fetched
+through the SSRF guard -> decoded here -> Encoder; embedding as given; like -> the item's
+stored vector), then Searcher runs the index search, filters, dedup and paging. Encoder
+batches concurrent requests (`@serve.batch`); Searcher runs `Index.search` (synchronous,
+numba, GIL released) on a small thread pool so one replica serves several requests at once.
+Deployment sizes and every limit come from the `[serve]` section of the config.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
+# at runtime, through Serve's ingress wrappers, and must see real types, not strings.
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from ray import serve
+
+from memescale.config import Config, IngestConfig, load_config
+from memescale.images import ImageDecodeError, decode_image
+from memescale.search_service import (
+    INPUT_FIELDS,
+    MAX_K,
+    Filters,
+    SearchEngine,
+    SearchInputError,
+    SearchRequest,
+    SearchResponse,
+    decode_base64_image,
+    decode_cursor,
+    embedding_vector,
+    encode_cursor,
+    parse_filters,
+    query_hash,
+    token_count,
+)
+from memescale.weighting import WEIGHT_MAX, WEIGHT_MIN, Weighting, WeightError
+from serve import bodylimit, prom
+from serve.bodylimit import BodyLimitMiddleware
+from serve.telemetry import EventTooLarge, TelemetryBatch, TelemetryLog, opted_out
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC = Path(__file__).resolve().parent / "static"
+APP_NAME = "memescale"
+ROUTES = ("/", "/api/search", "/api/info", "/api/health", "/api/telemetry", "/metrics")
+PAGE_HEADERS = {
+    # Result images come from any host; scripts, styles and API calls only from this origin.
+    "Content-Security-Policy": "default-src 'self'; img-src * data: blob:; script-src 'self'; "
+    "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# -- Encoder -------------------------------------------------------------------------------
+
+
+@serve.deployment(name="Encoder")
+class Encoder:
+    """The open_clip model: texts and (decoded, model-sized) images -> L2-normalised vectors."""
+
+    def __init__(self, cfg: Config):
+        import torch
+
+        from memescale.encoder import ImageTextEncoder
+
+        if cfg.model.device != "cuda":
+            torch.set_num_threads(max(1, round(cfg.serve.encoder_cpus)))
+        self.enc = ImageTextEncoder(cfg.model)
+        self.tokenizer = self.enc.tokenizer
+        self.context_length = self.enc.context_length
+        for method in (self._texts, self._images):
+            method.set_max_batch_size(max(1, cfg.serve.encode_batch))
+            method.set_batch_wait_timeout_s(max(0.0, cfg.serve.encode_batch_wait_s))
+        self.enc.encode_texts(["warm up"])  # first calls allocate; keep that off the first request
+        self.enc.encode_images(np.zeros((1, self.enc.image_size, self.enc.image_size, 3), np.uint8))
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.enc.model_tag, "dim": self.enc.dim, "image_size": self.enc.image_size,
+                "context_length": self.context_length, "device": self.enc.device}
+
+    async def encode_text(self, text: str) -> dict[str, Any]:
+        """{"vector": (dim,) float32} or {"error": message} when the text is over the context."""
+        n = token_count(self.tokenizer, text)
+        if n is not None and n > self.context_length:
+            return {"error": f"text is {n} tokens long (start and end included); "
+                             f"the model reads at most {self.context_length}"}
+        return {"vector": await self._texts(text)}
+
+    async def encode_image(self, pixels: np.ndarray) -> dict[str, Any]:
+        """(S, S, 3) uint8 at S = image_size -> {"vector": (dim,) float32}."""
+        s = self.enc.image_size
+        if pixels.shape != (s, s, 3) or pixels.dtype != np.uint8:
+            return {"error": f"expected ({s}, {s}, 3) uint8 pixels"}
+        return {"vector": await self._images(pixels)}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _texts(self, texts: list[str]) -> list[np.ndarray]:
+        prom.REGISTRY.record("memescale_serve_encode_batch_size", len(texts), kind="text")
+        out = await asyncio.to_thread(self.enc.encode_texts, texts)
+        return list(out.astype(np.float32))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        prom.REGISTRY.record("memescale_serve_encode_batch_size", len(images), kind="image")
+        out = await asyncio.to_thread(self.enc.encode_images, np.stack(images))
+        return list(out.astype(np.float32))
+
+
+# -- Searcher ------------------------------------------------------------------------------
+
+
+@serve.deployment(name="Searcher")
+class Searcher:
+    """One opened index per replica; searches run on `serve.search_threads` threads."""
+
+    def __init__(self, index_dir: str, cfg: Config):
+        from memescale.index import Index
+
+        self.index = Index.open(index_dir, threads=1)
+        self.weighting = Weighting.load(index_dir, base_dim=self.index.dim)
+        self.engine = SearchEngine(self.index, self.weighting, cfg.serve)
+        self.pool = ThreadPoolExecutor(max(1, cfg.serve.search_threads), thread_name_prefix="search")
+        probe = np.zeros(self.weighting.base_dim, np.float32)
+        probe[0] = 1.0
+        self.engine.search(probe, None, parse_filters(Filters()), True, 0, 4)  # compile kernels now
+
+    def info(self) -> dict[str, Any]:
+        w = self.weighting.to_json()
+        w.pop("quantiles", None)
+        return {"size": len(self.index), "index_dim": self.index.dim, "base_dim": self.weighting.base_dim,
+                "weighting": w, "build": dict(getattr(self.index, "info", {}) or {})}
+
+    async def search(self, req: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._search, req)
+
+    def _search(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            q = req["vector"] if req.get("like") is None else self.engine.vector_of(int(req["like"]))
+            return self.engine.search(q, req["weights"], req["filters"], req["dedup"], req["offset"], req["k"])
+        except SearchInputError as e:
+            return {"error": str(e), "status": e.status}
+        except WeightError as e:
+            return {"error": str(e), "status": 422}
+
+
+# -- Api -----------------------------------------------------------------------------------
+
+
+api = FastAPI(
+    title="memescale",
+    version="0.1.0",
+    description="Text and image search over images posted to Reddit. POST /api/search with exactly one of "
+    "text, image (base64), image_url, embedding or like.",
+)
+api.add_middleware(BodyLimitMiddleware)  # the limit: bodylimit.set_process_limit in Api.__init__
+api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    path = request.url.path
+    route = path if path in ROUTES else ("/static" if path.startswith("/static/") else "other")
+    try:
+        response = await call_next(request)
+    except Exception:
+        prom.REGISTRY.record("memescale_serve_requests", route=route, status="500")
+        raise
+    prom.REGISTRY.record("memescale_serve_requests", route=route, status=str(response.status_code))
+    return response
+
+
+@api.exception_handler(SearchInputError)
+async def _input_error(request: Request, exc: SearchInputError):
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+@api.exception_handler(WeightError)
+async def _weight_error(request: Request, exc: WeightError):
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+@api.exception_handler(EventTooLarge)
+async def _event_too_large(request: Request, exc: EventTooLarge):
+    return JSONResponse({"detail": str(exc)}, status_code=413)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    # The default handler echoes each offending input back, which for a multi-megabyte
+    # base64 image is the whole image: report where and what, not the input.
+    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")).removeprefix("Value error, "),
+               "type": e.get("type", "")} for e in exc.errors()][:20]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return JSONResponse({"detail": errors, "message": message}, status_code=422)
+
+
+class Unavailable(Exception):
+    """A backing deployment failed or is not reachable."""
+
+
+@api.exception_handler(Unavailable)
+async def _unavailable(request: Request, exc: Unavailable):
+    return JSONResponse({"detail": f"search backend unavailable: {exc}"}, status_code=503)
+
+
+class InfoResponse(BaseModel):
+    size: int = Field(description="images in the index")
+    model: str
+    dim: int = Field(description="embedding width of the model's vectors in the index")
+    index_dim: int = Field(description="width of the stored vectors (embedding + weighting dims)")
+    encoder_dim: int
+    text_search: bool = Field(description="text and image queries work (encoder and index widths agree)")
+    weights: list[str] = Field(description="weights this index honours; others must be 0")
+    weight_range: list[float]
+    inputs: list[str]
+    max_k: int
+    default_k: int
+    max_depth: int
+    dedup_threshold: float
+    context_length: int
+    max_body_bytes: int
+
+
+class TelemetryResult(BaseModel):
+    stored: int
+    reason: str | None = None
+
+
+@serve.deployment(name="Api")
+@serve.ingress(api)
+class Api:
+    """HTTP ingress: validation, query vectors, paging; the page and its static files."""
+
+    def __init__(self, encoder, searcher, cfg: Config, telemetry_path: str):
+        self.encoder = encoder
+        self.searcher = searcher
+        self.cfg = cfg
+        self.s = cfg.serve
+        bodylimit.set_process_limit(self.s.max_body_bytes)
+        self.telemetry = TelemetryLog(telemetry_path, self.s.telemetry_max_bytes,
+                                      self.s.telemetry_event_max_bytes, self.s.telemetry_enabled)
+        self._info: dict[str, Any] | None = None
+        self._info_lock = asyncio.Lock()
+        self._downloader = None
+        self._dl_lock = asyncio.Lock()
+        self._dl_cfg = dataclasses.replace(
+            IngestConfig(), allow_private=self.s.allow_private, max_bytes=self.s.max_body_bytes,
+            total_timeout_s=self.s.image_url_timeout_s, connect_timeout_s=min(5.0, self.s.image_url_timeout_s),
+            read_timeout_s=self.s.image_url_timeout_s, retries=0, download_concurrency=32,
+            per_host_concurrency=8, user_agent=cfg.ingest.user_agent)
+
+    async def _backend_info(self) -> dict[str, Any]:
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    try:
+                        enc, sea = await asyncio.gather(self.encoder.info.remote(), self.searcher.info.remote())
+                    except Exception as e:
+                        raise Unavailable(type(e).__name__) from e
+                    self._info = {"encoder": enc, "searcher": sea,
+                                  "weighting": Weighting.from_json({**sea["weighting"], "quantiles": {}})}
+        return self._info
+
+    # -- page ------------------------------------------------------------------------------
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    # -- API -------------------------------------------------------------------------------
+    @api.get("/api/health")
+    async def health(self) -> dict:
+        await self._backend_info()
+        return {"ok": True}
+
+    @api.get("/api/info", response_model=InfoResponse)
+    async def info(self) -> dict:
+        i = await self._backend_info()
+        enc, sea = i["encoder"], i["searcher"]
+        return {
+            "size": sea["size"], "model": enc["model"], "dim": sea["base_dim"], "index_dim": sea["index_dim"],
+            "encoder_dim": enc["dim"], "text_search": enc["dim"] == sea["base_dim"],
+            "weights": list(sea["weighting"]["names"]), "weight_range": [WEIGHT_MIN, WEIGHT_MAX],
+            "inputs": list(INPUT_FIELDS), "max_k": MAX_K, "default_k": self.s.default_k,
+            "max_depth": self.s.max_depth, "dedup_threshold": self.s.dedup_threshold,
+            "context_length": enc["context_length"], "max_body_bytes": self.s.max_body_bytes,
+        }
+
+    @api.post("/api/search", response_model=SearchResponse, responses={
+        413: {"description": "body or image too large"},
+        422: {"description": "invalid request: types, ranges, inputs, image, embedding, text length"},
+        503: {"description": "a backend deployment is unavailable"}})
+    async def search(self, req: SearchRequest) -> dict:
+        t0 = time.perf_counter()
+        i = await self._backend_info()
+        qhash = query_hash(req)
+        offset = decode_cursor(req.cursor, qhash)
+        if offset >= self.s.max_depth:
+            raise SearchInputError(f"cursor is past the deepest page ({self.s.max_depth} results)")
+        k = min(req.k, self.s.max_depth - offset)
+        filters = parse_filters(req.filters)
+        weights = req.weights.as_dict()
+        i["weighting"].check_weights(weights)
+        vector, like = await self._query_vector(req, i)
+        t1 = time.perf_counter()
+        try:
+            out = await self.searcher.search.remote({"vector": vector, "like": like, "weights": weights,
+                                                     "filters": filters, "dedup": req.dedup,
+                                                     "offset": offset, "k": k})
+        except Exception as e:
+            raise Unavailable(type(e).__name__) from e
+        if "error" in out:
+            raise SearchInputError(out["error"], out.get("status", 422))
+        t2 = time.perf_counter()
+        st = out["stats"]
+        st["encode_ms"] = round((t1 - t0) * 1000, 3)
+        st["total_ms"] = round((t2 - t0) * 1000, 3)
+        for stage, ms in (("encode", st["encode_ms"]), ("search", st["search_ms"]),
+                          ("metadata", st["metadata_ms"]), ("total", st["total_ms"])):
+            prom.REGISTRY.record("memescale_serve_latency_seconds", ms / 1000, stage=stage)
+        prom.REGISTRY.record("memescale_serve_index_reads", st["reads"])
+        nxt = encode_cursor(offset + k, qhash) if out["more"] else None
+        return {"results": out["results"], "stats": st, "offset": offset, "next_cursor": nxt}
+
+    async def _query_vector(self, req: SearchRequest, i: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
+        kind = req.input_kind
+        base_dim, enc = i["searcher"]["base_dim"], i["encoder"]
+        if kind == "embedding":
+            return embedding_vector(req.embedding, base_dim), None
+        if kind == "like":
+            return None, req.like
+        if enc["dim"] != base_dim:
+            raise SearchInputError(f"this index holds {base_dim}-d vectors but the model encodes {enc['dim']}-d: "
+                                   "only `embedding` and `like` queries work here")
+        try:
+            if kind == "text":
+                r = await self.encoder.encode_text.remote(req.text)
+            else:
+                data = (decode_base64_image(req.image, self.s.max_body_bytes) if kind == "image"
+                        else await self._fetch(req.image_url))
+                pixels = await asyncio.to_thread(self._decode, data, enc["image_size"])
+                r = await self.encoder.encode_image.remote(pixels)
+        except SearchInputError:
+            raise
+        except Exception as e:
+            raise Unavailable(type(e).__name__) from e
+        if "error" in r:
+            raise SearchInputError(r["error"])
+        return np.asarray(r["vector"], np.float32), None
+
+    def _decode(self, data: bytes, size: int) -> np.ndarray:
+        try:
+            return decode_image(data, size, self.s.max_image_pixels).pixels
+        except ImageDecodeError as e:
+            raise SearchInputError(f"image could not be decoded ({e.reason}): {e.detail}") from None
+
+    async def _fetch(self, url: str) -> bytes:
+        from memescale.download import Downloader
+
+        async with self._dl_lock:
+            if self._downloader is None:
+                self._downloader = await Downloader(self._dl_cfg).__aenter__()
+        r = await self._downloader.fetch(url)
+        if r.ok:
+            return r.data
+        if r.reason == "too_large":
+            raise SearchInputError(f"image_url: the image is larger than {self.s.max_body_bytes} bytes", 413)
+        if r.reason in ("bad_url", "blocked_address"):
+            raise SearchInputError(f"image_url refused ({r.reason}): only public http(s) image URLs can be fetched")
+        status = f", HTTP {r.status}" if r.status else ""
+        raise SearchInputError(f"image_url could not be fetched ({r.reason}{status})")
+
+    @api.post("/api/telemetry", status_code=202, response_model=TelemetryResult,
+              responses={413: {"description": "an event is too large"}})
+    async def telemetry_events(self, batch: TelemetryBatch, request: Request) -> dict:
+        if opted_out(request.headers):
+            prom.REGISTRY.record("memescale_serve_telemetry_events", len(batch.events), outcome="opted_out")
+            return {"stored": 0, "reason": "opted out (DNT or Sec-GPC header)"}
+        if not self.telemetry.enabled:
+            prom.REGISTRY.record("memescale_serve_telemetry_events", len(batch.events), outcome="disabled")
+            return {"stored": 0, "reason": "telemetry is disabled on this server"}
+        lines = self.telemetry.lines(batch)
+        n = await asyncio.to_thread(self.telemetry.append, lines)
+        prom.REGISTRY.record("memescale_serve_telemetry_events", n, outcome="stored")
+        return {"stored": n}
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(prom.REGISTRY.render(), media_type="text/plain; version=0.0.4")
+
+
+# -- building and starting ---------------------------------------------------------------------
+
+
+def _resolve(path: str) -> Path:
+    """A path as given if it exists (relative to the working directory), else relative to the
+    project root (so `config=configs/tiny.toml` works from any directory)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    alt = ROOT / p
+    return alt.resolve() if alt.exists() else p.resolve()
+
+
+def _gpus_per_encoder(requested: float) -> float:
+    if requested >= 0:
+        return requested
+    try:
+        import ray
+
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    except Exception:
+        return 0.0
+
+
+def app_for(cfg: Config, index_dir: str | os.PathLike):
+    """The bound application over `index_dir` with deployment options from `cfg.serve`."""
+    index_dir = _resolve(str(index_dir))
+    if not (index_dir / "records.bin").exists():
+        raise FileNotFoundError(f"{index_dir} is not an index directory (no records.bin)")
+    s = cfg.serve
+    telemetry_path = str(Path(s.telemetry_path).expanduser().resolve())
+    encoder = Encoder.options(
+        num_replicas=s.encoder_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": _gpus_per_encoder(s.encoder_gpus)},
+    ).bind(cfg)
+    searcher = Searcher.options(
+        num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.searcher_cpus},
+    ).bind(str(index_dir), cfg)
+    return Api.options(
+        num_replicas=s.api_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.api_cpus},
+    ).bind(encoder, searcher, cfg, telemetry_path)
+
+
+def build_app(args: dict[str, str]):
+    """Ray Serve application builder: ``index=DIR`` (required), ``config=FILE`` (TOML; default:
+    the built-in defaults) and any ``section.key=value`` config overrides."""
+    args = dict(args)
+    index = args.pop("index", None)
+    if not index:
+        raise ValueError("build_app needs index=DIR (an index directory)")
+    config = args.pop("config", "")
+    overrides = [f"{k}={v}" for k, v in args.items()]
+    cfg = load_config(_resolve(config) if config else None, overrides)
+    return app_for(cfg, index)
+
+
+def wait_ready(base_url: str, timeout_s: float = 180.0) -> None:
+    """Poll GET /api/health until it answers 200 (TimeoutError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/api/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.25)
+    raise TimeoutError(f"{base_url} not ready after {timeout_s:.0f} s: {last}")
+
+
+def start(index_dir: str | os.PathLike, config_path: str | os.PathLike | None = "configs/tiny.toml",
+          host: str = "127.0.0.1", port: int = 8000, overrides: list[str] | tuple[str, ...] = (),
+          timeout_s: float = 180.0) -> str:
+    """Start (or attach to) Ray, run the app over `index_dir` on host:port and return its
+    base URL once it answers. Ray comes from `init_ray(cfg.ray)` unless already initialised."""
+    from memescale.ray_runtime import init_ray
+
+    cfg = load_config(_resolve(str(config_path)) if config_path else None, list(overrides))
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(app_for(cfg, index_dir), name=APP_NAME, route_prefix="/")
+    base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    wait_ready(base_url, timeout_s)
+    return base_url
+
+
+def stop() -> None:
+    """Shut Serve down (Ray itself stays up)."""
+    serve.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Serve an index over HTTP (the API and the page).")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--config", default="configs/tiny.toml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    url = start(a.index, a.config, a.host, a.port, a.set)
+    print(f"serving {a.index} at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
+
+
+if __name__ == "__main__":
+    # Run through the package module, so the deployments are `serve.app.*`, not `__main__.*`.
+    from serve.app import main as _main
+
+    _main()

@@ -1,0 +1,118 @@
+"""Kernels and the Vamana graph: fp16 arithmetic, exact search, robust_prune, determinism."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from memescale.index import build_vamana, exact_topk, greedy_search, robust_prune
+from memescale.index.kernels import dot_hf, inner_products, squared_norms
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_fp16_kernels_match_numpy():
+    X = unit_vectors(50, 40)
+    q = np.random.default_rng(1).standard_normal(40).astype(np.float32)
+    X32 = X.astype(np.float32)
+    assert dot_hf(X.view(np.uint16)[3], q) == pytest.approx(float(X32[3] @ q), abs=1e-5)
+    out = np.empty(50, np.float32)
+    inner_products(X.view(np.uint16), np.arange(50, dtype=np.int64)[::-1].copy(), q, out)
+    np.testing.assert_allclose(out, (X32 @ q)[::-1], atol=1e-5)
+    norms = np.empty(50, np.float32)
+    squared_norms(X.view(np.uint16), 0, 50, norms)
+    np.testing.assert_allclose(norms, (X32**2).sum(1), atol=1e-5)
+    special = np.array([0.0, -2.5, 65504.0, 6e-8], np.float16)
+    got = [dot_hf(special[i : i + 1].view(np.uint16), np.ones(1, np.float32)) for i in range(4)]
+    np.testing.assert_array_equal(np.array(got, np.float32), special.astype(np.float32))
+
+
+def test_exact_topk_is_brute_force():
+    X = unit_vectors(1000, 16)
+    Q = unit_vectors(7, 16, seed=5).astype(np.float32)
+    ids, scores = exact_topk(Q, X, 5, block=300)
+    full = Q @ X.astype(np.float32).T
+    np.testing.assert_array_equal(ids, np.argsort(-full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-6)
+    ids, _ = exact_topk(Q, X[:3], 5)
+    assert (ids[:, 3:] == -1).all()
+
+
+def reachable(neighbours: np.ndarray, degrees: np.ndarray, start: int) -> int:
+    seen = {start}
+    todo = deque([start])
+    while todo:
+        u = todo.popleft()
+        for v in neighbours[u, : degrees[u]]:
+            if v not in seen:
+                seen.add(int(v))
+                todo.append(int(v))
+    return len(seen)
+
+
+def test_vamana_graph_shape_and_connectivity():
+    X = unit_vectors(600, 24)
+    nb, deg, medoid = build_vamana(X, R=12, L=24, alpha=1.2, seed=3, threads=2, progress=False)
+    assert nb.shape == (600, 12) and nb.dtype == np.int32 and deg.dtype == np.int32
+    assert (deg >= 1).all() and (deg <= 12).all()
+    for i in range(600):
+        row = nb[i, : deg[i]]
+        assert (row >= 0).all() and (row < 600).all() and i not in row
+        assert len(set(row.tolist())) == len(row)
+        assert (nb[i, deg[i] :] == -1).all()
+    assert reachable(nb, deg, medoid) == 600
+
+
+def test_greedy_search_with_L_at_least_N_is_exact():
+    X = unit_vectors(300, 16, seed=7)
+    nb, deg, medoid = build_vamana(X, R=8, L=16, alpha=1.2, seed=0, threads=1, progress=False)
+    Q = unit_vectors(20, 16, seed=8).astype(np.float32)
+    gt, _ = exact_topk(Q, X, 10)
+    norms = (X.astype(np.float32) ** 2).sum(1)
+    stamps = np.zeros(300, np.int32)
+    for i, q in enumerate(Q):
+        ids, d = greedy_search(X.view(np.uint16), norms, nb, deg, medoid, q, np.float32(q @ q), 300, stamps, i + 1)
+        assert len(ids) == 300
+        top = ids[np.argsort(d, kind="stable")[:10]]
+        assert set(top.tolist()) == set(gt[i].tolist())
+
+
+def test_robust_prune_keeps_closest_and_respects_alpha():
+    X = unit_vectors(200, 8, seed=11)
+    X16 = X.view(np.uint16)
+    X32 = X.astype(np.float32)
+    norms = (X32**2).sum(1)
+    p = 0
+    cand = np.arange(1, 200, dtype=np.int32)
+    d = ((X32[cand] - X32[p]) ** 2).sum(1).astype(np.float32)
+    out = np.full(10, -1, np.int32)
+    for alpha in (1.0, 1.5):
+        deg = robust_prune(X16, norms, cand, d, alpha, 10, out)
+        chosen = out[:deg]
+        assert 1 <= deg <= 10
+        assert chosen[0] == cand[np.argmin(d)]
+        # no chosen point is occluded by an earlier chosen one
+        for a in range(deg):
+            for b in range(a + 1, deg):
+                dab = ((X32[chosen[a]] - X32[chosen[b]]) ** 2).sum()
+                assert alpha * dab > ((X32[chosen[b]] - X32[p]) ** 2).sum() - 1e-5
+    # a larger alpha prunes less: at least as many neighbours kept
+    small = robust_prune(X16, norms, cand, d, 1.0, 50, np.empty(50, np.int32))
+    large = robust_prune(X16, norms, cand, d, 2.0, 50, np.empty(50, np.int32))
+    assert large >= small
+
+
+def test_build_is_deterministic_across_runs_and_thread_counts():
+    X = unit_vectors(1500, 16, seed=2)
+    a = build_vamana(X, R=10, L=20, alpha=1.2, seed=5, threads=2, max_batch=200, progress=False)
+    b = build_vamana(X, R=10, L=20, alpha=1.2, seed=5, threads=1, max_batch=200, progress=False)
+    c = build_vamana(X, R=10, L=20, alpha=1.2, seed=6, threads=2, max_batch=200, progress=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2] == b[2]
+    assert not np.array_equal(a[0], c[0])

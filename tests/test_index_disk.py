@@ -1,0 +1,160 @@
+"""Disk format: round trips, metadata budget and spill, corruption and version checks."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from memescale.index import Index, IndexFormatError, IndexParams, build_index
+from memescale.index.disk import ARRAYS_FILE, CODES_FILE, INDEX_FILES, OVERFLOW_FILE, RECORDS_FILE, SECTOR, RecordLayout
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def small_params(**kw) -> IndexParams:
+    base = dict(R=12, L=24, alpha=1.2, pq_bytes=8, seed=1, threads=2, opq_iters=2, pq_train_size=2000, progress=False)
+    base.update(kw)
+    return IndexParams(**base)
+
+
+def metadata_for(n: int) -> list[dict]:
+    meta = [{"url": f"https://i.redd.it/{i:08x}.jpg", "title": f"póst {i} 🐍" * (1 + i % 3), "score": i - 50,
+             "nsfw": i % 7 == 0, "tags": ["a", "b"][: i % 3], "t": 1.5 * i} for i in range(n)]
+    meta[3] = {}
+    meta[5] = {"title": "x" * 20000, "nested": {"k": [1, 2, {"z": None}]}}  # far above the budget: spilled
+    meta[8] = {"blob": b"\x00\x01\xff"}
+    return meta
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx")
+    X = unit_vectors(400, 32)
+    meta = metadata_for(400)
+    stats = build_index(X, meta, out, small_params())
+    return out, X, meta, stats
+
+
+def test_vectors_and_metadata_round_trip(built):
+    out, X, meta, stats = built
+    assert stats.count == 400 and stats.meta_spilled == 1
+    with Index.open(out, threads=1) as index:
+        assert len(index) == 400 and index.dim == 32
+        ids = np.array([0, 5, 399, 3, 8, 5])
+        np.testing.assert_array_equal(index.vectors(ids), X[ids].astype(np.float16))
+        assert index.vectors(ids).dtype == np.float16
+        assert index.metadata(ids) == [meta[i] for i in ids]
+        assert index.metadata(range(400)) == meta
+        with pytest.raises(IndexError):
+            index.metadata([400])
+        index.verify()
+
+
+def test_layout_packs_sectors_and_never_straddles():
+    for dim, R, sizes in [(384, 64, np.full(1000, 200)), (32, 12, np.zeros(10)), (384, 64, np.full(10, 5000)),
+                          (3000, 64, np.full(10, 100))]:
+        lay = RecordLayout.plan(dim, R, 1000, sizes)
+        assert lay.record_size % 8 == 0 and lay.meta_budget >= 8
+        if lay.sectors_per_node == 1:
+            assert lay.nodes_per_sector * lay.record_size <= SECTOR
+            offs = np.array([lay.offset(i) for i in range(1000)])
+            assert (offs // SECTOR == (offs + lay.record_size - 1) // SECTOR).all()
+        else:
+            assert lay.record_size == lay.sectors_per_node * SECTOR
+        assert lay.meta_budget >= min(int(sizes.max()), SECTOR - lay.meta_off - 4) or lay.sectors_per_node > 1
+
+
+def test_budget_spills_only_the_tail():
+    sizes = np.concatenate([np.full(9995, 150), np.full(5, 3000)])
+    lay = RecordLayout.plan(384, 64, 10000, sizes)
+    assert 150 <= lay.meta_budget < 3000 and lay.nodes_per_sector == 3
+
+
+def copy_index(src, dst):
+    dst.mkdir()
+    for name in INDEX_FILES:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def flip(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name", INDEX_FILES)
+def test_truncated_file_is_rejected(built, tmp_path, name):
+    d = copy_index(built[0], tmp_path / "t")
+    raw = (d / name).read_bytes()
+    (d / name).write_bytes(raw[: max(10, len(raw) - 100)])
+    with pytest.raises(IndexFormatError, match=name) as e:
+        Index.open(d)
+    assert "truncated" in str(e.value) or "size mismatch" in str(e.value)
+
+
+@pytest.mark.parametrize("name, offset", [(RECORDS_FILE, 20), (CODES_FILE, 12), (ARRAYS_FILE, 24), (OVERFLOW_FILE, 16)])
+def test_flipped_header_byte_is_rejected(built, tmp_path, name, offset):
+    d = copy_index(built[0], tmp_path / "h")
+    flip(d / name, offset)
+    with pytest.raises(IndexFormatError, match=f"{name}.*header checksum"):
+        Index.open(d)
+
+
+@pytest.mark.parametrize("name", [CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE])
+def test_flipped_payload_byte_is_rejected_on_open(built, tmp_path, name):
+    d = copy_index(built[0], tmp_path / "p")
+    flip(d / name, (d / name).stat().st_size - 3)
+    with pytest.raises(IndexFormatError, match=f"{name}.*payload checksum"):
+        Index.open(d)
+
+
+def test_corrupt_record_is_found_by_verify(built, tmp_path):
+    d = copy_index(built[0], tmp_path / "r")
+    flip(d / RECORDS_FILE, SECTOR + 100)
+    with Index.open(d, threads=1) as index:  # open checks the header and size only
+        with pytest.raises(IndexFormatError, match=f"{RECORDS_FILE}.*record checksum"):
+            index.verify()
+
+
+def rewrite_version(path, header_len, version):
+    """Set the version field and recompute the header CRC, as a future writer would."""
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = struct.pack("<I", version)
+    raw[header_len - 4 : header_len] = struct.pack("<I", zlib.crc32(bytes(raw[: header_len - 4])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name, header_len", [(RECORDS_FILE, 88), (CODES_FILE, 48), (ARRAYS_FILE, 48)])
+def test_wrong_version_is_rejected(built, tmp_path, name, header_len):
+    d = copy_index(built[0], tmp_path / "v")
+    rewrite_version(d / name, header_len, 2)
+    with pytest.raises(IndexFormatError, match=f"{name}.*unsupported format version 2"):
+        Index.open(d)
+
+
+def test_missing_file_and_wrong_kind(built, tmp_path):
+    d = copy_index(built[0], tmp_path / "m")
+    (d / CODES_FILE).unlink()
+    with pytest.raises(IndexFormatError, match=f"{CODES_FILE}.*missing"):
+        Index.open(d)
+    (d / CODES_FILE).write_bytes((d / ARRAYS_FILE).read_bytes())
+    with pytest.raises(IndexFormatError, match=f"{CODES_FILE}.*bad magic"):
+        Index.open(d)
+
+
+def test_build_is_byte_identical_for_a_seed(tmp_path):
+    X = unit_vectors(700, 16, seed=4)
+    meta = metadata_for(700)
+    build_index(X, meta, tmp_path / "a", small_params(threads=2))
+    build_index(X, meta, tmp_path / "b", small_params(threads=1))
+    for name in INDEX_FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    build_index(X, meta, tmp_path / "c", small_params(seed=2))
+    assert (tmp_path / "a" / RECORDS_FILE).read_bytes() != (tmp_path / "c" / RECORDS_FILE).read_bytes()

@@ -1,0 +1,246 @@
+"""The HTTP API against a real Ray Serve instance on loopback, over a small index (random
+64-d vectors at the tiny model's width, Reddit-like metadata, planted near-duplicates)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from memescale.sample_data import ImageServer
+from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
+
+N, DIM = 300, 64
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    import ray
+
+    from serve import app as serve_app
+
+    tmp = tmp_path_factory.mktemp("serve-api")
+    images = write_images(tmp / "img", 64)
+    with ImageServer(tmp) as images_srv:
+        x, md = sample_corpus(N, DIM, seed=0, image_base_url=f"{images_srv.base_url}/img")
+        build_sample_index(tmp / "index", x, md)
+        telemetry = tmp / "telemetry" / "events.jsonl"
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV})
+        try:
+            base = serve_app.start(tmp / "index", "configs/tiny.toml", "127.0.0.1", free_port(), overrides=[
+                "serve.allow_private=true", f'serve.telemetry_path="{telemetry}"',
+                "serve.telemetry_max_bytes=4096", "serve.default_k=10"])
+            yield {"base": base, "x": x, "md": md, "images": images, "img_url": images_srv.base_url,
+                   "telemetry": telemetry}
+        finally:
+            serve_app.stop()
+            ray.shutdown()
+
+
+def search(app, **body) -> requests.Response:
+    return requests.post(app["base"] + "/api/search", json=body, timeout=60)
+
+
+def png_bytes(color=(200, 30, 30), size=(80, 60)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_info(app):
+    info = requests.get(app["base"] + "/api/info", timeout=30).json()
+    assert info["size"] == N and info["dim"] == DIM and info["index_dim"] == DIM + 5
+    assert info["model"].startswith("memescale-tiny-vit") and info["text_search"] is True
+    assert info["weights"] == ["meme", "aesthetic", "useful", "recency"]
+    assert info["max_body_bytes"] == 8 * 1024 * 1024 and info["default_k"] == 10
+
+
+def test_text_search_and_response_shape(app):
+    r = search(app, text="a cat that finally compiles", k=12)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 12
+    res = body["results"][0]
+    assert set(res) >= {"url", "title", "subreddit", "permalink", "created_utc", "width", "height", "similarity"}
+    assert set(body["stats"]) >= {"reads", "pq_comparisons", "ms", "filtered", "candidates", "encode_ms", "total_ms"}
+    assert body["stats"]["filtered"] is True  # NSFW excluded by default
+    assert not any(x["nsfw"] for x in body["results"])
+    sims = [x["similarity"] for x in body["results"]]
+    assert all(-1 <= s <= 1 for s in sims)
+
+
+def test_embedding_search_is_exact_and_cosine(app):
+    x = app["x"]
+    r = search(app, embedding=x[3].tolist(), k=5, filters={"nsfw": True}, dedup=False)
+    ids = [res["id"] for res in r.json()["results"]]
+    assert ids == list(np.argsort(-(x @ x[3]))[:5])
+    assert r.json()["results"][0]["similarity"] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_paging_with_cursor(app):
+    first = search(app, text="monday coffee", k=8).json()
+    assert first["offset"] == 0 and first["next_cursor"]
+    second = search(app, text="monday coffee", k=8, cursor=first["next_cursor"]).json()
+    assert second["offset"] == 8 and len(second["results"]) == 8
+    assert not {r["id"] for r in first["results"]} & {r["id"] for r in second["results"]}
+    bad = search(app, text="tuesday tea", k=8, cursor=first["next_cursor"])
+    assert bad.status_code == 422 and "different query" in bad.json()["detail"]
+
+
+def test_filters(app):
+    md = app["md"]
+    q = app["x"][0].tolist()
+    subs = search(app, embedding=q, k=20, filters={"subreddits": ["memes"]}).json()
+    assert subs["stats"]["filtered"] and {r["subreddit"] for r in subs["results"]} == {"memes"}
+    created = sorted(m["created_utc"] for m in md)
+    lo, hi = created[N // 4], created[3 * N // 4]
+    rng = search(app, embedding=q, k=20, filters={"after": lo, "before": hi, "nsfw": True}).json()
+    assert rng["results"] and all(lo <= r["created_utc"] < hi for r in rng["results"])
+    with_nsfw = search(app, embedding=app["x"][9].tolist(), k=3, filters={"nsfw": True}, dedup=False).json()
+    assert with_nsfw["results"][0]["id"] == 9 and with_nsfw["results"][0]["nsfw"] is True
+    assert with_nsfw["stats"]["filtered"] is False
+
+
+def test_dedup_default_on(app):
+    q = app["x"][50].tolist()  # rows N-6..N-4 are near-copies of row 50
+    on = search(app, embedding=q, k=10).json()
+    off = search(app, embedding=q, k=10, dedup=False).json()
+    group = {50, N - 6, N - 5, N - 4}
+    assert len(group & {r["id"] for r in off["results"]}) == 4
+    assert len(group & {r["id"] for r in on["results"]}) == 1
+    assert on["stats"]["dropped_dedup"] == 3
+
+
+def test_weights_change_the_ranking(app):
+    q = app["x"][20].tolist()
+    plain = search(app, embedding=q, k=20, filters={"nsfw": True}).json()["results"]
+    recent = search(app, embedding=q, k=20, filters={"nsfw": True}, weights={"recency": 2}).json()["results"]
+    assert np.median([r["created_utc"] for r in recent]) > np.median([r["created_utc"] for r in plain])
+
+
+def test_like_searches_by_a_results_image(app):
+    r = search(app, like=42, k=3, filters={"nsfw": True}, dedup=False).json()
+    assert r["results"][0]["id"] == 42
+    assert search(app, like=N + 5).status_code == 422
+
+
+def test_image_upload_and_image_url(app):
+    data = png_bytes()
+    up = search(app, image=base64.b64encode(data).decode(), k=5)
+    assert up.status_code == 200, up.text
+    url = search(app, image_url=f"{app['img_url']}/img/3.png", k=5)
+    assert url.status_code == 200, url.text
+    same = search(app, image=base64.b64encode((app["images"] / "3.png").read_bytes()).decode(), k=5)
+    assert [r["id"] for r in url.json()["results"]] == [r["id"] for r in same.json()["results"]]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"text": "a", "image_url": "http://example.com/x.png"}, 422, "exactly one"),
+    ({}, 422, "exactly one"),
+    ({"text": "a", "k": "ten"}, 422, "integer"),
+    ({"text": ["a"]}, 422, "string"),
+    ({"text": "a", "k": 5000}, 422, "less than or equal"),
+    ({"embedding": [0.1, 0.2, 0.3]}, 422, "this index's model produces 64"),
+    ({"embedding": [0.0] * 64}, 422, "zero vector"),
+    ({"text": "meme " * 80}, 422, "tokens long"),
+    ({"image": "bm90IGFuIGltYWdl"}, 422, "could not be decoded"),
+    ({"image": "%%%not base64%%%"}, 422, "base64"),
+    ({"image_url": "http://169.254.169.254/latest/meta-data/"}, 422, "blocked_address"),
+    ({"image_url": "file:///etc/passwd"}, 422, "bad_url"),
+    ({"image_url": "http://127.0.0.1:1/nothing.png"}, 422, "could not be fetched"),
+    ({"text": "a", "weights": {"meme": 3}}, 422, "less than or equal"),
+    ({"text": "a", "filters": {"after": "yesterday"}}, 422, "ISO 8601"),
+    ({"text": "a", "cursor": "garbage!"}, 422, "malformed"),
+])
+def test_bad_input_is_4xx_with_a_message(app, body, status, needle):
+    r = search(app, **body)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_not_json_and_oversize_bodies(app):
+    url = app["base"] + "/api/search"
+    r = requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422
+    big = json.dumps({"image": "A" * (9 * 1024 * 1024)}).encode()
+    r = requests.post(url, data=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.text
+
+    def chunks():  # no Content-Length: counted while it arrives
+        for _ in range(9):
+            yield b"A" * (1024 * 1024)
+
+    r = requests.post(url, data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+
+
+def test_telemetry_append_opt_out_and_bound(app):
+    url = app["base"] + "/api/telemetry"
+    path = app["telemetry"]
+    ev = {"events": [{"type": "search", "props": {"kind": "text", "results": 10}}]}
+    r = requests.post(url, json=ev, timeout=30)
+    assert r.status_code == 202 and r.json()["stored"] == 1
+    line = json.loads(path.read_text().splitlines()[-1])
+    assert line["type"] == "search" and line["props"] == {"kind": "text", "results": 10} and "received" in line
+    before = path.read_text()
+    for header in ({"DNT": "1"}, {"Sec-GPC": "1"}):
+        r = requests.post(url, json=ev, headers=header, timeout=30)
+        assert r.status_code == 202 and r.json()["stored"] == 0
+    assert path.read_text() == before
+    assert requests.post(url, json={"events": [{"type": "x", "props": {"a": "b" * 3000}}]}, timeout=30).status_code == 413
+    assert requests.post(url, json={"events": [{"type": "<bad>"}]}, timeout=30).status_code == 422
+    assert requests.post(url, json={"events": [{"type": "x"}] * 21}, timeout=30).status_code == 422
+    for _ in range(60):  # ~100 bytes each: the 4 KiB file rotates, the pair stays bounded
+        requests.post(url, json=ev, timeout=30)
+    rotated = path.with_name(path.name + ".1")
+    assert rotated.exists() and path.stat().st_size <= 4096 and rotated.stat().st_size <= 4096
+
+
+def test_metrics_docs_and_page(app):
+    base = app["base"]
+    search(app, text="metrics please")
+    m = requests.get(base + "/metrics", timeout=30)
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    assert 'memescale_serve_requests_total{route="/api/search",status="200"}' in m.text
+    assert 'memescale_serve_latency_seconds_bucket{stage="encode",le="+Inf"}' in m.text
+    spec = requests.get(base + "/openapi.json", timeout=30).json()
+    assert {"/api/search", "/api/info", "/api/telemetry", "/metrics"} <= set(spec["paths"])
+    assert requests.get(base + "/docs", timeout=30).status_code == 200
+    page = requests.get(base + "/", timeout=30)
+    assert page.status_code == 200 and "memescale" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "style.css"):
+        assert requests.get(f"{base}/static/{asset}", timeout=30).status_code == 200
+
+
+def test_xss_title_is_returned_verbatim_as_data(app):
+    r = search(app, like=XSS_ROW, k=1, filters={"nsfw": True}).json()
+    assert r["results"][0]["title"] == XSS_TITLE  # JSON carries it as a string; the page escapes it
+
+
+def test_concurrent_requests(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"query number {i}" for i in range(24)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda t: search(app, text=t, k=10).status_code, texts))
+    assert codes == [200] * len(texts)
+    assert time.perf_counter() - t0 < 30

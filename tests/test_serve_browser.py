@@ -1,0 +1,183 @@
+"""The page in headless Debian Chromium (Playwright driving /usr/bin/chromium; no browser is
+downloaded): search, a slider, infinite scroll, click-to-search, shareable URLs, and that an
+HTML title renders as inert text."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from memescale.sample_data import ImageServer
+from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CHROMIUM = Path(os.environ.get("MEMESCALE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+K = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (make test does)")
+    import ray
+
+    from serve import app as serve_app
+
+    tmp = tmp_path_factory.mktemp("serve-page")
+    write_images(tmp / "img", 64)
+    with ImageServer(tmp) as images:
+        x, md = sample_corpus(300, 64, seed=1, image_base_url=f"{images.base_url}/img")
+        build_sample_index(tmp / "index", x, md)
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV})
+        try:
+            yield serve_app.start(tmp / "index", "configs/tiny.toml", "127.0.0.1", free_port(), overrides=[
+                f"serve.default_k={K}", f'serve.telemetry_path="{tmp / "telemetry.jsonl"}"'])
+        finally:
+            serve_app.stop()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(base_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function needs; it
+    # also means the XSS check below relies on escaping alone, not on the CSP.
+    context = browser.new_context(viewport={"width": 1200, "height": 800}, bypass_csp=True)
+    pg = context.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.searches = []
+    pg.on("request", lambda r: pg.searches.append(r.post_data_json) if r.url.endswith("/api/search") else None)
+    yield pg
+    context.close()
+
+
+def open_page(page, url):
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+
+
+def query_of(page) -> dict:
+    return {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
+
+
+def test_type_query_slider_second_page_and_click(page, base_url):
+    open_page(page, base_url + "/")
+    page.fill("#q", "cat meme")
+    page.press("#q", "Enter")
+    page.wait_for_selector(".card", timeout=30_000)
+    assert page.locator(".card").count() >= K
+    assert query_of(page)["q"] == "cat meme"  # shareable state
+    assert page.locator(".card img").first.get_attribute("loading") == "lazy"
+    assert "Results for" in page.inner_text("#status")
+
+    # A slider: the change re-runs the search with the weight, and the URL records it.
+    page.click("#toggle-options")
+    assert page.locator("#weights input[type=range]").count() == 4
+    with page.expect_response(lambda r: r.url.endswith("/api/search")
+                              and (r.request.post_data_json or {}).get("weights", {}).get("recency") == 2) as resp:
+        page.eval_on_selector("#w-recency", "el => { el.value = '2'; el.dispatchEvent(new Event('input')); "
+                                            "el.dispatchEvent(new Event('change')); }")
+    assert resp.value.status == 200
+    page.wait_for_function("document.querySelector('output[for=w-recency]').textContent === '2.0'")
+    assert query_of(page)["w.recency"] == "2"
+
+    # Infinite scroll: reaching the bottom loads the next page with the cursor.
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_function(f"document.querySelectorAll('.card').length > {K}", timeout=30_000)
+    paged = [b for b in page.searches if b and b.get("cursor")]
+    assert paged and paged[-1]["weights"] == {"recency": 2}
+    ids = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")
+    assert len(ids) == len(set(ids))
+
+    # Click a result: search by its image.
+    first = page.locator(".card").nth(3)
+    clicked = first.get_attribute("data-id")
+    first.locator(".frame").click()
+    page.wait_for_function(f"new URLSearchParams(location.search).get('like') === '{clicked}'")
+    page.wait_for_function(f"document.querySelector('.card') && document.querySelector('.card').dataset.id === '{clicked}'",
+                           timeout=30_000)
+    assert page.searches[-1]["like"] == int(clicked)
+    assert not page.dialogs
+
+
+def test_shared_url_restores_the_search(page, base_url):
+    open_page(page, base_url + "/?q=monday+coffee&w.meme=-1.5&dedup=0")
+    page.wait_for_selector(".card", timeout=30_000)
+    assert page.input_value("#q") == "monday coffee"
+    assert page.input_value("#w-meme") == "-1.5"
+    assert not page.is_checked("#dedup")
+    body = page.searches[0]
+    assert body["text"] == "monday coffee" and body["weights"] == {"meme": -1.5} and body["dedup"] is False
+
+
+def test_html_in_titles_is_inert(page, base_url):
+    open_page(page, f"{base_url}/?like={XSS_ROW}")
+    page.wait_for_selector(f".card[data-id='{XSS_ROW}']", timeout=30_000)
+    card = page.locator(f".card[data-id='{XSS_ROW}']")
+    assert card.locator(".title").inner_text() == XSS_TITLE  # shown as text
+    assert "&lt;img" in card.locator(".title").inner_html()
+    assert page.locator("img[src='x']").count() == 0  # no element was created from it
+    page.wait_for_timeout(300)
+    assert not page.dialogs
+
+
+def test_bad_input_shows_the_servers_message(page, base_url):
+    open_page(page, base_url + "/")
+    page.fill("#q", "meme " * 90)
+    page.press("#q", "Enter")
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "tokens long" in page.inner_text("#status")
+
+
+def test_page_runs_under_its_csp_and_honours_telemetry_opt_out(browser, base_url):
+    context = browser.new_context(viewport={"width": 1000, "height": 700})  # CSP enforced
+    pg = context.new_page()
+    problems, posts = [], []
+    pg.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: problems.append(str(e)))
+    pg.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    try:
+        open_page(pg, base_url + "/")
+        pg.fill("#q", "weekend pizza")
+        pg.press("#q", "Enter")
+        pg.wait_for_selector(".card")
+        pg.wait_for_load_state("networkidle")
+        assert any(u.endswith("/api/telemetry") for u in posts)  # on by default
+        pg.uncheck("#telemetry")
+        posts.clear()
+        pg.fill("#q", "friday deploy")
+        pg.press("#q", "Enter")
+        pg.wait_for_selector(".card")
+        pg.wait_for_load_state("networkidle")
+        assert any(u.endswith("/api/search") for u in posts)
+        assert not any(u.endswith("/api/telemetry") for u in posts)
+        assert not [p for p in problems if "Content Security Policy" in p or "Uncaught" in p], problems
+    finally:
+        context.close()
