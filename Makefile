@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+CHROMIUM := /usr/bin/chromium
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE ?= 1
@@ -18,8 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q tests
+
+# The page's browser test drives Debian's chromium, never a downloaded browser.
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 demo: $(STAMP)
 	$(PY) -m memescale.demo

@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "serve_load"))
+    p.add_argument("--build-only", action="store_true", help="build (or check) the indexes and stop")
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
@@ -219,6 +220,8 @@ def main() -> None:
 
     scenarios = ["minilm", "text"] if args.scenario == "both" else [args.scenario]
     prepared = {name: (scenario_minilm if name == "minilm" else scenario_text)(args) for name in scenarios}
+    if args.build_only:
+        return
     cfg = load_config(args.config)
     results = []
     for name in scenarios:

@@ -110,7 +110,7 @@ class ServeConfig:
     search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
     max_ongoing_requests: int = 64
     # Search
-    default_k: int = 24
+    default_k: int = 24  # results per page when a request gives no k
     search_L: int = 64  # candidate list size of an unfiltered search (raised to k when smaller)
     beam_width: int = 4
     io_budget: int = 0  # sector reads per query, 0: unbounded
@@ -120,7 +120,6 @@ class ServeConfig:
     extra_dim_scale: float = 1.0  # query-side multiplier on the weights' extra dimensions
     # Inputs
     max_body_bytes: int = 8 * 1024 * 1024
-    max_text_chars: int = 4096
     max_image_pixels: int = 40_000_000
     allow_private: bool = False  # image_url may reach loopback/private addresses (tests, demo)
     image_url_timeout_s: float = 10.0

@@ -99,7 +99,7 @@ class SearchRequest(BaseModel):
     image_url: str | None = Field(default=None, max_length=2048)
     embedding: list[float] | None = Field(default=None, max_length=MAX_EMBEDDING)
     like: int | None = Field(default=None, ge=0, description="a result's id: more images like it")
-    k: int = Field(default=24, ge=1, le=MAX_K, description="results per page")
+    k: int = Field(default=24, ge=1, le=MAX_K, description="results per page (omitted: the server's default_k)")
     weights: Weights = Field(default_factory=Weights)
     filters: Filters = Field(default_factory=Filters)
     dedup: bool = Field(default=True, description="drop results within the dedup threshold of a better one")

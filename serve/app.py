@@ -322,7 +322,8 @@ class Api:
         offset = decode_cursor(req.cursor, qhash)
         if offset >= self.s.max_depth:
             raise SearchInputError(f"cursor is past the deepest page ({self.s.max_depth} results)")
-        k = min(req.k, self.s.max_depth - offset)
+        k = req.k if "k" in req.model_fields_set else self.s.default_k
+        k = max(1, min(k, MAX_K, self.s.max_depth - offset))
         filters = parse_filters(req.filters)
         weights = req.weights.as_dict()
         i["weighting"].check_weights(weights)

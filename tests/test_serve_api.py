@@ -17,6 +17,8 @@ import requests
 from memescale.sample_data import ImageServer
 from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 N, DIM = 300, 64
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
@@ -70,6 +72,7 @@ def test_info(app):
     assert info["model"].startswith("memescale-tiny-vit") and info["text_search"] is True
     assert info["weights"] == ["meme", "aesthetic", "useful", "recency"]
     assert info["max_body_bytes"] == 8 * 1024 * 1024 and info["default_k"] == 10
+    assert len(search(app, text="no k given").json()["results"]) == 10
 
 
 def test_text_search_and_response_shape(app):

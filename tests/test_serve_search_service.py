@@ -246,3 +246,19 @@ def test_engine_refuses_a_mismatched_weighting(corpus):
     _, _, index, _ = corpus
     with pytest.raises(ValueError, match="dims"):
         SearchEngine(index, Weighting(base_dim=DIM), ServeConfig())
+
+
+def test_an_index_without_weighting_takes_zero_weights_only(tmp_path):
+    from memescale.index import Index, IndexParams, build_index
+
+    x, md = sample_corpus(150, 16, seed=4)
+    build_index(x, md, tmp_path / "plain", IndexParams(R=16, L=32, pq_bytes=8))
+    with Index.open(tmp_path / "plain", threads=1) as index:
+        w = Weighting.load(tmp_path / "plain", base_dim=index.dim)
+        assert w.names == () and w.dim == 16
+        eng = SearchEngine(index, w, ServeConfig())
+        spec = parse_filters(Filters(nsfw=True))
+        zero = eng.search(x[3], {"meme": 0.0, "recency": 0.0}, spec, False, 0, 5)
+        assert [r["id"] for r in zero["results"]][0] == 3
+        with pytest.raises(WeightError, match="built without the 'recency' signal"):
+            eng.search(x[3], {"recency": 0.5}, spec, False, 0, 5)
