@@ -224,9 +224,9 @@ def main() -> None:
         return
     cfg = load_config(args.config)
     results = []
+    init_ray(cfg.ray)  # one local Ray for all scenarios; Serve restarts per scenario
     for name in scenarios:
         index_dir, bodies = prepared[name]
-        init_ray(cfg.ray)
         port = free_port()
         overrides = [f'serve.telemetry_path="{Path(args.work) / "telemetry.jsonl"}"', *args.set]
         t = time.perf_counter()
@@ -239,7 +239,7 @@ def main() -> None:
             results.append(summarise(name, records, wall, args))
         finally:
             serve_app.stop()
-            ray.shutdown()
+    ray.shutdown()
     report = {"args": vars(args), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
               "results": results, "ray_env": RAY_ENV}
     path = Path(args.work) / "serve_load.json"

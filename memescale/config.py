@@ -109,6 +109,8 @@ class ServeConfig:
     encode_batch_wait_s: float = 0.002
     search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
     max_ongoing_requests: int = 64
+    access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
+    log_level: str = "INFO"
     # Search
     default_k: int = 24  # results per page when a request gives no k
     search_L: int = 64  # candidate list size of an unfiltered search (raised to k when smaller)

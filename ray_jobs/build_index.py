@@ -15,6 +15,7 @@ import logging
 import sys
 
 from memescale.config import ConfigError, load_config
+from memescale.corpus import shard_dataset
 from memescale.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
 from memescale.ray_runtime import init_ray
@@ -40,18 +41,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg.index.shards = args.shards
         if not args.no_query_sample:
             check_weights(cfg.model)
-    except (ConfigError, WeightsUnavailableError) as e:
+        shard_dataset(args.embeddings)
+    except (ConfigError, WeightsUnavailableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
     from memescale.build_ray import build_from_shards
 
-    try:
-        summary = build_from_shards(cfg, args.embeddings, args.out, args.work, args.threads_per_task,
-                                    query_sample=not args.no_query_sample)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = build_from_shards(cfg, args.embeddings, args.out, args.work, args.threads_per_task,
+                                query_sample=not args.no_query_sample)
     log.info("build finished", extra={"summary": summary})
     print(json.dumps(summary, indent=1))
     return 0

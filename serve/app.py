@@ -446,16 +446,18 @@ def app_for(cfg: Config, index_dir: str | os.PathLike):
         raise FileNotFoundError(f"{index_dir} is not an index directory (no records.bin)")
     s = cfg.serve
     telemetry_path = str(Path(s.telemetry_path).expanduser().resolve())
+    quiet = {"log_level": s.log_level, "enable_access_log": False}
     encoder = Encoder.options(
-        num_replicas=s.encoder_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        num_replicas=s.encoder_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": _gpus_per_encoder(s.encoder_gpus)},
     ).bind(cfg)
     searcher = Searcher.options(
-        num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
         ray_actor_options={"num_cpus": s.searcher_cpus},
     ).bind(str(index_dir), cfg)
     return Api.options(
         num_replicas=s.api_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        logging_config={"log_level": s.log_level, "enable_access_log": s.access_log},
         ray_actor_options={"num_cpus": s.api_cpus},
     ).bind(encoder, searcher, cfg, telemetry_path)
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, shared_path, write_fake_shards
 from memescale.build_ray import build_from_shards, shard_is_built
 from memescale.config import load_config
 from memescale.index import Index, exact_topk
-from memescale.store import ChunkResult, ShardStore, rows_to_shard_table
 
 N = 20_000
 
@@ -23,34 +22,13 @@ def ray_local():
     ray.shutdown()
 
 
-def _write_shards(out, vectors: np.ndarray, per_file: int = 5000) -> None:
-    store = ShardStore(str(out))
-    n = len(vectors)
-    for f, lo in enumerate(range(0, n, per_file)):
-        hi = min(n, lo + per_file)
-        ids = np.arange(lo, hi)
-        cols = {
-            "image_id": ids + 10**12, "post_id": np.array([f"p{i}" for i in ids], dtype=object),
-            "image_index": np.zeros(hi - lo, np.int32), "url": np.array([f"https://i.redd.it/{i}.jpg" for i in ids], dtype=object),
-            "subreddit": np.array(["memes"] * (hi - lo), dtype=object), "title": np.array([f"post {i}" for i in ids], dtype=object),
-            "author": np.array(["a"] * (hi - lo), dtype=object), "created_utc": 1_600_000_000 + ids,
-            "score": ids % 100, "over_18": ids % 10 == 0,
-            "permalink": np.array([f"https://www.reddit.com/r/memes/comments/p{i}/" for i in ids], dtype=object),
-            "final_url": np.array([""] * (hi - lo), dtype=object), "mime": np.array(["image/jpeg"] * (hi - lo), dtype=object),
-            "bytes": np.full(hi - lo, 1000), "content_hash": np.array(["h"] * (hi - lo), dtype=object),
-            "width": np.full(hi - lo, 640, np.int32), "height": np.full(hi - lo, 480, np.int32),
-            "embedding": vectors[lo:hi], "model": np.array(["m"] * (hi - lo), dtype=object),
-        }
-        store.write_chunk(ChunkResult(dump="RS_test.zst", index=f, first_line=lo, lines=hi - lo), rows_to_shard_table(cols))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:N]
     queries = np.load(shared_path("ann", "pypi-minilm", "queries_id.npy"))[:500].astype(np.float32)
     gt, _ = exact_topk(queries, base, 10)
     tmp = tmp_path_factory.mktemp("build")
-    _write_shards(tmp / "emb", base)
+    write_fake_shards(tmp / "emb", base)
     return tmp, base, queries, gt
 
 

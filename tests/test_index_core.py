@@ -7,8 +7,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from memescale.index import build_vamana, exact_topk, greedy_search, robust_prune
-from memescale.index.kernels import dot_hf, inner_products, squared_norms
+from memescale.index import build_vamana, exact_topk, greedy_search, prune_lists, robust_prune
+from memescale.index.kernels import dot_hf, squared_norms
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -21,9 +21,6 @@ def test_fp16_kernels_match_numpy():
     q = np.random.default_rng(1).standard_normal(40).astype(np.float32)
     X32 = X.astype(np.float32)
     assert dot_hf(X.view(np.uint16)[3], q) == pytest.approx(float(X32[3] @ q), abs=1e-5)
-    out = np.empty(50, np.float32)
-    inner_products(X.view(np.uint16), np.arange(50, dtype=np.int64)[::-1].copy(), q, out)
-    np.testing.assert_allclose(out, (X32 @ q)[::-1], atol=1e-5)
     norms = np.empty(50, np.float32)
     squared_norms(X.view(np.uint16), 0, 50, norms)
     np.testing.assert_allclose(norms, (X32**2).sum(1), atol=1e-5)
@@ -116,3 +113,23 @@ def test_build_is_deterministic_across_runs_and_thread_counts():
     np.testing.assert_array_equal(a[1], b[1])
     assert a[2] == b[2]
     assert not np.array_equal(a[0], c[0])
+
+
+def test_prune_lists_merges_shard_graphs():
+    X = unit_vectors(800, 16, seed=12)
+    halves = [np.arange(0, 500), np.arange(300, 800)]  # overlapping "shards"
+    union = np.full((800, 20), -1, np.int32)
+    for s, ids in enumerate(halves):
+        nb, deg, _ = build_vamana(X[ids], R=10, L=20, seed=s, threads=2, progress=False)
+        glob = np.where(nb >= 0, ids[np.maximum(nb, 0)], -1)
+        union[ids, s * 10 : s * 10 + 10] = glob
+    neighbours, degrees = prune_lists(X, union, R=10, alpha=1.2, threads=2)
+    assert neighbours.shape == (800, 10) and (degrees <= 10).all() and (degrees >= 1).all()
+    for i in range(800):
+        row = neighbours[i, : degrees[i]]
+        assert i not in row and len(set(row.tolist())) == len(row) and (neighbours[i, degrees[i] :] == -1).all()
+        assert set(row.tolist()) <= set(union[i][union[i] >= 0].tolist())
+    short = np.full((800, 3), -1, np.int32)
+    short[:, 0] = (np.arange(800) + 1) % 800
+    nb3, deg3 = prune_lists(X, short, R=10)
+    assert (deg3 == 1).all() and (nb3[:, 0] == short[:, 0]).all()

@@ -158,3 +158,26 @@ def test_build_is_byte_identical_for_a_seed(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     build_index(X, meta, tmp_path / "c", small_params(seed=2))
     assert (tmp_path / "a" / RECORDS_FILE).read_bytes() != (tmp_path / "c" / RECORDS_FILE).read_bytes()
+
+
+def test_corrupt_neighbour_id_stops_search_with_a_clear_error(built, tmp_path):
+    d = copy_index(built[0], tmp_path / "n")
+    with Index.open(d, threads=1, cache_nodes=0) as index:
+        lay = index.layout
+        entry = int(index.entry_points[0])
+    raw = bytearray((d / RECORDS_FILE).read_bytes())
+    at = int(lay.offset(entry)) + lay.nbr_off
+    raw[at : at + 4] = struct.pack("<i", 10**9)
+    (d / RECORDS_FILE).write_bytes(bytes(raw))
+    with Index.open(d, threads=1, cache_nodes=0) as index:
+        with pytest.raises(IndexFormatError, match=f"{RECORDS_FILE}.*neighbour id out of range"):
+            index.search(np.ones((2, 32), np.float32), 5, L=20)
+    with pytest.raises(IndexFormatError, match=f"{RECORDS_FILE}.*corrupt degree or neighbour ids"):
+        Index.open(d, threads=1, cache_nodes=10)
+
+
+def test_params_from_project_config():
+    from memescale.config import IndexConfig
+
+    p = IndexParams.from_config(IndexConfig(R=16, L=40, alpha=1.3, pq_bytes=12, seed=7), threads=1)
+    assert (p.R, p.L, p.alpha, p.pq_bytes, p.seed, p.threads, p.queries) == (16, 40, 1.3, 12, 7, 1, None)

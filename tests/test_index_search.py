@@ -47,7 +47,7 @@ def test_L_at_least_N_gives_exact_results(small):
 def test_stats_budget_cache_and_threads(small):
     out, X = small
     Q = unit_vectors(40, 24, seed=10)
-    with Index.open(out, threads=1, cache_nodes=0) as one, Index.open(out, threads=2, cache_nodes=0) as two:
+    with Index.open(out, threads=1, cache_nodes=0, interleave=1) as one, Index.open(out, threads=2, cache_nodes=0) as two:
         a = one.search(Q, 5, L=40)
         b = two.search(Q, 5, L=40)
         np.testing.assert_array_equal(a[0], b[0])
@@ -62,6 +62,11 @@ def test_stats_budget_cache_and_threads(small):
         assert (ids[:, 1:] == -1).all() and np.isneginf(scores[:, 1:]).all()  # one node read: one result
         single = one.search(Q[0], 5, L=40)
         np.testing.assert_array_equal(single[0][0], a[0][0])
+    with Index.open(out, threads=2, cache_nodes=0, interleave=3) as grouped:
+        ids, scores, stats = grouped.search(Q, 5, L=40)
+        np.testing.assert_array_equal(ids, a[0])
+        np.testing.assert_array_equal(stats.reads, a[2].reads)
+        np.testing.assert_array_equal(grouped.search(Q, 5, L=40, io_budget=7)[2].reads, capped.reads)
     with Index.open(out, threads=2, cache_nodes=len(X)) as cached:
         assert cached.cached_nodes == len(X)
         ids, _, stats = cached.search(Q, 5, L=40)

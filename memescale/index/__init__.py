@@ -1,6 +1,7 @@
 """Disk-resident ANN index: Vamana graph + query-aware PQ, inner-product search.
 
-Build with `build_index` (or from parts: `build_vamana`, `train_pq`, `write_index`), search
+Build with `build_index` (or from parts: `build_vamana`, `prune_lists`, `train_pq`,
+`write_index`), search
 with `Index.open(dir).search(queries, k, L)`. See DESIGN.md, "The index".
 """
 
@@ -9,7 +10,7 @@ from .disk import FORMAT_VERSION, IndexFormatError, WriteStats, write_index
 from .kernels import exact_topk
 from .pq import PQCodec, query_weighted_error, train_pq
 from .search import Index, SearchStats
-from .vamana import build_vamana, find_medoid, greedy_search, robust_prune
+from .vamana import build_vamana, find_medoid, greedy_search, prune_lists, robust_prune
 
 __all__ = [
     "FORMAT_VERSION",
@@ -25,6 +26,7 @@ __all__ = [
     "exact_topk",
     "find_medoid",
     "greedy_search",
+    "prune_lists",
     "query_weighted_error",
     "robust_prune",
     "train_pq",

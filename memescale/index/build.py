@@ -23,11 +23,11 @@ class IndexParams:
     """Build parameters.
 
     R: graph degree; L: construction search list size; alpha: second-pass prune slack;
-    pq_bytes: PQ bytes per vector (M subspaces); seed: makes the build deterministic;
-    threads: worker threads (None/0: all cores); queries: optional (nq, d) query sample for
-    query-aware PQ (None: plain OPQ); pq_eps: its covariance regulariser; opq_iters and
-    pq_train_size: PQ training effort; cache of nothing else: the build keeps vectors +
-    graph in RAM.
+    pq_bytes: PQ bytes per vector (M subspaces); seed: makes the build deterministic (the
+    same files for any thread count); threads: worker threads (None/0: all cores); queries:
+    optional (nq, d) query sample for query-aware PQ (None: plain OPQ); pq_eps: its
+    covariance regulariser; opq_iters and pq_train_size: PQ training effort; progress:
+    tqdm bars (None: only on a terminal).
     """
 
     R: int = 64
@@ -86,6 +86,8 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
         raise ValueError("vectors contain NaN or infinity (after conversion to float16)")
     if metadata is not None and len(metadata) != n:
         raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
+    if params.queries is not None and (np.ndim(params.queries) != 2 or np.shape(params.queries)[1] != d):
+        raise ValueError(f"query sample must be (nq, {d}), got shape {np.shape(params.queries)}")
     threads = resolve_threads(params.threads)
     M = min(params.pq_bytes, d)
     log.info("building index of %d x %d vectors into %s (R=%d L=%d alpha=%.2f pq_bytes=%d threads=%d)",

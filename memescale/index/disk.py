@@ -99,7 +99,7 @@ def _crc_file(f, start: int, length: int) -> int:
     return crc
 
 
-def _check_magic_version(path: Path, magic: bytes, want: bytes, version: int) -> None:
+def _check_magic(path: Path, magic: bytes, want: bytes) -> None:
     if magic != want:
         raise IndexFormatError(path, f"bad magic {magic!r} (expected {want!r}): not this kind of index file")
 
@@ -137,7 +137,7 @@ def read_small_file(path: Path, magic: bytes) -> tuple[bytes, int, int]:
         raise IndexFormatError(path, f"truncated: {len(raw)} bytes, shorter than the {SMALL_HEADER}-byte header")
     fields = _SMALL.unpack_from(raw)
     got_magic, version, header_size, size, rows, cols, crc, head_crc = fields
-    _check_magic_version(path, got_magic, magic, version)
+    _check_magic(path, got_magic, magic)
     if zlib.crc32(raw[: _SMALL.size - 4]) != head_crc:
         raise IndexFormatError(path, "header checksum mismatch: the header is corrupt")
     _check_version(path, version)
@@ -233,7 +233,7 @@ class RecordLayout:
         ) * self.record_size
 
     def as_array(self) -> np.ndarray:
-        """int64 layout vector handed to the numba searcher (see search._LAYOUT_FIELDS)."""
+        """int64 layout vector handed to the numba searcher (field order: search._REC ... _R)."""
         return np.array(
             [self.record_size, self.nodes_per_sector, self.sectors_per_node, self.sector,
              self.vec_off, self.deg_off, self.nbr_off, self.meta_off, self.dim, self.R],
@@ -264,7 +264,7 @@ def read_record_header(path: Path) -> tuple[RecordLayout, int]:
         raise IndexFormatError(path, f"truncated: {size} bytes, shorter than the header")
     (magic, version, header_size, sector, dim, dtype, R, record, nps, spn, vec_off, deg_off, nbr_off,
      meta_off, budget, count, file_size, payload_crc, head_crc) = _RECORD.unpack(raw)
-    _check_magic_version(path, magic, MAGIC_RECORDS, version)
+    _check_magic(path, magic, MAGIC_RECORDS)
     if zlib.crc32(raw[:-4]) != head_crc:
         raise IndexFormatError(path, "header checksum mismatch: the header is corrupt")
     _check_version(path, version)

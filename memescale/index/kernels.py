@@ -122,20 +122,6 @@ def squared_norms(X, lo, hi, out):
         out[i] = s
 
 
-@njit(nogil=True, cache=True, fastmath=True)
-def inner_products(X, ids, q, out):
-    """out[t] = X[ids[t]] . q for every t, prefetching ahead; X: (N, d) uint16, q: (d,) f32."""
-    n = ids.shape[0]
-    rowbytes = X.shape[1] * 2
-    base = X.ctypes.data
-    for t in range(min(n, 8)):
-        prefetch_bytes(base + ids[t] * rowbytes, rowbytes)
-    for t in range(n):
-        if t + 8 < n:
-            prefetch_bytes(base + ids[t + 8] * rowbytes, rowbytes)
-        out[t] = dot_hf(X[ids[t]], q)
-
-
 def resolve_threads(threads: int | None) -> int:
     """Worker count: `threads` when positive, else every core this process may use."""
     if threads and threads > 0:

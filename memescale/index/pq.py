@@ -7,14 +7,15 @@ replaced by the nearest of K = 256 centroids. A query is mapped with ``q @ B`` s
 ``sum_m table[m, code[m]]`` with ``table[m, c] = (q @ B)_m . centroid[m, c]``.
 
 Query-aware training (`train_pq` with `queries`): for inner-product search the error that
-matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)`` with S the second
-moment of the query distribution. Training uses S = the covariance of a query sample (the
-mean query direction adds a rank-one term that, on real data, buys lower squared error but
-no recall), regularised as ``S_r = S + eps * trace(S) / d * I``, and ``A = [S_r^(1/2) | 0] @ Rot``,
-``B = [S_r^(-1/2) | 0] @ Rot``, the Euclidean quantisation error in the y space is exactly
-that query-weighted error, so k-means in y space minimises it. Rot is an orthogonal
-rotation learned as in OPQ (Ge et al., non-parametric: alternate codebook training and the
-orthogonal Procrustes solution). Without queries S = I (plain PQ, optionally OPQ).
+matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)``, S the second moment
+of the queries. With ``A = [S_r^(1/2) | 0] @ Rot`` and ``B = [S_r^(-1/2) | 0] @ Rot`` the
+squared quantisation error in y space is exactly ``(x - x_hat)^T S_r (x - x_hat)``, so
+k-means there minimises the (regularised) query-weighted error. ``S_r = S + eps *
+trace(S) / d * I`` with S estimated as the covariance of a query sample: the mean query
+direction adds a rank-one term to the second moment that, on real sentence embeddings,
+lowered the squared error further but not recall. Rot is an orthogonal rotation learned as
+in OPQ (Ge et al., non-parametric: alternate codebook training and the orthogonal
+Procrustes solution). Without queries S_r = I (OPQ, or plain PQ with opq_iters=0).
 """
 
 from __future__ import annotations

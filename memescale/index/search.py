@@ -11,11 +11,16 @@ score; each step takes the best `beam_width` unexpanded ones, reads their record
 sector each; cached nodes cost no read), scores them exactly from the fp16 vector (the
 re-rank pool), and ADC-scores their not yet seen neighbours into the list. It stops when
 every listed node is expanded or the I/O budget is spent, and returns the top-k of the
-re-rank pool by exact inner product.
+re-rank pool by exact inner product. Each worker thread advances `interleave` queries in
+lockstep, so one thread keeps interleave x beam_width reads in flight on a cold cache.
+
+A record whose degree or neighbour ids are out of range (a corrupt file that passed the
+cheap open-time checks) stops the search with IndexFormatError; `Index.verify` finds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import mmap
 import os
@@ -70,9 +75,10 @@ def _cache_slot(cache_ids, i):
 
 
 @njit(nogil=True, cache=True)
-def _grow(a):
-    b = np.empty(2 * a.shape[0], a.dtype)
-    b[: a.shape[0]] = a
+def _grow_rows(a):
+    """Copy of 2-D `a` with twice the columns (the new ones uninitialised)."""
+    b = np.empty((a.shape[0], 2 * a.shape[1]), a.dtype)
+    b[:, : a.shape[1]] = a
     return b
 
 
@@ -94,115 +100,154 @@ def _insert(cand_id, cand_s, done, n, L, u, s):
 
 
 @njit(nogil=True, cache=True)
-def beam_search(q, table, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, bits, out_ids, out_scores):
-    """Search one query; writes out_ids (k,) int64 and out_scores (k,) float32, best first.
+def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, bits, out_ids, out_scores, reads, cmps, t_done):
+    """Beam search for a group of G queries advanced in lockstep.
 
-    q: (d,) float32 query; table: (M * 256,) float32 ADC table of q; codes: (N, M) uint8;
-    r16/r32: uint16/int32 views of the record file mapped at integer address base_addr;
-    cache_ids: (C,) sorted int64 cached node ids, c16/c32: views of their records (slot s
-    at byte s * record_size); lay: int64 layout vector; entry: (E,) int64 entry points;
-    io_budget: max sector reads (<= 0: unlimited); prefetch: madvise each beam's sectors
-    first; bits: (ceil(N / 8),) uint8 zeroed visit bitmap, left zeroed.
-    Returns (sector reads, PQ comparisons). Missing results (fewer than k expanded nodes)
-    are id -1, score -inf. Time O(expansions * (R * M + d)); memory O(L + seen).
+    Each step takes every unfinished query's beam (its best W unexpanded candidates),
+    requests all their sectors (up to G * W reads in flight), then expands them: exact
+    score from the record's fp16 vector into the re-rank pool, ADC scores of the unseen
+    neighbours into the candidate list. A query finishes when its list has no unexpanded
+    node or its I/O budget is spent.
+
+    Q: (G, d) float32 queries; tables: (G, M * 256) float32 their ADC tables; codes: (N, M)
+    uint8; r16/r32: uint16/int32 views of the record file mapped at integer address
+    base_addr; cache_ids: (C,) sorted int64 cached node ids, c16/c32: views of their records
+    (slot s at byte s * record_size); lay: int64 layout vector; entry: (E,) int64 entry
+    points; io_budget: max sector reads per query (<= 0: unlimited); prefetch: madvise the
+    beams' sectors first; bits: (G, ceil(N / 8)) uint8 zeroed visit bitmaps, left zeroed.
+    Writes out_ids (G, k) int64 and out_scores (G, k) float32 (best first; id -1 and score
+    -inf past the last expanded node), reads and cmps (G,) int64 (sector reads, ADC
+    evaluations) and t_done (G,) int64 (monotonic ns at which each query finished).
+    Time O(expansions * (R * M + d)) per query; memory O(G * (L + seen)).
     """
-    cand_id = np.empty(L, np.int64)
-    cand_s = np.empty(L, np.float32)
-    done = np.zeros(L, np.bool_)
-    seen = np.empty(32 * L, np.int64)
-    pool_id = np.empty(2 * L, np.int64)
-    pool_s = np.empty(2 * L, np.float32)
-    beam_id = np.empty(W, np.int64)
-    beam_off = np.empty(W, np.int64)
-    beam_cached = np.empty(W, np.bool_)
+    G = Q.shape[0]
+    n_nodes = codes.shape[0]
     dim = lay[_DIM]
     sector = lay[_SECTOR]
     span = lay[_SPN] * sector
-    n = n_seen = n_pool = cmps = reads = 0
-    for e in range(entry.shape[0]):
-        u = entry[e]
-        if bits[u >> 3] & np.uint8(1 << (u & 7)):
-            continue
-        bits[u >> 3] |= np.uint8(1 << (u & 7))
-        seen[n_seen] = u
-        n_seen += 1
-        cmps += 1
-        n, _ = _insert(cand_id, cand_s, done, n, L, u, adc_score(table, codes[u]))
-    cur = 0
-    exhausted = False
-    while cur < n and not exhausted:
-        # the beam: the best beam_width unexpanded candidates
-        nb = 0
-        i = cur
-        while i < n and nb < W:
-            if not done[i]:
-                u = cand_id[i]
-                slot = _cache_slot(cache_ids, u)
-                if slot >= 0:
-                    beam_off[nb] = slot * lay[_REC]
-                    beam_cached[nb] = True
-                else:
-                    if io_budget > 0 and reads + lay[_SPN] > io_budget:
-                        exhausted = True
-                        break
-                    beam_off[nb] = _record_offset(u, lay)
-                    beam_cached[nb] = False
-                    reads += lay[_SPN]
-                beam_id[nb] = u
-                done[i] = True
-                nb += 1
-            i += 1
-        if nb == 0:
-            break
-        # request every sector of the beam before touching any of them
-        for b in range(nb):
-            if not beam_cached[b]:
-                if prefetch:
-                    madvise_willneed(base_addr + beam_off[b] // sector * sector, span)
-                prefetch_bytes(base_addr + beam_off[b], lay[_META])
-        lowest = n
-        for b in range(nb):
-            off = beam_off[b]
-            r16b, r32b = (c16, c32) if beam_cached[b] else (r16, r32)
-            v0 = (off + lay[_VEC]) >> 1
-            if n_pool == pool_id.shape[0]:
-                pool_id = _grow(pool_id)
-                pool_s = _grow(pool_s)
-            pool_id[n_pool] = beam_id[b]
-            pool_s[n_pool] = dot_hf(r16b[v0 : v0 + dim], q)
-            n_pool += 1
-            deg = r32b[(off + lay[_DEG]) >> 2]
-            nb0 = (off + lay[_NBR]) >> 2
-            for t in range(deg):
-                u = r32b[nb0 + t]
-                bit = np.uint8(1 << (u & 7))
-                if bits[u >> 3] & bit:
-                    continue
-                bits[u >> 3] |= bit
-                if n_seen == seen.shape[0]:
-                    seen = _grow(seen)
-                seen[n_seen] = u
-                n_seen += 1
-                cmps += 1
-                n, pos = _insert(cand_id, cand_s, done, n, L, u, adc_score(table, codes[u]))
-                if pos < lowest:
-                    lowest = pos
-        if lowest < cur:
-            cur = lowest
-        while cur < n and done[cur]:
-            cur += 1
-    for t in range(n_seen):
-        bits[seen[t] >> 3] = 0
-    k = out_ids.shape[0]
-    order = np.argsort(-pool_s[:n_pool], kind="mergesort")
-    for t in range(k):
-        if t < n_pool:
-            out_ids[t] = pool_id[order[t]]
-            out_scores[t] = pool_s[order[t]]
-        else:
-            out_ids[t] = -1
-            out_scores[t] = -np.inf
-    return reads, cmps
+    cand_id = np.empty((G, L), np.int64)
+    cand_s = np.empty((G, L), np.float32)
+    done = np.zeros((G, L), np.bool_)
+    n = np.zeros(G, np.int64)
+    cur = np.zeros(G, np.int64)
+    seen = np.empty((G, max(32 * L, entry.shape[0])), np.int64)
+    n_seen = np.zeros(G, np.int64)
+    pool_id = np.empty((G, 2 * L), np.int64)
+    pool_s = np.empty((G, 2 * L), np.float32)
+    n_pool = np.zeros(G, np.int64)
+    beam_id = np.empty((G, W), np.int64)
+    beam_off = np.empty((G, W), np.int64)
+    beam_cached = np.empty((G, W), np.bool_)
+    nb = np.zeros(G, np.int64)
+    active = np.ones(G, np.bool_)
+    exhausted = np.zeros(G, np.bool_)
+    for g in range(G):
+        reads[g] = 0
+        cmps[g] = 0
+        for e in range(entry.shape[0]):
+            u = entry[e]
+            bit = np.uint8(1 << (u & 7))
+            if bits[g, u >> 3] & bit:
+                continue
+            bits[g, u >> 3] |= bit
+            seen[g, n_seen[g]] = u
+            n_seen[g] += 1
+            cmps[g] += 1
+            n[g], _ = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, adc_score(tables[g], codes[u]))
+    n_active = G
+    while n_active > 0:
+        # 1. every active query's beam: its best W unexpanded candidates
+        for g in range(G):
+            if not active[g]:
+                continue
+            m = 0
+            i = cur[g]
+            while i < n[g] and m < W:
+                if not done[g, i]:
+                    u = cand_id[g, i]
+                    slot = _cache_slot(cache_ids, u)
+                    if slot >= 0:
+                        beam_off[g, m] = slot * lay[_REC]
+                        beam_cached[g, m] = True
+                    else:
+                        if io_budget > 0 and reads[g] + lay[_SPN] > io_budget:
+                            exhausted[g] = True
+                            break
+                        beam_off[g, m] = _record_offset(u, lay)
+                        beam_cached[g, m] = False
+                        reads[g] += lay[_SPN]
+                    beam_id[g, m] = u
+                    done[g, i] = True
+                    m += 1
+                i += 1
+            nb[g] = m
+            if m == 0:
+                active[g] = False
+                n_active -= 1
+                t_done[g] = monotonic_ns()
+        # 2. request every sector of every beam before touching any of them
+        for g in range(G):
+            if active[g]:
+                for b in range(nb[g]):
+                    if not beam_cached[g, b]:
+                        if prefetch:
+                            madvise_willneed(base_addr + beam_off[g, b] // sector * sector, span)
+                        prefetch_bytes(base_addr + beam_off[g, b], lay[_META])
+        # 3. expand the beams
+        for g in range(G):
+            if not active[g]:
+                continue
+            lowest = n[g]
+            for b in range(nb[g]):
+                off = beam_off[g, b]
+                r16b, r32b = (c16, c32) if beam_cached[g, b] else (r16, r32)
+                v0 = (off + lay[_VEC]) >> 1
+                if n_pool[g] == pool_id.shape[1]:
+                    pool_id = _grow_rows(pool_id)
+                    pool_s = _grow_rows(pool_s)
+                pool_id[g, n_pool[g]] = beam_id[g, b]
+                pool_s[g, n_pool[g]] = dot_hf(r16b[v0 : v0 + dim], Q[g])
+                n_pool[g] += 1
+                deg = r32b[(off + lay[_DEG]) >> 2]
+                if deg < 0 or deg > lay[_R]:
+                    raise ValueError("corrupt record: degree out of range")
+                nb0 = (off + lay[_NBR]) >> 2
+                for t in range(deg):
+                    u = r32b[nb0 + t]
+                    if u < 0 or u >= n_nodes:
+                        raise ValueError("corrupt record: neighbour id out of range")
+                    bit = np.uint8(1 << (u & 7))
+                    if bits[g, u >> 3] & bit:
+                        continue
+                    bits[g, u >> 3] |= bit
+                    if n_seen[g] == seen.shape[1]:
+                        seen = _grow_rows(seen)
+                    seen[g, n_seen[g]] = u
+                    n_seen[g] += 1
+                    cmps[g] += 1
+                    n[g], pos = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, adc_score(tables[g], codes[u]))
+                    if pos < lowest:
+                        lowest = pos
+            c = min(cur[g], lowest)
+            while c < n[g] and done[g, c]:
+                c += 1
+            cur[g] = c
+            if c >= n[g] or exhausted[g]:
+                active[g] = False
+                n_active -= 1
+                t_done[g] = monotonic_ns()
+    k = out_ids.shape[1]
+    for g in range(G):
+        for t in range(n_seen[g]):
+            bits[g, seen[g, t] >> 3] = 0
+        order = np.argsort(-pool_s[g, : n_pool[g]], kind="mergesort")
+        for t in range(k):
+            if t < n_pool[g]:
+                out_ids[g, t] = pool_id[g, order[t]]
+                out_scores[g, t] = pool_s[g, order[t]]
+            else:
+                out_ids[g, t] = -1
+                out_scores[g, t] = -np.inf
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -224,19 +269,23 @@ def _adc_table(q, B, qt, centroids, table):
 
 
 @njit(nogil=True, cache=True)
-def _search_range(lo, hi, Q, B, centroids, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, out_ids, out_scores, reads, cmps, ns):
-    """beam_search queries [lo, hi) of Q (nq, d) float32 (B: the codec's query transform)."""
+def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, out_ids, out_scores, reads, cmps, ns):
+    """beam_search queries [lo, hi) of Q (nq, d) float32, `group` at a time in lockstep
+    (B: the codec's query transform). ns[i]: query i's latency from its group's start."""
     M, k, dsub = centroids.shape
-    table = np.empty(M * k, np.float32)
+    tables = np.empty((group, M * k), np.float32)
     qt = np.empty(M * dsub, np.float32)
-    bits = np.zeros((codes.shape[0] + 7) // 8, np.uint8)
-    for i in range(lo, hi):
+    bits = np.zeros((group, (codes.shape[0] + 7) // 8), np.uint8)
+    t_done = np.empty(group, np.int64)
+    for s in range(lo, hi, group):
+        e = min(hi, s + group)
         t0 = monotonic_ns()
-        _adc_table(Q[i], B, qt, centroids, table)
-        r, c = beam_search(Q[i], table, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, bits, out_ids[i], out_scores[i])
-        reads[i] = r
-        cmps[i] = c
-        ns[i] = monotonic_ns() - t0
+        for i in range(s, e):
+            _adc_table(Q[i], B, qt, centroids, tables[i - s])
+        beam_search(Q[s:e], tables[: e - s], codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W,
+                    io_budget, prefetch, bits[: e - s], out_ids[s:e], out_scores[s:e], reads[s:e], cmps[s:e], t_done)
+        for i in range(s, e):
+            ns[i] = t_done[i - s] - t0
 
 
 @dataclass
@@ -268,8 +317,11 @@ class Index:
     RAM: N x M bytes of PQ codes + small arrays + cache_nodes records.
     """
 
-    def __init__(self, path: Path, threads: int | None, cache_nodes: int, prefetch: bool):
+    def __init__(self, path: Path, threads: int | None, cache_nodes: int, prefetch: bool, interleave: int):
         self.path = path
+        self._mm = None
+        self._fd = None
+        self._pool = None
         arrays, self.info = unpack_arrays(path / ARRAYS_FILE, read_small_file(path / ARRAYS_FILE, MAGIC_ARRAYS)[0])
         try:
             self.entry_points = np.ascontiguousarray(arrays["entry_points"], np.int64)
@@ -290,28 +342,37 @@ class Index:
         if self.entry_points.size == 0 or self.entry_points.min() < 0 or self.entry_points.max() >= n:
             raise IndexFormatError(path / ARRAYS_FILE, "entry points out of range")
 
-        self._fd = os.open(path / RECORDS_FILE, os.O_RDONLY)
-        self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
-        self._mm.madvise(mmap.MADV_RANDOM)
-        self._r8 = np.frombuffer(self._mm, np.uint8)
-        self._r16 = self._r8.view(np.uint16)
-        self._r32 = self._r8.view(np.int32)
         self._lay = self.layout.as_array()
         self._centroids = np.ascontiguousarray(self.codec.centroids, np.float32)
         self._qtransform = np.ascontiguousarray(self.codec.query_transform, np.float32)
         self.threads = resolve_threads(threads)
         self.prefetch = prefetch
+        self.interleave = max(1, int(interleave))
+        self._fd = os.open(path / RECORDS_FILE, os.O_RDONLY)
+        try:
+            self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+            self._mm.madvise(mmap.MADV_RANDOM)
+            self._r8 = np.frombuffer(self._mm, np.uint8)
+            self._r16 = self._r8.view(np.uint16)
+            self._r32 = self._r8.view(np.int32)
+            self._build_cache(cache_nodes)
+        except BaseException:
+            self.close()
+            raise
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self._build_cache(cache_nodes)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, threads: int | None = None, cache_nodes: int = 1024, prefetch: bool = True) -> Index:
+    def open(cls, path: str | os.PathLike, threads: int | None = None, cache_nodes: int = 1024,
+             prefetch: bool = True, interleave: int = 4) -> Index:
         """Open the index folder `path` (raises IndexFormatError if a file is bad).
 
         threads: search workers (default: all cores); cache_nodes: records kept in RAM,
-        taken breadth-first from the entry points; prefetch: madvise(WILLNEED) each beam.
+        taken breadth-first from the entry points; prefetch: madvise(WILLNEED) each beam;
+        interleave: queries each worker advances in lockstep, so that interleave x
+        beam_width sector reads are in flight per worker (cold reads overlap; results do not
+        depend on it).
         """
-        return cls(Path(path), threads, cache_nodes, prefetch)
+        return cls(Path(path), threads, cache_nodes, prefetch, interleave)
 
     def _build_cache(self, cache_nodes: int) -> None:
         n = self.layout.count
@@ -347,7 +408,10 @@ class Index:
         if deg > self.layout.R:
             raise IndexFormatError(self.path / RECORDS_FILE, f"node {u} has degree {deg} > R={self.layout.R}")
         s = (off + self.layout.nbr_off) // 4
-        return self._r32[s : s + deg]
+        ids = self._r32[s : s + deg]
+        if deg < 0 or (deg and (ids.min() < 0 or ids.max() >= self.layout.count)):
+            raise IndexFormatError(self.path / RECORDS_FILE, f"node {u}: corrupt degree or neighbour ids")
+        return ids
 
     def __len__(self) -> int:
         return self.layout.count
@@ -385,16 +449,21 @@ class Index:
         base_addr = self._r8.ctypes.data
 
         def run(lo: int, hi: int) -> None:
-            _search_range(lo, hi, Q, self._qtransform, self._centroids, self.codes, self._r16, self._r32, base_addr,
+            _search_range(lo, hi, self.interleave, Q, self._qtransform, self._centroids, self.codes, self._r16, self._r32, base_addr,
                           self._cache_ids, self._c16, self._c32, self._lay, self.entry_points, L,
                           int(beam_width), budget, self.prefetch, ids, scores, reads, cmps, ns)
 
-        chunk = max(1, min(32, nq // (4 * self.threads) or 1))
+        chunk = self.interleave * max(1, min(32 // self.interleave, nq // (4 * self.threads * self.interleave)))
         starts = list(range(0, nq, chunk))
-        if self._pool is None or len(starts) == 1:
-            run(0, nq)
-        else:
-            list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), starts))
+        try:
+            if self._pool is None or len(starts) == 1:
+                run(0, nq)
+            else:
+                list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), starts))
+        except ValueError as e:
+            if str(e).startswith("corrupt record"):
+                raise IndexFormatError(self.path / RECORDS_FILE, f"{e} (Index.verify() checks every record)") from None
+            raise
         return ids, scores, SearchStats(reads, cmps, ns / 1e6)
 
     def _check_ids(self, ids) -> np.ndarray:
@@ -446,11 +515,16 @@ class Index:
             self._r8 = self._r16 = self._r32 = None
             try:
                 self._mm.close()
-            except BufferError:  # a view still referenced from a garbage cycle (e.g. a traceback)
+            except BufferError:
+                # A view is still referenced, e.g. from a traceback or a garbage cycle: collect,
+                # and otherwise leave the unmapping to whoever drops the last view.
                 gc.collect()
-                self._mm.close()
+                with contextlib.suppress(BufferError):
+                    self._mm.close()
             self._mm = None
+        if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> Index:
         return self

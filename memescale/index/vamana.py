@@ -2,6 +2,8 @@
 
 Names follow the paper: `greedy_search` (Algorithm 1), `robust_prune` (Algorithm 2) and the
 two-pass `build_vamana` (Algorithm 3: a pass with alpha = 1, then one with the given alpha).
+`prune_lists` re-prunes merged neighbour lists (the union of a node's lists from several
+shard graphs) back to R.
 
 Geometry: the graph is built on squared Euclidean distance, ``d(a, b) = |a|^2 + |b|^2 -
 2 a.b``, computed in float32 from fp16 vectors. For the L2-normalised vectors this index
@@ -229,19 +231,59 @@ def _add_reverse_edges(X, norms, graph, degrees, targets, starts, sources, glo, 
 
 
 @njit(nogil=True, cache=True)
-def _prune_to_degree(X, norms, graph, degrees, lo, hi, alpha, R):
-    """robust_prune every node in [lo, hi) whose out-list is longer than R."""
+def _prune_rows(X, norms, lists, lo, hi, alpha, R, out, out_deg):
+    """For rows j in [lo, hi): the distinct ids >= 0 of lists[j] other than j, kept as they
+    are when at most R, else robust_pruned to R. Writes out[j] (-1 padded) and out_deg[j]."""
     pf = np.empty(X.shape[1], np.float32)
+    stamps = np.zeros(X.shape[0], np.int32)
+    ids = np.empty(lists.shape[1], np.int32)
     for j in range(lo, hi):
-        deg = degrees[j]
-        if deg <= R:
-            continue
-        ids = graph[j, :deg].copy()
-        ds = np.empty(deg, np.float32)
-        widen(X[j], pf)
-        for t in range(deg):
-            ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
-        degrees[j] = robust_prune(X, norms, ids, ds, alpha, R, graph[j])
+        stamp = j - lo + 1
+        stamps[j] = stamp
+        n = 0
+        for t in range(lists.shape[1]):
+            u = lists[j, t]
+            if u >= 0 and stamps[u] != stamp:
+                stamps[u] = stamp
+                ids[n] = u
+                n += 1
+        if n <= R:
+            out[j, :n] = ids[:n]
+            deg = n
+        else:
+            widen(X[j], pf)
+            ds = np.empty(n, np.float32)
+            for t in range(n):
+                ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
+            deg = robust_prune(X, norms, ids[:n], ds, alpha, R, out[j])
+        out[j, deg:] = -1
+        out_deg[j] = deg
+
+
+def prune_lists(
+    vectors: np.ndarray, lists: np.ndarray, R: int, alpha: float = 1.2, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-prune neighbour lists to at most R each with robust_prune.
+
+    For merging shard graphs: lists (N, W) int32 holds, per node, the union of its out-lists
+    from every graph it is in (any order, duplicates allowed, -1 = empty slot); vectors
+    (N, d) float16/float32. Returns (neighbours (N, R) int32 padded with -1, degrees (N,)
+    int32). O(N * W * R * d) time.
+    """
+    X16 = as_fp16(vectors)
+    X = X16.view(np.uint16)
+    N = X.shape[0]
+    lists = np.ascontiguousarray(lists, np.int32)
+    if lists.shape[0] != N or (lists >= N).any():
+        raise ValueError("lists must have one row per vector and ids < N")
+    threads = resolve_threads(threads)
+    norms = np.empty(N, np.float32)
+    out = np.empty((N, R), np.int32)
+    degrees = np.empty(N, np.int32)
+    with ThreadPoolExecutor(threads) as pool:
+        parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
+        parallel_for(lambda lo, hi: _prune_rows(X, norms, lists, lo, hi, float(alpha), R, out, degrees), N, threads, pool)
+    return out, degrees
 
 
 def find_medoid(vectors: np.ndarray, block: int = 65536) -> int:
@@ -259,6 +301,17 @@ def find_medoid(vectors: np.ndarray, block: int = 65536) -> int:
         if d[i] < best_d:
             best, best_d = lo + i, float(d[i])
     return best
+
+
+def _reverse_edges_by_target(points: np.ndarray, out: np.ndarray, out_deg: np.ndarray):
+    """Edges p -> j of a batch (out[b, :out_deg[b]] for p = points[b]) grouped by target j,
+    sources in batch order: (targets (G,), starts (G + 1,) into sources, sources)."""
+    tgt = out[out >= 0]
+    src = np.repeat(points, out_deg)
+    by_target = np.argsort(tgt, kind="stable")
+    tgt, src = tgt[by_target], src[by_target]
+    targets, starts = np.unique(tgt, return_index=True)
+    return targets, np.append(starts, tgt.shape[0]).astype(np.int64), src
 
 
 def _batches(n: int, max_batch: int, grow: bool) -> list[tuple[int, int]]:
@@ -340,18 +393,14 @@ def build_vamana(
                     stamp0 = take_stamps(t, 2 * (s1 - s0) + 2)
                     _search_and_prune(X, norms, graph, degrees, medoid, points, s0, s1, L, a, R, stamps[t], stamp0, out, out_deg)
 
+                # every point's greedy_search + robust_prune against the frozen graph
                 list(pool.map(search_slice, range(len(slices) - 1)))
+                # N_out(p) <- the pruned list, then the reverse edges, one target per thread
                 graph[points, :R] = out
                 graph[points, R:] = -1
                 degrees[points] = out_deg
 
-                mask = out >= 0
-                tgt = out[mask]
-                src = np.repeat(points, out_deg)
-                by_target = np.argsort(tgt, kind="stable")
-                tgt, src = tgt[by_target], src[by_target]
-                targets, starts = np.unique(tgt, return_index=True)
-                starts = np.append(starts, tgt.shape[0]).astype(np.int64)
+                targets, starts, src = _reverse_edges_by_target(points, out, out_deg)
                 gsl = np.linspace(0, targets.shape[0], min(threads, max(1, targets.shape[0])) + 1).astype(np.int64)
 
                 def reverse_slice(t: int, a=a, targets=targets, starts=starts, src=src, gsl=gsl) -> None:
@@ -362,8 +411,9 @@ def build_vamana(
                 list(pool.map(reverse_slice, range(len(gsl) - 1)))
                 bar.update(B)
             bar.close()
-        parallel_for(lambda lo, hi: _prune_to_degree(X, norms, graph, degrees, lo, hi, float(alpha), R), N, threads, pool)
-
-    neighbours = np.ascontiguousarray(graph[:, :R])
-    neighbours[np.arange(R)[None, :] >= degrees[:, None]] = -1
-    return neighbours, degrees, medoid
+        # lists grown past R by reverse edges are pruned back to R
+        graph[np.arange(width)[None, :] >= degrees[:, None]] = -1
+        neighbours = np.empty((N, R), np.int32)
+        final = np.empty(N, np.int32)
+        parallel_for(lambda lo, hi: _prune_rows(X, norms, graph, lo, hi, float(alpha), R, neighbours, final), N, threads, pool)
+    return neighbours, final, medoid

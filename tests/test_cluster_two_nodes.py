@@ -1,0 +1,87 @@
+"""Scale-out: a two-node Ray cluster on this machine (`ray start --head` + `ray start --address`,
+each node with its own resources) runs the build submitted with `ray job submit`; shard tasks
+land on both nodes and the index equals the one a single-node run builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, shared_path, write_fake_shards
+from memescale.index.disk import INDEX_FILES
+
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # jobs run the `python` on the PATH the cluster was started with: the project's venv
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    # short paths: Ray's unix sockets live under the temp dir and must fit in 107 bytes
+    temp, temp_b = Path(tempfile.mkdtemp(prefix="ra", dir="/tmp")), Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
+              "--disable-usage-stats"]
+    subprocess.run([_ray_bin(), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", "--resources={\"node_a\": 1}", f"--temp-dir={temp}", *common],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        # its own temp dir: two nodes on one machine must not share (and GC) each other's files
+        subprocess.run([_ray_bin(), "start", f"--address=127.0.0.1:{gcs}", "--resources={\"node_b\": 1}",
+                        f"--temp-dir={temp_b}", *common],
+                       check=True, env=env, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp_b, ignore_errors=True)
+
+
+def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path):
+    dashboard, env = cluster
+    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:6000]
+    write_fake_shards(tmp_path / "emb", base, per_file=2000)
+    args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "4",
+            "--no-query-sample"]
+    deadline = time.monotonic() + 90
+    while True:  # the head's job agent takes a few seconds to come up after `ray start`
+        sub = subprocess.run(
+            [_ray_bin(), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+             "python", "ray_jobs/build_index.py", *args, "--out", str(tmp_path / "cluster")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent" not in sub.stdout + sub.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert sub.returncode == 0, sub.stdout[-6000:]
+    summary = json.loads((tmp_path / "cluster" / "build_summary.json").read_text())
+    nodes = {s["node"] for s in summary["shards"]}
+    assert len(nodes) == 2, f"shard tasks ran on {len(nodes)} node(s): {summary['shards']}"
+
+    local_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    single = subprocess.run([sys.executable, "ray_jobs/build_index.py", *args, "--out", str(tmp_path / "single"),
+                             "--set", "ray.include_dashboard=false"],
+                            cwd=ROOT, env=local_env, capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for name in INDEX_FILES:
+        assert (tmp_path / "cluster" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
