@@ -14,12 +14,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, shared_path
+from memescale.config import load_config
+from memescale.encoder import ImageTextEncoder
+from memescale.images import decode_image
+from memescale.index import Index
 from memescale.sample_data import ImageServer, image_files, sample_records, write_sample_dump
 from memescale.store import ShardStore, embeddings_of, read_shards
 from memescale.urls import extract_image_refs
@@ -50,10 +55,16 @@ def corpus(tmp_path_factory):
         yield tmp, dump, expected
 
 
-def test_every_image_exactly_once_and_rerun_is_noop(corpus):
-    tmp, dump, expected = corpus
+@pytest.fixture(scope="module")
+def full_ingest(corpus):
+    tmp, dump, _ = corpus
     out = tmp / "full"
-    summary = _run(_ingest_cmd(dump, out))
+    return out, _run(_ingest_cmd(dump, out))
+
+
+def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest):
+    tmp, dump, expected = corpus
+    out, summary = full_ingest
     table = read_shards(str(out))
     ids = table.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)), "an image was written twice"
@@ -106,6 +117,33 @@ def test_limit_and_date_filters_are_exact(corpus):
     t = read_shards(str(out), columns=["created_utc", "post_id"])
     assert min(t.column("created_utc").to_pylist()) >= 1_599_955_200
     assert len(set(t.column("post_id").to_pylist())) <= 9
+
+
+def test_build_then_search_finds_the_right_posts(corpus, full_ingest):
+    tmp, _, expected = corpus
+    out, _ = full_ingest
+    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "build_index.py"), "--config",
+                           str(ROOT / "configs" / "tiny.toml"), "--embeddings", str(out), "--out", str(tmp / "index")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp / "index" / "build_summary.json").read_text())
+    assert summary["vectors"] == len(expected)
+
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    enc = ImageTextEncoder(cfg.model)
+    memes = shared_path("images", "memes")
+    names = image_files(memes)[:N_IMAGES:9]
+    pixels = np.stack([decode_image((memes / n).read_bytes(), enc.image_size, cfg.ingest.max_pixels).pixels
+                       for n in names])
+    index = Index.open(tmp / "index")
+    ids, scores, _ = index.search(enc.encode_images(pixels).astype(np.float32), 3, 64)
+    by_file = {r.url.split("?")[0].rsplit("/", 1)[-1]: r for r in expected.values()}
+    for name, row, score in zip(names, ids, scores):
+        meta = index.metadata(row[:1])[0]
+        want = by_file[quote(name)]
+        assert meta["image_id"] == want.image_id and meta["title"] == want.title, (name, meta)
+        assert meta["permalink"] == want.permalink and meta["url"] == want.url
+        assert score[0] > 0.99
 
 
 def test_missing_weights_exit_with_instructions(tmp_path, corpus):

@@ -294,7 +294,7 @@ class SearchStats:
 
     reads: np.ndarray  # int64 sector reads (cache hits excluded)
     pq_comparisons: np.ndarray  # int64 ADC evaluations
-    ms: np.ndarray  # float64 wall time per query in its worker thread
+    ms: np.ndarray  # float64 latency: from the start of the query's lockstep group to its end
 
     def __getitem__(self, name: str) -> np.ndarray:
         return getattr(self, name)
