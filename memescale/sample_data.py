@@ -1,4 +1,5 @@
-"""Sample inputs for the demo, tests and benchmarks: a loopback image server and a dump maker.
+"""Sample inputs for the demo, tests and benchmarks: a loopback image server, a dump maker, and
+embedding shards made from given vectors.
 
 `ImageServer` serves a folder over HTTP on 127.0.0.1 (threaded, stdlib only).
 `write_sample_dump` writes Reddit-style submission records whose images live on that server:
@@ -17,7 +18,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import zstandard
+
+from memescale.store import ChunkResult, ShardStore, rows_to_shard_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
 
@@ -132,3 +136,25 @@ def write_sample_dump(path: str | Path, records: list[dict], bad_line_every: int
         data = zstandard.ZstdCompressor(level=3).compress(data)
     path.write_bytes(data)
     return path
+
+
+def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 5000) -> None:
+    """Ingest-style Parquet shards of `vectors` with synthetic post metadata (row i: 'post i')."""
+    store = ShardStore(str(out))
+    n = len(vectors)
+    for f, lo in enumerate(range(0, n, per_file)):
+        hi = min(n, lo + per_file)
+        ids = np.arange(lo, hi)
+        cols = {
+            "image_id": ids + 10**12, "post_id": np.array([f"p{i}" for i in ids], dtype=object),
+            "image_index": np.zeros(hi - lo, np.int32), "url": np.array([f"https://i.redd.it/{i}.jpg" for i in ids], dtype=object),
+            "subreddit": np.array(["memes"] * (hi - lo), dtype=object), "title": np.array([f"post {i}" for i in ids], dtype=object),
+            "author": np.array(["a"] * (hi - lo), dtype=object), "created_utc": 1_600_000_000 + ids,
+            "score": ids % 100, "over_18": ids % 10 == 0,
+            "permalink": np.array([f"https://www.reddit.com/r/memes/comments/p{i}/" for i in ids], dtype=object),
+            "final_url": np.array([""] * (hi - lo), dtype=object), "mime": np.array(["image/jpeg"] * (hi - lo), dtype=object),
+            "bytes": np.full(hi - lo, 1000), "content_hash": np.array(["h"] * (hi - lo), dtype=object),
+            "width": np.full(hi - lo, 640, np.int32), "height": np.full(hi - lo, 480, np.int32),
+            "embedding": vectors[lo:hi], "model": np.array(["m"] * (hi - lo), dtype=object),
+        }
+        store.write_chunk(ChunkResult(dump="RS_test.zst", index=f, first_line=lo, lines=hi - lo), rows_to_shard_table(cols))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import ROOT, shared_path, write_fake_shards
+from conftest import ROOT, shared_path
+from memescale.sample_data import write_vector_shards
 from memescale.build_ray import build_from_shards, shard_is_built
 from memescale.config import load_config
 from memescale.index import Index, exact_topk
@@ -28,7 +29,7 @@ def data(tmp_path_factory):
     queries = np.load(shared_path("ann", "pypi-minilm", "queries_id.npy"))[:500].astype(np.float32)
     gt, _ = exact_topk(queries, base, 10)
     tmp = tmp_path_factory.mktemp("build")
-    write_fake_shards(tmp / "emb", base)
+    write_vector_shards(tmp / "emb", base)
     return tmp, base, queries, gt
 
 

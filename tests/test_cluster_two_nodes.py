@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, shared_path, write_fake_shards
+from conftest import ROOT, shared_path
 from memescale.index.disk import INDEX_FILES
+from memescale.sample_data import write_vector_shards
 
 
 
@@ -61,7 +62,7 @@ def cluster():
 def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path):
     dashboard, env = cluster
     base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:6000]
-    write_fake_shards(tmp_path / "emb", base, per_file=2000)
+    write_vector_shards(tmp_path / "emb", base, per_file=2000)
     args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "4",
             "--no-query-sample"]
     deadline = time.monotonic() + 90

@@ -148,6 +148,19 @@ def test_html_in_titles_is_inert(page, base_url):
     assert not page.dialogs
 
 
+def test_upload_an_image(page, base_url, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (90, 60), (20, 160, 90)).save(tmp_path / "q.png")
+    open_page(page, base_url + "/")
+    page.click("#toggle-options")
+    page.set_input_files("#upload", str(tmp_path / "q.png"))
+    page.wait_for_selector(".card", timeout=30_000)
+    assert "image" in page.searches[-1] and len(page.searches[-1]["image"]) > 100
+    assert page.is_visible("#query-thumb")
+    assert "q.png" in page.inner_text("#status")
+
+
 def test_bad_input_shows_the_servers_message(page, base_url):
     open_page(page, base_url + "/")
     page.fill("#q", "meme " * 90)

@@ -1,0 +1,147 @@
+"""Sharded build on Ray: shard count vs recall, declared vs measured memory, and build-time scaling.
+
+    .venv/bin/python bench/build_sharded.py --dataset ../shared/data/ann/pypi-minilm
+    .venv/bin/python bench/build_sharded.py --scaling 100000,200000,400000,800000
+
+1. The 100k shared set built as 8 shards and as 1 shard (same R, L, alpha, PQ): recall@10 at
+   equal search L on both query sets, shard sizes, cohesion next to plain k-means, and every
+   shard task's peak RSS next to the memory it declared to Ray.
+2. Synthetic clustered 384-d vectors at growing N (one shard per 100k vectors): build seconds
+   by phase, with N log N drawn through the first point; writes a PNG.
+Results go to bench/results/build_sharded.json and build_scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ann import synthetic  # noqa: E402  (the ANN benchmark's clustered data generator)
+
+from memescale.build_ray import build_from_shards  # noqa: E402
+from memescale.config import load_config  # noqa: E402
+from memescale.index import Index  # noqa: E402
+from memescale.ray_runtime import init_ray  # noqa: E402
+from memescale.sample_data import write_vector_shards  # noqa: E402
+
+
+def recall_at(index_dir: Path, queries: np.ndarray, gt: np.ndarray, L: int, k: int = 10) -> float:
+    ids, _, _ = Index.open(index_dir, threads=2).search(queries.astype(np.float32), k, L)
+    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(ids, gt)]))
+
+
+def cfg_for(shards: int, a):
+    return load_config(ROOT / "configs" / "tiny.toml", [
+        f"index.shards={shards}", f"index.R={a.R}", f"index.L={a.L}", f"index.alpha={a.alpha}",
+        f"index.pq_bytes={a.pq_bytes}", "ray.num_cpus=2", "ray.object_store_mb=512"])
+
+
+def shard_comparison(a, work: Path) -> dict:
+    ds = Path(a.dataset)
+    base = np.load(ds / "base.npy")
+    write_vector_shards(work / "emb", base, per_file=20_000)
+    out: dict = {"n": len(base), "Ls": a.Ls}
+    for shards in (1, 8):
+        t = time.perf_counter()
+        s = build_from_shards(cfg_for(shards, a), str(work / "emb"), str(work / f"idx{shards}"), query_sample=False)
+        out[f"shards_{shards}"] = {"build_s": time.perf_counter() - t, "partition": s["partition"],
+                                   "seconds": s["seconds"], "shards": s["shards"], "mean_degree": s["mean_degree"]}
+        for qs in ("id", "ood"):
+            q, gt = np.load(ds / f"queries_{qs}.npy"), np.load(ds / f"gt_{qs}.npy")
+            out[f"shards_{shards}"][f"recall_{qs}"] = {L: recall_at(work / f"idx{shards}", q, gt, L) for L in a.Ls}
+    return out
+
+
+def scaling(a, work: Path, sizes: list[int]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        base = synthetic(n, 10, seed=0)["base"]
+        d = work / f"syn{n}"
+        shutil.rmtree(d, ignore_errors=True)
+        write_vector_shards(d / "emb", base, per_file=50_000)
+        shards = max(1, n // 100_000)
+        t = time.perf_counter()
+        s = build_from_shards(cfg_for(shards, a), str(d / "emb"), str(d / "idx"), query_sample=False)
+        rows.append({"n": n, "shards": shards, "build_s": time.perf_counter() - t, "seconds": s["seconds"],
+                     "max_peak_rss_mb": max(x["peak_rss"] for x in s["shards"]) / 2**20,
+                     "declared_mb": max(x["declared_memory"] for x in s["shards"]) / 2**20})
+        print(f"N={n:>7}  shards={shards}  build {rows[-1]['build_s']:7.1f} s  "
+              + "  ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()), flush=True)
+        shutil.rmtree(d, ignore_errors=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = np.array([r["n"] for r in rows], float)
+    t = np.array([r["build_s"] for r in rows])
+    ref = t[0] * (n * np.log(n)) / (n[0] * math.log(n[0]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(n, t, "o-", label="memescale sharded build (measured)")
+    ax.plot(n, ref, "--", label="N log N through the first point")
+    ax.plot(n, t[0] * n / n[0], ":", label="linear through the first point")
+    ax.set_xlabel("vectors (384-d, synthetic clustered)")
+    ax.set_ylabel("build seconds (2 cores)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "ann" / "pypi-minilm"))
+    p.add_argument("--scaling", default="", help="comma-separated sizes for the scaling run (skips part 1)")
+    p.add_argument("--R", type=int, default=64)
+    p.add_argument("--L", type=int, default=100)
+    p.add_argument("--alpha", type=float, default=1.2)
+    p.add_argument("--pq-bytes", type=int, default=48)
+    p.add_argument("--Ls", type=lambda s: [int(x) for x in s.split(",")], default=[30, 50, 100])
+    p.add_argument("--work", default=str(ROOT / "bench" / "results" / "work" / "build"))
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg_for(1, a).ray)
+    results_dir = ROOT / "bench" / "results"
+    out_path = results_dir / "build_sharded.json"
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if a.scaling:
+        rows = scaling(a, work, [int(x) for x in a.scaling.split(",")])
+        results["scaling"] = rows
+        plot(rows, results_dir / "build_scaling.png")
+        n0, t0 = rows[0]["n"], rows[0]["build_s"]
+        for r in rows:
+            nlogn = (r["n"] * math.log(r["n"])) / (n0 * math.log(n0))
+            print(f"N={r['n']:>7}: {r['build_s']:.1f} s = {r['build_s'] / t0:.2f}x the first "
+                  f"(N log N predicts {nlogn:.2f}x); peak shard RSS {r['max_peak_rss_mb']:.0f} MB "
+                  f"of {r['declared_mb']:.0f} MB declared")
+    else:
+        cmp = shard_comparison(a, work)
+        results["shards"] = cmp
+        for s in (1, 8):
+            c = cmp[f"shards_{s}"]
+            print(f"{s} shard(s): build {c['build_s']:.1f} s, sizes {c['partition'].get('sizes')}, "
+                  f"recall@10 ID {c['recall_id']}, OOD {c['recall_ood']}")
+            for sh in c["shards"]:
+                print(f"   shard {sh['shard']}: {sh['size']} vectors, peak RSS {sh['peak_rss'] / 2**20:.0f} MB "
+                      f"<= declared {sh['declared_memory'] / 2**20:.0f} MB: {sh['peak_rss'] <= sh['declared_memory']}")
+        print("partition:", json.dumps(cmp["shards_8"]["partition"]))
+    out_path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
