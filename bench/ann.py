@@ -103,7 +103,7 @@ def parse_args(argv=None):
                     help="comma list of systems whose JSON results in WORK are reused as they are")
     ap.add_argument("--scaling", action="store_true", help="run the synthetic scaling benchmark")
     ap.add_argument("--scaling-sizes", default="100000,200000,400000,800000")
-    ap.add_argument("--scaling-Ls", default="50,100")
+    ap.add_argument("--scaling-Ls", default="20,50,100")
     ap.add_argument("--scaling-systems", default="memescale",
                     help="add diskannpy to build it at every size too (about as long again)")
     ap.add_argument("--scaling-queries", type=int, default=1000,
@@ -283,6 +283,7 @@ def print_tables(curves: list[dict], k: int) -> str:
                     f"{fmt(p.get('latency_ms_p50'), '.2f'):>7s} "
                     f"{fmt(p.get('phys_read_kib_per_query')):>10s}")
             lines.append("")
+    lines += head_to_head(curves, k)
     lines.append(f"\n=== Summary: build, index RAM, and the cost of reaching recall@{k} >= "
                  f"{TARGET_RECALL} ===")
     lines.append(f"{'system':44s} {'set':4s} {'build s':>8s} {'RAM MiB':>8s} {'RSS+MiB':>8s} "
@@ -299,6 +300,34 @@ def print_tables(curves: list[dict], k: int) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def head_to_head(curves: list[dict], k: int) -> list[str]:
+    """memescale and diskannpy at the same search L: recall, reads and QPS side by side."""
+    cols = [("memescale-plain-warm", "plain"), ("memescale-qa-warm", "q-aware"),
+            ("diskannpy-t2", "diskann")]
+    qcols = [("memescale-qa-warm", "qa warm"), ("memescale-qa-cold", "qa cold"),
+             ("memescale-qa-coldq", "qa cold/q"), ("diskannpy-t2", "dk 2thr"),
+             ("diskannpy-t8", "dk 8thr")]
+    lines = []
+    for qs in C.QUERY_SETS:
+        have = {key: find(curves, key, qs) for key, _ in cols + qcols}
+        if not (have["diskannpy-t2"] and (have["memescale-qa-warm"] or have["memescale-plain-warm"])):
+            continue
+        lines.append(f"\n=== {qs.upper()}: memescale vs diskannpy at the same L (recall@{k} | "
+                     f"4 KiB reads per query | QPS) ===")
+        lines.append(f"{'L':>4s} | " + " ".join(f"{n:>8s}" for _, n in cols) + " | "
+                     + " ".join(f"{n:>7s}" for _, n in cols) + " | "
+                     + " ".join(f"{n:>9s}" for _, n in qcols))
+        byL = {key: {p["L"]: p for p in c["points"]} for key, c in have.items() if c}
+        for L in sorted(byL["diskannpy-t2"]):
+            def get(key, field, L=L):
+                p = byL.get(key, {}).get(L)
+                return None if p is None else p.get(field)
+            lines.append(f"{L:4d} | " + " ".join(fmt(get(key, "recall"), "8.4f") for key, _ in cols)
+                         + " | " + " ".join(fmt(get(key, "mean_reads"), "7.1f") for key, _ in cols)
+                         + " | " + " ".join(fmt(get(key, "qps"), "9.0f") for key, _ in qcols))
+    return lines
 
 
 def verdict(curves: list[dict], threads: int) -> tuple[list[dict], str]:
@@ -580,34 +609,41 @@ def main_scaling(a) -> None:
 
 
 def plot_scaling(rows: list[dict], path: Path) -> None:
+    """Three panels against N: build seconds; reads per query; recall@10 (one colour per L,
+    solid = ID queries, dashed = OOD; one marker per system)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     systems = sorted({r["system"] for r in rows})
+    Ls = sorted({r["L"] for r in rows})
+    markers = "os^Dv"
     for i, s in enumerate(systems):
-        rs = sorted((r for r in rows if r["system"] == s and r["query_set"] == "id"),
-                    key=lambda r: r["n"])
+        mk = markers[i % len(markers)]
+        name = STYLE.get(s, (s,))[0].replace(", warm", "").replace(", 2 threads", "")
+        rs = [r for r in rows if r["system"] == s]
         ns = sorted({r["n"] for r in rs})
         builds = [next(r["build_s"] for r in rs if r["n"] == n) for n in ns]
-        axes[0].plot(ns, builds, "-o", color=f"C{i}", label=s)
-        for j, L in enumerate(sorted({r["L"] for r in rs})):
-            sel = [r for r in rs if r["L"] == L]
-            ls = ["-", "--", ":"][j % 3]
-            reads = [r["mean_reads"] for r in sel]
-            if all(x is not None for x in reads):
-                axes[1].plot([r["n"] for r in sel], reads, ls + "o", color=f"C{i}", label=f"{s} L={L}")
-            axes[2].plot([r["n"] for r in sel], [r["recall"] for r in sel], ls + "o", color=f"C{i}",
-                         label=f"{s} L={L}")
-    for ax, t in zip(axes, ("build seconds", "mean 4 KiB reads per query (ID)", "recall@10 (ID)")):
+        axes[0].plot(ns, builds, "-" + mk, color=f"C{i}", label=name)
+        for j, L in enumerate(Ls):
+            for qs, ls in (("id", "-"), ("ood", "--")):
+                sel = sorted((r for r in rs if r["L"] == L and r["query_set"] == qs),
+                             key=lambda r: r["n"])
+                label = f"{name}, L={L}, {qs.upper()}"
+                reads = [r["mean_reads"] for r in sel]
+                if sel and all(x is not None for x in reads):
+                    axes[1].plot([r["n"] for r in sel], reads, ls + mk, color=f"C{j + 2}", label=label)
+                axes[2].plot([r["n"] for r in sel], [r["recall"] for r in sel], ls + mk,
+                             color=f"C{j + 2}", label=label)
+    titles = ("build seconds (2 threads)", "mean 4 KiB reads per query", "recall@10")
+    for ax, t in zip(axes, titles):
         ax.set_xscale("log")
-        ax.set_xlabel("N (vectors)")
+        ax.set_xlabel("N (vectors, synthetic clustered 384-d)")
         ax.set_title(t)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -43,7 +43,7 @@ def recall_at(index_dir: Path, queries: np.ndarray, gt: np.ndarray, L: int, k: i
 def cfg_for(shards: int, a):
     return load_config(ROOT / "configs" / "tiny.toml", [
         f"index.shards={shards}", f"index.R={a.R}", f"index.L={a.L}", f"index.alpha={a.alpha}",
-        f"index.pq_bytes={a.pq_bytes}", "ray.num_cpus=2", "ray.object_store_mb=512"])
+        f"index.pq_bytes={a.pq_bytes}", "index.weight_beta=0", "ray.num_cpus=2", "ray.object_store_mb=512"])
 
 
 def shard_comparison(a, work: Path) -> dict:

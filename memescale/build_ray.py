@@ -2,6 +2,7 @@
 -> query-aware PQ -> the disk index.
 
     collect_corpus (driver, streaming)           WORK/vectors.npy + meta.parquet
+    weighting: scores and recency appended       WORK/index_vectors.npy (what the index stores)
     balanced partition (driver, on a sample)     WORK/partition.npz
     build_shard x k (Ray tasks, memory=...)      WORK/shard-XXXX.npz (+ .sha256), skipped when valid
     merge + re-prune to R (driver, numba)
@@ -33,9 +34,11 @@ from memescale.index import write_index
 from memescale.index.build import IndexParams
 from memescale.index.partition import Partition, assign_shards, balanced_kmeans, cohesion, plain_kmeans_partition
 from memescale.metrics import record
+from memescale.weighting import Weighting, fit_weighting
 
 log = logging.getLogger(__name__)
 
+INDEX_VECTORS = "index_vectors.npy"
 PYTHON_OVERHEAD = 600 * 2**20  # interpreter, numpy, numba and their caches in a fresh worker
 
 
@@ -72,17 +75,17 @@ def shard_is_built(path: Path) -> bool:
     return path.exists() and check.exists() and check.read_text().strip() == _sha256(path)
 
 
-@ray.remote
-def build_shard(work_dir: str, shard: int, R: int, L: int, alpha: float, seed: int, threads: int,
-                declared: int) -> ShardResult:
-    """Build shard `shard`'s Vamana graph from the shared corpus; write it with its checksum."""
+@ray.remote(max_calls=1)  # a fresh worker per shard: its peak RSS is this shard's alone
+def build_shard(work_dir: str, vectors_path: str, shard: int, R: int, L: int, alpha: float, seed: int,
+                threads: int, declared: int) -> ShardResult:
+    """Build shard `shard`'s Vamana graph from the shared vectors; write it with its checksum."""
     from memescale.index import build_vamana
 
     t0 = time.perf_counter()
     work = Path(work_dir)
     out = work / f"shard-{shard:04d}.npz"
     ids = np.load(work / "partition.npz")[f"shard_{shard}"]
-    vectors = np.load(work / "vectors.npy", mmap_mode="r")
+    vectors = np.load(vectors_path, mmap_mode="r")
     X = np.ascontiguousarray(vectors[ids])
     nbrs, deg, medoid = build_vamana(X, R, L, alpha, seed + shard, threads=threads, progress=False)
     tmp = out.with_suffix(".tmp.npz")
@@ -94,33 +97,55 @@ def build_shard(work_dir: str, shard: int, R: int, L: int, alpha: float, seed: i
                        ray.get_runtime_context().get_node_id(), False)
 
 
-def partition_corpus(corpus: Corpus, shards: int, overlap: int, seed: int, sample_size: int = 100_000) -> Partition:
-    """Balanced partition of the corpus (reused from WORK/partition.npz when present)."""
-    path = corpus.work_dir / "partition.npz"
+def index_vectors(corpus: Corpus, beta: float, seed: int, block: int = 65536) -> tuple[np.ndarray, Weighting]:
+    """The vectors the index stores: the embeddings with the weighting's columns appended
+    (fitted on a sample of the metadata), written to WORK/index_vectors.npy (fp16, reused)."""
+    n, d = corpus.vectors.shape
+    if beta <= 0:
+        return corpus.vectors, Weighting(d, balance=False)
+    rng = np.random.default_rng(seed)
+    weighting = fit_weighting(corpus.metadata(np.sort(rng.choice(n, min(n, 200_000), replace=False))), d, beta)
+    path = corpus.work_dir / INDEX_VECTORS
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, weighting.dim))
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            out[lo:hi] = weighting.extend_base(corpus.vectors[lo:hi], corpus.metadata(np.arange(lo, hi)))
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r"), weighting
+
+
+def partition_corpus(vectors: np.ndarray, work: Path, shards: int, overlap: int, seed: int,
+                     sample_size: int = 100_000) -> Partition:
+    """Balanced partition of `vectors` (reused from WORK/partition.npz when present)."""
+    path = work / "partition.npz"
     if path.exists():
         z = np.load(path)
         return Partition(z["centroids"], [z[f"shard_{s}"] for s in range(len(z["centroids"]))])
-    n = len(corpus)
+    n = len(vectors)
     rng = np.random.default_rng(seed)
     if shards <= 1:
-        part = Partition(np.zeros((1, corpus.vectors.shape[1]), np.float32), [np.arange(n, dtype=np.int64)])
+        part = Partition(np.zeros((1, vectors.shape[1]), np.float32), [np.arange(n, dtype=np.int64)])
     else:
-        sample = np.asarray(corpus.vectors[np.sort(rng.choice(n, min(n, sample_size), replace=False))])
-        part = assign_shards(corpus.vectors, balanced_kmeans(sample, shards, seed=seed), overlap=overlap)
-    tmp = corpus.work_dir / "partition.tmp.npz"
+        sample = np.asarray(vectors[np.sort(rng.choice(n, min(n, sample_size), replace=False))])
+        part = assign_shards(vectors, balanced_kmeans(sample, shards, seed=seed), overlap=overlap)
+    tmp = work / "partition.tmp.npz"
     np.savez(tmp, centroids=part.centroids, **{f"shard_{s}": ids for s, ids in enumerate(part.shards)})
     os.replace(tmp, path)
     return part
 
 
-def partition_report(corpus: Corpus, part: Partition, seed: int) -> dict:
+def partition_report(vectors: np.ndarray, part: Partition, seed: int) -> dict:
     """Shard sizes and cohesion of the balanced partition next to plain k-means (on a sample)."""
     if len(part.shards) <= 1:
         return {"shards": 1, "sizes": [len(part.shards[0])]}
     rng = np.random.default_rng(seed)
-    n = len(corpus)
+    n = len(vectors)
     idx = np.sort(rng.choice(n, min(n, 50_000), replace=False))
-    x = np.asarray(corpus.vectors[idx], dtype=np.float32)
+    x = np.asarray(vectors[idx], dtype=np.float32)
     sub = Partition(part.centroids, [np.nonzero(np.isin(idx, ids))[0] for ids in part.shards])
     plain = plain_kmeans_partition(x, len(part.shards), overlap=2, seed=seed)
     return {"shards": len(part.shards), "sizes": part.sizes().tolist(),
@@ -153,10 +178,11 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
     t_start = time.perf_counter()
     work = Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
     corpus = collect_corpus(embeddings, work)
-    n, d = corpus.vectors.shape
+    vectors, weighting = index_vectors(corpus, ic.weight_beta, ic.seed)
+    n, d = vectors.shape
     t_corpus = time.perf_counter()
-    part = partition_corpus(corpus, ic.shards, ic.shard_overlap, ic.seed)
-    report = partition_report(corpus, part, ic.seed)
+    part = partition_corpus(vectors, work, ic.shards, ic.shard_overlap, ic.seed)
+    report = partition_report(vectors, part, ic.seed)
     log.info("partition", extra={"partition": report})
     t_part = time.perf_counter()
 
@@ -168,7 +194,7 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
             results.append(ShardResult(s, len(ids), 0.0, 0, mem, "", True))
             continue
         refs[s] = build_shard.options(memory=mem, num_cpus=threads_per_task).remote(
-            str(work), s, ic.R, ic.L, ic.alpha, ic.seed, threads_per_task, mem)
+            str(work), vectors.filename, s, ic.R, ic.L, ic.alpha, ic.seed, threads_per_task, mem)
     from tqdm import tqdm
 
     pending = list(refs.values())
@@ -187,11 +213,16 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
         z = np.load(work / f"shard-{s:04d}.npz")
         shard_graphs.append((ids, z["neighbours"], z["degrees"]))
         medoids.append(int(z["medoid"]))
-    X = np.asarray(corpus.vectors)
+    X = np.asarray(vectors)
     neighbours, degrees = merge_shard_graphs(X, shard_graphs, ic.R, ic.alpha)
     t_merge = time.perf_counter()
 
     queries = text_query_sample(cfg, corpus, seed=ic.seed) if query_sample else None
+    if queries is not None:
+        if queries.shape[1] != weighting.base_dim:
+            raise ValueError(f"the config's model {cfg.model.name} encodes {queries.shape[1]}-d texts but the "
+                             f"embeddings are {weighting.base_dim}-d: build with the ingest's model config")
+        queries = weighting.extend_queries(queries)
     M = min(ic.pq_bytes, d)
     codec = train_pq(X, M, queries=queries, seed=ic.seed)
     codes = codec.encode(X)
@@ -201,9 +232,10 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
             "query_aware": queries is not None, "shards": len(part.shards), "model": cfg.model.name}
     entry = np.array(medoids, np.int64)
     ws = write_index(out_dir, X, (neighbours, degrees), codec, codes, corpus.metadata(), entry, info)
+    weighting.save(out_dir)
     t_end = time.perf_counter()
     summary = {
-        "vectors": n, "dim": d, "partition": report,
+        "vectors": n, "dim": d, "weights": list(weighting.names), "partition": report,
         "shards": [r.__dict__ for r in sorted(results, key=lambda r: r.shard)],
         "mean_degree": float(degrees.mean()), "max_degree": int(degrees.max()),
         "seconds": {"corpus": t_corpus - t_start, "partition": t_part - t_corpus, "graphs": t_graph - t_part,

@@ -80,6 +80,9 @@ class IndexConfig:
     pq_bytes: int = 48
     shards: int = 1
     shard_overlap: int = 2
+    # Quality scores and recency as extra vector dimensions (memescale/weighting.py) so that
+    # search weights steer the traversal; `weight_beta` is their scale (0 disables them).
+    weight_beta: float = 0.2
     seed: int = 0
 
 

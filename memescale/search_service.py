@@ -93,7 +93,8 @@ class SearchRequest(BaseModel):
     (a vector of the model's width) and `like` (a result's `id`: search by that image's
     stored vector) is the query."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": [f]} for f in INPUT_FIELDS]})  # exactly one input, in the published schema
     text: str | None = Field(default=None, max_length=4096)
     image: str | None = Field(default=None, description="base64 (standard or URL-safe) of an image file")
     image_url: str | None = Field(default=None, max_length=2048)
@@ -146,10 +147,10 @@ class SearchStats(BaseModel):
     dropped_dedup: int
     L: int
     passes: int
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-    metadata_ms: float = 0.0
-    total_ms: float = 0.0
+    encode_ms: float = Field(0.0, description="Api: validation and query vector (the encoder round trip)")
+    search_ms: float = Field(0.0, description="Searcher: index search passes")
+    metadata_ms: float = Field(0.0, description="Searcher: records' metadata and vectors for filters, dedup, results")
+    total_ms: float = Field(0.0, description="Api: the whole request handler")
 
 
 class SearchResponse(BaseModel):

@@ -35,12 +35,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 WEIGHT_NAMES = ("meme", "aesthetic", "useful", "recency")
-# The metadata key each signal is read from.
+# The metadata keys each signal is read from, first present wins (the index build stores the
+# curate step's quality scores under their plain names, see memescale/corpus.py).
 SOURCE_KEYS = {
-    "meme": "meme_score",
-    "aesthetic": "aesthetic_score",
-    "useful": "useful_score",
-    "recency": "created_utc",
+    "meme": ("meme", "meme_score"),
+    "aesthetic": ("aesthetic", "aesthetic_score"),
+    "useful": ("useful", "useful_score"),
+    "recency": ("created_utc",),
 }
 WEIGHT_MIN, WEIGHT_MAX = -2.0, 2.0
 DEFAULT_BETA = 0.2
@@ -66,10 +67,17 @@ def _as_float(value: Any) -> float:
     return f if math.isfinite(f) else math.nan
 
 
+def _lookup(meta: Mapping[str, Any] | None, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if meta and meta.get(key) is not None:
+            return meta[key]
+    return None
+
+
 def signal_values(metadata: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
     """(n,) float64 raw values of signal `name` (see SOURCE_KEYS); NaN where missing."""
-    key = SOURCE_KEYS[name]
-    return np.fromiter((_as_float((m or {}).get(key)) for m in metadata), np.float64, len(metadata))
+    keys = SOURCE_KEYS[name]
+    return np.fromiter((_as_float(_lookup(m, keys)) for m in metadata), np.float64, len(metadata))
 
 
 def fit_quantiles(values: np.ndarray, n_knots: int = DEFAULT_KNOTS) -> tuple[list[float], list[float]]:
@@ -193,7 +201,7 @@ class Weighting:
             "names": list(self.names),
             "beta": self.beta,
             "balance": self.balance,
-            "source_keys": {nm: SOURCE_KEYS[nm] for nm in self.names},
+            "source_keys": {nm: list(SOURCE_KEYS[nm]) for nm in self.names},
             "quantiles": {nm: {"x": xs, "level": lv} for nm, (xs, lv) in self.quantiles.items()},
         }
 

@@ -2,6 +2,7 @@
 `Api` (FastAPI ingress: JSON API, the web page, metrics, telemetry).
 
     serve run serve.app:build_app index=DIR config=configs/tiny.toml [serve.allow_private=true ...]
+    serve run -a local serve.app:build_app ...  # a fresh local Ray even when one is running
     serve deploy configs/serve.yaml            # on a running cluster
     python -m serve.app --index DIR --config configs/tiny.toml --port 8000
     base_url = serve.app.start(index_dir, "configs/tiny.toml", "127.0.0.1", 8000)
@@ -13,6 +14,17 @@ stored vector), then Searcher runs the index search, filters, dedup and paging. 
 batches concurrent requests (`@serve.batch`); Searcher runs `Index.search` (synchronous,
 numba, GIL released) on a small thread pool so one replica serves several requests at once.
 Deployment sizes and every limit come from the `[serve]` section of the config.
+
+Endpoints (OpenAPI at /docs and /openapi.json):
+    POST /api/search     {text | image | image_url | embedding | like, k, weights, filters, dedup,
+                         cursor} -> {results, stats, offset, next_cursor}
+    GET  /api/info       index size, model, dims, available weights, limits
+    POST /api/telemetry  {events: [{type, props, ts}]} -> 202 {stored}
+    GET  /metrics        Prometheus text of the replica that answers (Ray's metrics hold all)
+    GET  /               the search page (serve/static/: no build step)
+Invalid input is a 422 with a message (types, several inputs, undecodable image, wrong-length
+embedding, text over the model's context, refused image_url, bad cursor); a body over
+`serve.max_body_bytes` is a 413; a failed backend deployment is a 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
@@ -22,6 +34,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -521,12 +534,20 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     url = start(a.index, a.config, a.host, a.port, a.set)
-    print(f"serving {a.index} at {url} (Ctrl-C to stop)", flush=True)
+    print(f"serving {a.index} at {url} (Ctrl-C or SIGTERM to stop)", flush=True)
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         stop()
+        import ray
+
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ def synthetic_metadata(n: int, seed: int = 0, image_base_url: str = "http://127.
             "over_18": i % 10 == 9,
             "width": w,
             "height": h,
-            "meme_score": float(rng.random()),
-            "aesthetic_score": float(rng.random()),
-            "useful_score": float(rng.random()),
+            "meme": float(rng.random()),
+            "aesthetic": float(rng.random()),
+            "useful": float(rng.random()),
         })
     return out
 

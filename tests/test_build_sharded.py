@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 
 def _cfg(shards: int):
     return load_config(ROOT / "configs" / "tiny.toml", [f"index.shards={shards}", "index.R=32", "index.L=64",
-                                                         "index.pq_bytes=48"])
+                                                         "index.pq_bytes=48", "index.weight_beta=0"])
 
 
 def _recall(index_dir, queries, gt, L=48) -> float:

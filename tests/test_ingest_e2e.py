@@ -25,6 +25,7 @@ from memescale.config import load_config
 from memescale.encoder import ImageTextEncoder
 from memescale.images import decode_image
 from memescale.index import Index
+from memescale.weighting import Weighting
 from memescale.sample_data import ImageServer, image_files, sample_records, write_sample_dump
 from memescale.store import ShardStore, embeddings_of, read_shards
 from memescale.urls import extract_image_refs
@@ -136,14 +137,16 @@ def test_build_then_search_finds_the_right_posts(corpus, full_ingest):
     pixels = np.stack([decode_image((memes / n).read_bytes(), enc.image_size, cfg.ingest.max_pixels).pixels
                        for n in names])
     index = Index.open(tmp / "index")
-    ids, scores, _ = index.search(enc.encode_images(pixels).astype(np.float32), 3, 64)
+    weighting = Weighting.load(tmp / "index")
+    assert set(weighting.names) == {"recency"} and index.dim == weighting.dim == 64 + 2
+    ids, _, _ = index.search(weighting.extend_queries(enc.encode_images(pixels)), 3, 64)
     by_file = {r.url.split("?")[0].rsplit("/", 1)[-1]: r for r in expected.values()}
-    for name, row, score in zip(names, ids, scores):
+    for name, row in zip(names, ids):
         meta = index.metadata(row[:1])[0]
         want = by_file[quote(name)]
         assert meta["image_id"] == want.image_id and meta["title"] == want.title, (name, meta)
         assert meta["permalink"] == want.permalink and meta["url"] == want.url
-        assert score[0] > 0.99
+        assert index.vectors(row[:1])[0, :64].astype(np.float32) @ enc.encode_images(pixels[names.index(name)][None])[0] > 0.99
 
 
 def test_missing_weights_exit_with_instructions(tmp_path, corpus):

@@ -44,7 +44,8 @@ def test_missing_constant_and_ties():
 
 
 def test_fit_keeps_only_signals_present_and_reads_created_utc_for_recency():
-    md = [{"created_utc": 1_600_000_000 + i, "meme_score": i % 3} for i in range(50)] + [{}]
+    md = [{"created_utc": 1_600_000_000 + i, "meme": i % 3} for i in range(25)] + [
+        {"created_utc": 1_600_000_025 + i, "meme_score": i % 3} for i in range(25)] + [{}]
     w = fit_weighting(md, base_dim=8)
     assert w.names == ("meme", "recency")
     s = w.scores(md)

@@ -72,7 +72,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    cpus = C.pin_threads(a.cores, max(int(t) for t in a.threads.split(",")))
+    # The build child gets exactly the build threads (MKL and OpenMP read these at load time).
+    cpus = C.pin_threads(a.cores, a.build_threads if a.build_only
+                         else max(int(t) for t in a.threads.split(",")))
     data = C.load_dataset(a.dataset, a.max_base, a.eval_start, a.max_queries)
     base = data["base"]
     n, d = base.shape

@@ -16,17 +16,18 @@ from .vamana import prune_lists
 def merge_shard_graphs(vectors: np.ndarray, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                        R: int, alpha: float, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """vectors: (N, d) fp16/fp32; shards: per shard (global ids (n,) int64, local neighbours
-    (n, R) int32 padded with -1, degrees (n,) int32). Returns (neighbours (N, R) int32 padded
+    (n, R_shard) int32 padded with -1, degrees (n,) int32). Returns (neighbours (N, R) int32 padded
     with -1, degrees (N,) int32). Nodes in no shard get degree 0."""
     n = len(vectors)
     membership = np.zeros(n, np.int64)
     for ids, _, _ in shards:
         membership[ids] += 1
-    lists = np.full((n, R * max(1, int(membership.max(initial=0)))), -1, np.int32)
+    width = max((nbrs.shape[1] for _, nbrs, _ in shards), default=R)
+    lists = np.full((n, width * max(1, int(membership.max(initial=0)))), -1, np.int32)
     slot = np.zeros(n, np.int64)
     for ids, nbrs, _ in shards:
         glob = np.where(nbrs >= 0, ids[np.maximum(nbrs, 0)], -1).astype(np.int32)
-        cols = slot[ids][:, None] * R + np.arange(nbrs.shape[1])[None, :]
+        cols = slot[ids][:, None] * width + np.arange(nbrs.shape[1])[None, :]
         lists[ids[:, None], cols] = glob
         slot[ids] += 1
     return prune_lists(vectors, lists, R, alpha, threads)

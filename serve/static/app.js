@@ -253,6 +253,7 @@ function startSearch(query, label, fromResult) {
   else if (query.image_url) showQueryImage(query.image_url, label);
   else if (!query.image) showQueryImage(null);
   if (!query.image) writeUrl(true);
+  else history.pushState(null, "", window.location.pathname);  // an upload is not shareable
   window.scrollTo(0, 0);
   return runSearch();
 }
