@@ -7,8 +7,9 @@ Every library runs in its own process (and the peers in their own virtual enviro
 by bench/setup_peers.sh), pinned to the same --cores CPUs with --threads threads, one after
 the other, never concurrently:
 - memescale (bench/peers/memescale_runner.py, project venv): built twice, plain PQ and
-  query-aware PQ (trained on the first --eval-start OOD queries); timed cold (page cache
-  evicted) and warm.
+  query-aware PQ (trained on the first --eval-start OOD queries); timed from a cold start
+  (page cache evicted before each L), cold per query (evicted before every --threads queries,
+  the O_DIRECT-like case) and warm.
 - diskannpy 0.7.0 disk index (bench/peers/diskann_runner.py, .venv-diskann): same R, L,
   alpha (its fixed 1.2), same PQ bytes in RAM; O_DIRECT reads; searched at --threads and
   at the --diskann-threads extras.
@@ -502,6 +503,14 @@ def notes_text(a, raw, start, end) -> str:
             "ones read ('disk KiB/q' = what really came from disk). 'cold per query' = pages evicted "
             f"before every {a.threads} queries (the O_DIRECT-like case, the fair match for diskannpy). "
             f"'warm' = best of {a.reps} passes after one untimed pass (everything in the page cache).")
+    if "memescale" in raw:
+        for v in raw["memescale"]["variants"]:
+            for qs, d in (v.get("pq_diagnostics") or {}).items():
+                lines.append(
+                    f"memescale {v['variant']} PQ alone (no graph), {qs}: recall@{a.k} "
+                    f"{d['adc_recall']:.4f}, true top-{a.k} inside the PQ top-100 "
+                    f"{d['true_topk_in_adc_top100']:.4f}, query-weighted error "
+                    f"{d.get('query_weighted_error', float('nan')):.6f}")
     lines.append("faiss and hnswlib keep everything in RAM: they have no reads, and are there "
                  "as references for speed and recall, not as disk indexes.")
     return "\n".join(lines)

@@ -147,6 +147,42 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
+def pq_diagnostics(index, data, k: int) -> dict:
+    """How well the PQ codes alone rank the evaluated queries' neighbours (no graph): ADC-only
+    recall@k over all N codes, the share of the true top-k inside the ADC top-100 (what the
+    re-rank can recover), and the codec's query-weighted squared error on held-out queries."""
+    import numpy as np
+
+    codec, codes = getattr(index, "codec", None), getattr(index, "codes", None)
+    if codec is None or codes is None or not hasattr(codec, "scores"):
+        return {}
+    try:
+        from memescale.index import query_weighted_error
+    except ImportError:
+        query_weighted_error = None
+    out = {}
+    sample = np.random.default_rng(0).choice(codes.shape[0], min(20_000, codes.shape[0]),
+                                             replace=False)
+    sample.sort()
+    for qs in C.QUERY_SETS:
+        Q, gt = data["queries"][qs], data["gt"][qs]
+        top = np.empty((len(Q), 100), np.int64)
+        for lo in range(0, len(Q), 100):
+            S = codec.scores(Q[lo:lo + 100], codes)
+            part = np.argpartition(-S, 99, axis=1)[:, :100]
+            order = np.argsort(-np.take_along_axis(S, part, 1), axis=1)
+            top[lo:lo + 100] = np.take_along_axis(part, order, 1)
+        in100 = np.mean([len(set(t.tolist()) & set(g[:k].tolist())) / k for t, g in zip(top, gt)])
+        d = {"adc_recall": C.recall_at_k(top, gt, k), "true_topk_in_adc_top100": float(in100)}
+        if query_weighted_error is not None:
+            d["query_weighted_error"] = float(query_weighted_error(
+                codec, data["base"][sample], Q, codes[sample]))
+        out[qs] = d
+        C.log(f"[memescale] PQ alone, {qs}: recall@{k} {d['adc_recall']:.4f}, true top-{k} in "
+              f"top-100 {in100:.4f}, query-weighted error {d.get('query_weighted_error', 0):.6f}")
+    return out
+
+
 def drop_mapped(index, vdir: Path) -> None:
     """Evict the records of an open index: unmap its touched pages, then drop them."""
     mm = getattr(index, "_mm", None)
@@ -241,6 +277,7 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
               f"pq/q={pt['mean_pq_comparisons'] or 0:.0f} disk KiB/q={pt['phys_read_kib_per_query'] or 0:.1f}")
         return pt
 
+    out["pq_diagnostics"] = pq_diagnostics(index, data, a.k)
     for mode in a.modes.split(","):
         run = {"threads": a.threads, "mode": mode, "points": []}
         for qs in C.QUERY_SETS:
