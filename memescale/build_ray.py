@@ -31,7 +31,6 @@ import ray
 from memescale.config import Config
 from memescale.corpus import Corpus, collect_corpus
 from memescale.index import write_index
-from memescale.index.build import IndexParams
 from memescale.index.partition import Partition, assign_shards, balanced_kmeans, cohesion, plain_kmeans_partition
 from memescale.metrics import record
 from memescale.weighting import Weighting, fit_weighting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,20 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared test data {p} is absent (set MEMESCALE_SHARED_DATA to its folder)")
     return p
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray() -> None:
+    """A fresh local Ray for one test module (2 CPUs, 256 MiB object store, no dashboard);
+    the caller shuts it down with ray.shutdown()."""
+    import ray
+
+    env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")}
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})

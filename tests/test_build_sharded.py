@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, shared_path, start_local_ray
 from memescale.sample_data import write_vector_shards
 from memescale.build_ray import build_from_shards, shard_is_built
 from memescale.config import load_config
@@ -17,8 +17,7 @@ N = 20_000
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-             _node_ip_address="127.0.0.1")
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -45,7 +44,7 @@ def _recall(index_dir, queries, gt, L=48) -> float:
 
 def test_sharded_build_matches_single_shard_recall_and_stays_in_memory(ray_local, data):
     tmp, base, queries, gt = data
-    one = build_from_shards(_cfg(1), str(tmp / "emb"), str(tmp / "one"), query_sample=False)
+    build_from_shards(_cfg(1), str(tmp / "emb"), str(tmp / "one"), query_sample=False)
     four = build_from_shards(_cfg(4), str(tmp / "emb"), str(tmp / "four"), query_sample=False)
     sizes = four["partition"]["sizes"]
     assert sum(sizes) == 2 * N and max(sizes) <= int(np.ceil(2 * N / 4 * 1.05))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,16 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, free_port, shared_path
 from memescale.index.disk import INDEX_FILES
 from memescale.sample_data import write_vector_shards
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_bin() -> str:
@@ -39,7 +32,7 @@ def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # short paths: Ray's unix sockets live under the temp dir and must fit in 107 bytes
     temp, temp_b = Path(tempfile.mkdtemp(prefix="ra", dir="/tmp")), Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
 import time
 
 import numpy as np
@@ -15,18 +13,12 @@ import pytest
 import requests
 
 from memescale.sample_data import ImageServer
+from conftest import free_port, start_local_ray
 from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 N, DIM = 300, 64
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +33,7 @@ def app(tmp_path_factory):
         x, md = sample_corpus(N, DIM, seed=0, image_base_url=f"{images_srv.base_url}/img")
         build_sample_index(tmp / "index", x, md)
         telemetry = tmp / "telemetry" / "events.jsonl"
-        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV})
+        start_local_ray()
         try:
             base = serve_app.start(tmp / "index", "configs/tiny.toml", "127.0.0.1", free_port(), overrides=[
                 "serve.allow_private=true", f'serve.telemetry_path="{telemetry}"',

@@ -5,13 +5,13 @@ HTML title renders as inert text."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from memescale.sample_data import ImageServer
+from conftest import free_port, start_local_ray
 from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -19,14 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CHROMIUM = Path(os.environ.get("MEMESCALE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 K = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +35,7 @@ def base_url(tmp_path_factory):
     with ImageServer(tmp) as images:
         x, md = sample_corpus(300, 64, seed=1, image_base_url=f"{images.base_url}/img")
         build_sample_index(tmp / "index", x, md)
-        ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV})
+        start_local_ray()
         try:
             yield serve_app.start(tmp / "index", "configs/tiny.toml", "127.0.0.1", free_port(), overrides=[
                 f"serve.default_k={K}", f'serve.telemetry_path="{tmp / "telemetry.jsonl"}"'])

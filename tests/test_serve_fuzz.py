@@ -3,7 +3,6 @@ of examples per operation) against a real Serve instance: no request may produce
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import schemathesis
@@ -11,18 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
+from conftest import free_port, start_local_ray
 from serve.sample_index import build_sample_index, sample_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 MAX_EXAMPLES = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +27,7 @@ def base_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-fuzz")
     x, md = sample_corpus(200, 64, seed=2)
     build_sample_index(tmp / "index", x, md)
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV})
+    start_local_ray()
     try:
         # image_url: the fuzzer's URLs must not reach the network (the guard refuses private
         # addresses; the timeout bounds anything public it makes up).
