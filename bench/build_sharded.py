@@ -62,8 +62,9 @@ def shard_comparison(a, work: Path) -> dict:
     return out
 
 
-def scaling(a, work: Path, sizes: list[int]) -> list[dict]:
-    rows = []
+def scaling(a, work: Path, sizes: list[int], rows: list[dict], save) -> list[dict]:
+    """Build each size in turn; `rows` holds earlier results (a size run again replaces its
+    row) and `save(rows)` is called after every size, so an interrupted run keeps its rows."""
     for n in sizes:
         base = synthetic(n, 10, seed=0)["base"]
         d = work / f"syn{n}"
@@ -72,10 +73,12 @@ def scaling(a, work: Path, sizes: list[int]) -> list[dict]:
         shards = max(1, n // 100_000)
         t = time.perf_counter()
         s = build_from_shards(cfg_for(shards, a), str(d / "emb"), str(d / "idx"), query_sample=False)
-        rows.append({"n": n, "shards": shards, "build_s": time.perf_counter() - t, "seconds": s["seconds"],
-                     "max_peak_rss_mb": max(x["peak_rss"] for x in s["shards"]) / 2**20,
-                     "declared_mb": max(x["declared_memory"] for x in s["shards"]) / 2**20})
-        print(f"N={n:>7}  shards={shards}  build {rows[-1]['build_s']:7.1f} s  "
+        rows[:] = sorted([r for r in rows if r["n"] != n] + [{
+            "n": n, "shards": shards, "build_s": time.perf_counter() - t, "seconds": s["seconds"],
+            "max_peak_rss_mb": max(x["peak_rss"] for x in s["shards"]) / 2**20,
+            "declared_mb": max(x["declared_memory"] for x in s["shards"]) / 2**20}], key=lambda r: r["n"])
+        save(rows)
+        print(f"N={n:>7}  shards={shards}  build {time.perf_counter() - t:7.1f} s  "
               + "  ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()), flush=True)
         shutil.rmtree(d, ignore_errors=True)
     return rows
@@ -120,8 +123,11 @@ def main() -> None:
     out_path = results_dir / "build_sharded.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     if a.scaling:
-        rows = scaling(a, work, [int(x) for x in a.scaling.split(",")])
-        results["scaling"] = rows
+        def save(rows: list[dict]) -> None:
+            results["scaling"] = rows
+            out_path.write_text(json.dumps(results, indent=1))
+
+        rows = scaling(a, work, [int(x) for x in a.scaling.split(",")], results.get("scaling", []), save)
         plot(rows, results_dir / "build_scaling.png")
         n0, t0 = rows[0]["n"], rows[0]["build_s"]
         for r in rows:

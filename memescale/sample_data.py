@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import sys
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +39,15 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # a client that hung up mid-response (a killed ingest, a timeout) is not an error here
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class ImageServer:
     """`with ImageServer(folder) as srv:` serves `folder` at `srv.base_url` until the block ends.
 
@@ -46,8 +56,7 @@ class ImageServer:
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0):
         handler = functools.partial(type("Handler", (_QuietHandler,), {"delay_s": delay_s}),
                                     directory=str(root))
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), handler)
         self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

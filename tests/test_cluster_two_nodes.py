@@ -26,6 +26,20 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _stop_nodes(*temp_dirs: Path) -> None:
+    """Kill this cluster's processes only (`ray stop` would end every Ray on the machine):
+    each of them names its node's temp dir on its command line."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(str(t) in cmd for t in temp_dirs):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # jobs run the `python` on the PATH the cluster was started with: the project's venv
@@ -47,7 +61,7 @@ def cluster():
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_nodes(temp, temp_b)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp_b, ignore_errors=True)
 
