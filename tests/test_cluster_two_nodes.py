@@ -49,15 +49,18 @@ def cluster():
     gcs, dash = free_port(), free_port()
     # short paths: Ray's unix sockets live under the temp dir and must fit in 107 bytes
     temp, temp_b = Path(tempfile.mkdtemp(prefix="ra", dir="/tmp")), Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
+    # every port explicit where Ray has a fixed default: other Ray instances on the machine
+    # (and the two nodes here) must not collide
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
               "--disable-usage-stats"]
     subprocess.run([_ray_bin(), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--resources={\"node_a\": 1}", f"--temp-dir={temp}", *common],
+                    "--dashboard-host=127.0.0.1", "--resources={\"node_a\": 1}", f"--temp-dir={temp}",
+                    f"--dashboard-agent-listen-port={free_port()}", *common],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
         # its own temp dir: two nodes on one machine must not share (and GC) each other's files
         subprocess.run([_ray_bin(), "start", f"--address=127.0.0.1:{gcs}", "--resources={\"node_b\": 1}",
-                        f"--temp-dir={temp_b}", *common],
+                        f"--temp-dir={temp_b}", f"--dashboard-agent-listen-port={free_port()}", *common],
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}", env
     finally:
