@@ -74,6 +74,27 @@ def shard_is_built(path: Path) -> bool:
     return path.exists() and check.exists() and check.read_text().strip() == _sha256(path)
 
 
+def gather_rows(npy_path: str, ids: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Rows `ids` (sorted int64) of a 2-D .npy file, read block by block with plain reads.
+
+    Unlike fancy-indexing a memmap, this leaves no file pages mapped into the process, so
+    the task's RSS is the rows it keeps plus one block's span. O(bytes spanned by ids)."""
+    with open(npy_path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        start, width = f.tell(), shape[1]
+        row_bytes = width * dtype.itemsize
+        out = np.empty((len(ids), width), dtype)
+        for lo in range(0, len(ids), block):
+            part = ids[lo:lo + block]
+            first, last = int(part[0]), int(part[-1])
+            f.seek(start + first * row_bytes)
+            span = np.fromfile(f, dtype, count=(last - first + 1) * width).reshape(-1, width)
+            out[lo:lo + len(part)] = span[part - first]
+    return out
+
+
 @ray.remote(max_calls=1)  # a fresh worker per shard: its peak RSS is this shard's alone
 def build_shard(work_dir: str, vectors_path: str, shard: int, R: int, L: int, alpha: float, seed: int,
                 threads: int, declared: int) -> ShardResult:
@@ -84,8 +105,7 @@ def build_shard(work_dir: str, vectors_path: str, shard: int, R: int, L: int, al
     work = Path(work_dir)
     out = work / f"shard-{shard:04d}.npz"
     ids = np.load(work / "partition.npz")[f"shard_{shard}"]
-    vectors = np.load(vectors_path, mmap_mode="r")
-    X = np.ascontiguousarray(vectors[ids])
+    X = gather_rows(vectors_path, ids)
     nbrs, deg, medoid = build_vamana(X, R, L, alpha, seed + shard, threads=threads, progress=False)
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, neighbours=nbrs, degrees=deg, medoid=np.int64(ids[medoid]))

@@ -8,7 +8,7 @@ import ray
 
 from conftest import ROOT, shared_path, start_local_ray
 from memescale.sample_data import write_vector_shards
-from memescale.build_ray import build_from_shards, shard_is_built
+from memescale.build_ray import build_from_shards, gather_rows, shard_is_built
 from memescale.config import load_config
 from memescale.index import Index, exact_topk
 
@@ -72,3 +72,10 @@ def test_rerun_reuses_valid_shards_and_rebuilds_corrupt_ones(ray_local, data):
     assert skipped == {0, 2, 3}
     assert shard_is_built(first[1])
     assert (tmp / "four" / "records.bin").read_bytes() == before  # deterministic rebuild
+
+
+def test_gather_rows_reads_exactly_the_rows_asked(tmp_path):
+    a = np.random.default_rng(0).standard_normal((5000, 7)).astype(np.float16)
+    np.save(tmp_path / "v.npy", a)
+    ids = np.sort(np.random.default_rng(1).choice(5000, 1200, replace=False)).astype(np.int64)
+    assert np.array_equal(gather_rows(str(tmp_path / "v.npy"), ids, block=97), a[ids])
