@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
@@ -64,7 +65,7 @@ def plan_chunks(
     """
     remaining = limit
     for dump in dumps:
-        skip = {r.index for r in done.values() if r.dump == _name(dump) and r.complete}
+        skip = {r.index for r in done.values() if r.dump == os.path.basename(dump) and r.complete}
         pending = sorted(skip)
         for chunk in iter_chunks(dump, chunk_posts, skip):
             if chunk.skipped:  # the final error chunk of a dump, already done
@@ -95,11 +96,7 @@ def plan_chunks(
             remaining = _take(remaining, result.posts)
             yield result, refs
         for index in pending:
-            remaining = _take(remaining, done[chunk_key(_name(dump), index)].posts)
-
-
-def _name(path: str) -> str:
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
+            remaining = _take(remaining, done[chunk_key(os.path.basename(dump), index)].posts)
 
 
 def _take(remaining: int | None, n: int) -> int | None:
