@@ -1,6 +1,7 @@
 """One typed configuration object, loaded from TOML, any field overridable from the command line.
 
-A config file has one table per section (`[model]`, `[ingest]`, `[index]`, `[ray]`, `[serve]`); every
+A config file has one table per section (`[model]`, `[ingest]`, `[curate]`, `[index]`, `[ray]`,
+`[serve]`); every
 key is optional and defaults to the value below. Overrides use dotted paths:
 ``--set ingest.download_concurrency=128`` (the value is parsed as TOML, falling back to a
 plain string), and the dedicated CLI flags of each job map onto fields the same way.
@@ -68,6 +69,45 @@ class IngestConfig:
     gpus_per_encoder: float = 0.0
     # Output
     parquet_compression: str = "zstd"
+
+
+@dataclass
+class CurateConfig:
+    """Filters, dedup and quality heads between ingest and build (ray_jobs/curate.py), and the
+    labelling tool that trains the heads (memescale/label.py). Relative paths in this section
+    are resolved against the config file's folder."""
+
+    # Placeholders ("image deleted"): rows whose content hash is in ingest.placeholder_hashes,
+    # or whose embedding is within `placeholder_cosine` of a reference image's, are dropped.
+    placeholder_images: list[str] = field(default_factory=list)
+    placeholder_cosine: float = 0.95
+    # NSFW: over_18 rows and rows the embedding probe scores >= `nsfw_threshold` are dropped,
+    # or kept with `nsfw` = true when `keep_nsfw`. The probe trains on the data's own over_18
+    # labels (held-out share `nsfw_holdout`) and is skipped below `nsfw_min_positives`.
+    keep_nsfw: bool = False
+    nsfw_probe: bool = True
+    nsfw_threshold: float = 0.9
+    nsfw_holdout: float = 0.2
+    nsfw_min_positives: int = 20
+    nsfw_max_train: int = 200_000  # rows sampled to train the probe
+    # Near-duplicates: clusters of rows at cosine >= `near_dup_cosine`, found by SimHash LSH
+    # tuned so a pair at the threshold collides in some band with probability `lsh_recall`.
+    near_dup_cosine: float = 0.95
+    lsh_recall: float = 0.99
+    lsh_max_bucket: int = 2048  # larger buckets are verified against at most this many leaders
+    # Quality heads (safetensors from `python -m memescale.quality train`); "" writes null scores.
+    quality_heads: str = ""
+    score_actors: int = 1  # Ray Data actors applying decisions and heads, one input file at a time
+    heads_members: int = 5
+    heads_hidden: int = 256
+    heads_holdout: float = 0.15
+    heads_max_epochs: int = 400
+    heads_patience: int = 20
+    # Labelling: share of random pairs (the rest by ensemble disagreement), labels between
+    # retrains of the ensemble, candidate pairs scored per active choice.
+    label_random_share: float = 0.25
+    label_retrain_every: int = 20
+    label_candidates: int = 512
 
 
 @dataclass
@@ -139,6 +179,7 @@ class ServeConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -195,6 +236,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.source = str(p.resolve())
         if cfg.model.config_file and not Path(cfg.model.config_file).is_absolute():
             cfg.model.config_file = str((p.parent / cfg.model.config_file).resolve())
+        cfg.curate.placeholder_images = [str((p.parent / f).resolve())
+                                         for f in cfg.curate.placeholder_images]
+        if cfg.curate.quality_heads:
+            cfg.curate.quality_heads = str((p.parent / cfg.curate.quality_heads).resolve())
     for item in overrides or []:
         set_field(cfg, item)
     return cfg

@@ -5,7 +5,8 @@ merging) while holding only one shard's worth in RAM, so the shards' `embedding`
 streamed once into `WORK/vectors.npy` (float16, memory-mapped) and the per-node metadata the
 index stores into `WORK/meta.parquet`. Node id = row number in that order (shards sorted by
 path, rows in file order). Any pyarrow filesystem path or URI is accepted as input.
-Time O(N d), memory O(one record batch).
+Curated shards keep their duplicates for inspection (`dup_of` set); the index is built from
+the rows without `dup_of` only. Time O(N d), memory O(one record batch).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 NODE_FIELDS = ["image_id", "url", "title", "subreddit", "permalink", "created_utc", "score",
                "width", "height", "over_18"]
 QUALITY_FIELDS = ["meme", "aesthetic", "useful"]
+# Columns the curate step adds (memescale/curate.py); the optional ones are indexed when present.
+CURATE_FIELDS = ["nsfw", "dup_of"] + QUALITY_FIELDS
+OPTIONAL_NODE_FIELDS = QUALITY_FIELDS + ["nsfw"]
 
 
 @dataclass
@@ -54,8 +58,13 @@ def shard_dataset(embeddings: str) -> pads.Dataset:
     return pads.dataset(paths, format="parquet", filesystem=store.fs)
 
 
-def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 65536) -> Corpus:
-    """Stream the shards into `work_dir` (reused when already complete there)."""
+def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 65536,
+                   fields: list[str] | None = None, skip_duplicates: bool = True) -> Corpus:
+    """Stream the shards into `work_dir` (reused when already complete there).
+
+    `fields`: metadata columns to keep (default NODE_FIELDS plus the OPTIONAL_NODE_FIELDS
+    present). `skip_duplicates`: leave out rows whose `dup_of` is set (when the column exists).
+    """
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     vec_path, meta_path = work / "vectors.npy", work / "meta.parquet"
@@ -67,13 +76,15 @@ def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 6553
             return Corpus(vectors, meta, work)
     ds = shard_dataset(embeddings)
     names = set(ds.schema.names)
-    fields = NODE_FIELDS + [f for f in QUALITY_FIELDS if f in names]
-    n = ds.count_rows()
+    if fields is None:
+        fields = NODE_FIELDS + [f for f in OPTIONAL_NODE_FIELDS if f in names]
+    where = pads.field("dup_of").is_null() if skip_duplicates and "dup_of" in names else None
+    n = ds.count_rows(filter=where)
     dim = ds.schema.field("embedding").type.list_size
     tmp = work / "vectors.tmp.npy"
     vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
     metas, row = [], 0
-    for batch in ds.to_batches(columns=["embedding"] + fields, batch_size=batch_rows):
+    for batch in ds.to_batches(columns=["embedding"] + fields, filter=where, batch_size=batch_rows):
         emb = batch.column("embedding")
         vectors[row:row + len(batch)] = emb.values.to_numpy(zero_copy_only=False).reshape(len(batch), dim)
         metas.append(pa.Table.from_batches([batch.drop_columns(["embedding"])]))

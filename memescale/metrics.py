@@ -35,6 +35,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "memescale_serve_encode_batch_size": (
         "histogram", "Encoder batch sizes, by input kind", ("kind",), [1, 2, 4, 8, 16, 32, 64, 128, 256]),
     "memescale_serve_telemetry_events": ("counter", "Telemetry events, by outcome", ("outcome",), None),
+    "memescale_curate_rows": ("counter", "Curate decisions per row, by outcome", ("outcome",), None),
+    "memescale_curate_rows_written": ("counter", "Curated rows written", (), None),
+    "memescale_curate_file_seconds": (
+        "histogram", "Seconds to curate one input file", (), [0.1, 0.3, 1, 3, 10, 30, 100]),
     "memescale_build_shards_built": ("counter", "Shard graphs built by the index build", (), None),
     "memescale_build_shard_seconds": (
         "histogram", "Seconds per shard graph build", (), [1, 3, 10, 30, 100, 300, 1000, 3000]),

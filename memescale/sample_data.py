@@ -10,6 +10,7 @@ so a small dump exercises every path of the ingest.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import random
 import sys
@@ -147,10 +148,13 @@ def write_sample_dump(path: str | Path, records: list[dict], bad_line_every: int
     return path
 
 
-def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 5000) -> None:
-    """Ingest-style Parquet shards of `vectors` with synthetic post metadata (row i: 'post i')."""
+def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 5000,
+                        overrides: dict[str, np.ndarray] | None = None) -> None:
+    """Ingest-style Parquet shards of `vectors` with synthetic post metadata (row i: 'post i',
+    its own URL and content hash); `overrides` replaces whole columns (arrays of N values)."""
     store = ShardStore(str(out))
     n = len(vectors)
+    overrides = overrides or {}
     for f, lo in enumerate(range(0, n, per_file)):
         hi = min(n, lo + per_file)
         ids = np.arange(lo, hi)
@@ -162,8 +166,35 @@ def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 50
             "score": ids % 100, "over_18": ids % 10 == 0,
             "permalink": np.array([f"https://www.reddit.com/r/memes/comments/p{i}/" for i in ids], dtype=object),
             "final_url": np.array([""] * (hi - lo), dtype=object), "mime": np.array(["image/jpeg"] * (hi - lo), dtype=object),
-            "bytes": np.full(hi - lo, 1000), "content_hash": np.array(["h"] * (hi - lo), dtype=object),
+            "bytes": np.full(hi - lo, 1000), "content_hash": np.array([f"h{i}" for i in ids], dtype=object),
             "width": np.full(hi - lo, 640, np.int32), "height": np.full(hi - lo, 480, np.int32),
             "embedding": vectors[lo:hi], "model": np.array(["m"] * (hi - lo), dtype=object),
         }
+        cols.update({k: np.asarray(v)[lo:hi] for k, v in overrides.items()})
         store.write_chunk(ChunkResult(dump="RS_test.zst", index=f, first_line=lo, lines=hi - lo), rows_to_shard_table(cols))
+
+
+REENCODE_KINDS = ("jpeg_q50", "resized", "cropped")
+
+
+def reencode_variants(data: bytes) -> dict[str, bytes]:
+    """Synthetic near-duplicates of an image (first frame, RGB): JPEG quality 50, resized to
+    half size (PNG), and cropped by 5% of each side's length (2.5% per edge, PNG)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    dx, dy = round(w * 0.025), round(h * 0.025)
+    variants = {
+        "jpeg_q50": (rgb, "JPEG", {"quality": 50}),
+        "resized": (rgb.resize((max(1, w // 2), max(1, h // 2))), "PNG", {}),
+        "cropped": (rgb.crop((dx, dy, w - dx, h - dy)), "PNG", {}),
+    }
+    out = {}
+    for kind, (img, fmt, kw) in variants.items():
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        out[kind] = buf.getvalue()
+    return out

@@ -197,7 +197,7 @@ class FilterSpec:
         return not self.nsfw or self.after is not None or self.before is not None or self.subreddits is not None
 
     def keep(self, meta: Mapping[str, Any]) -> bool:
-        if not self.nsfw and _truthy(meta.get("over_18", meta.get("nsfw"))):
+        if not self.nsfw and (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))):
             return False
         if self.after is not None or self.before is not None:
             t = _as_int(meta.get("created_utc"))
@@ -229,8 +229,15 @@ def _truthy(v: Any) -> bool:
 
 
 def _as_int(v: Any) -> int | None:
+    """An int from an int, a numeric string or a float (exact for 64-bit ints); else None."""
     if v is None or isinstance(v, bool):
         return None
+    if isinstance(v, int):
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        pass
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -357,7 +364,7 @@ def result_fields(i: int, meta: Mapping[str, Any], similarity: float) -> dict[st
         "width": _as_int(meta.get("width")),
         "height": _as_int(meta.get("height")),
         "score": _as_int(meta.get("score")),
-        "nsfw": _truthy(meta.get("over_18", meta.get("nsfw"))),
+        "nsfw": (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))),
         "similarity": round(float(similarity), 6),
     }
 
