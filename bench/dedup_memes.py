@@ -76,7 +76,7 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s")
     cc = cfg.curate
     rows = []
-    for t in sorted({cc.near_dup_cosine, 0.95, 0.98, 0.99, 0.995, 0.998}):
+    for t in sorted({cc.near_dup_cosine, 0.95, 0.99, 0.995, 0.998, 0.999}):
         r = pair_recall(emb, meme, kind, t, cc.lsh_recall, cc.lsh_max_bucket)
         rows.append(r)
         mark = "  <- config" if t == cc.near_dup_cosine else ""

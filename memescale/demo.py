@@ -1,9 +1,10 @@
 """`make demo`: the whole product on one machine in a few minutes.
 
 Starts a local Ray (dashboard on), serves sample images from a loopback HTTP server, writes a
-sample dump whose posts link to them, ingests it (the real Ray Data job), builds the index
-(the real sharded build), starts the Serve app, runs one text query, prints the results and
-the page's URL, and keeps serving until Ctrl-C.
+sample dump whose posts link to them, ingests it (the real Ray Data job), curates it (NSFW
+and placeholder filters, duplicate clusters), builds the index (the real sharded build),
+starts the Serve app, runs one text query, prints the results and the page's URL, and keeps
+serving until Ctrl-C.
 
 Images: the shared meme templates (../shared/data/images/memes, with their names as titles)
 when present, else images the demo draws itself. Output goes to `demo-out/` (reused: a second
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     dashboard = init_ray(cfg.ray)
     print(f"Ray dashboard: {dashboard or 'off'}")
     from memescale.build_ray import build_from_shards
+    from memescale.curate_ray import run_curate
     from memescale.ingest_ray import run_ingest
 
     with ImageServer(folder, port=0) as images:
@@ -111,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = out / "index"
         if not (index_dir / "build_summary.json").exists():
             t0 = time.perf_counter()
-            b = build_from_shards(cfg, str(out / "shards"), str(index_dir))
+            c = run_curate(cfg, str(out / "shards"), str(out / "curated"))
+            print(f"curate: {c['rows_written']} of {c['counts']['rows']} images kept, "
+                  f"{c['counts']['duplicate']} marked as duplicates, in {time.perf_counter() - t0:.1f} s "
+                  f"(counts: {c['counts']})")
+            t0 = time.perf_counter()
+            b = build_from_shards(cfg, str(out / "curated"), str(index_dir))
             print(f"index: {b['vectors']} vectors, mean degree {b['mean_degree']:.1f}, "
                   f"built in {time.perf_counter() - t0:.1f} s")
         from serve.app import start
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["results"]:
             print(f"  {r['similarity']:.3f}  r/{r['subreddit']:<14} {r['title'][:60]!s:<60} {r['url']}")
         print(f"\nThe page: {base}/?q={urllib.parse.quote(args.query)}   (API docs: {base}/docs)")
+        print(f"Label pairs for the quality heads: python -m memescale.label --data {out / 'shards'} "
+              f"--db {out / 'labels.sqlite'} --heads {out / 'heads.safetensors'}")
         if args.no_wait:
             return 0
         print("Serving until Ctrl-C ...")

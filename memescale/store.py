@@ -118,7 +118,6 @@ class ShardStore:
             self.fs, self.root = pafs.FileSystem.from_uri(out)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(out)
-        self.fs.create_dir(f"{self.root}/_manifest", recursive=True)
 
     def done(self) -> dict[str, ChunkResult]:
         """All manifest entries by chunk key. O(number of completed chunks)."""
@@ -134,6 +133,7 @@ class ShardStore:
 
     def write_chunk(self, result: ChunkResult, table: pa.Table | None, compression: str = "zstd") -> None:
         """Write the chunk's rows (if any) atomically, then its manifest entry."""
+        self.fs.create_dir(f"{self.root}/_manifest", recursive=True)
         if table is not None and table.num_rows:
             name = f"part-{result.key}.parquet"
             tmp = f"{self.root}/.{name}.tmp"
