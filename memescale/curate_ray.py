@@ -84,6 +84,7 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
     print(f"nsfw probe: {_probe_line(probe)}", flush=True)
 
     store = ShardStore(out)
+    store.fs.create_dir(store.root, recursive=True)
     for stale in store.shard_paths():
         store.fs.delete_file(stale)
     refs = {k: ray.put(v) for k, v in asdict(decisions).items()}

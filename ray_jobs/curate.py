@@ -21,6 +21,7 @@ from memescale.config import ConfigError, load_config
 from memescale.corpus import shard_dataset
 from memescale.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
+from memescale.quality import HeadsError, QualityHeads
 from memescale.ray_runtime import init_ray
 
 log = logging.getLogger("memescale.curate")
@@ -42,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg.curate.quality_heads = str(Path(args.heads).resolve()) if args.heads else ""
         if cfg.curate.placeholder_images:
             check_weights(cfg.model)
-        for f in cfg.curate.placeholder_images + ([cfg.curate.quality_heads] if cfg.curate.quality_heads else []):
+        for f in cfg.curate.placeholder_images:
             if not Path(f).is_file():
-                raise FileNotFoundError(f"{f} (named in the config) does not exist")
+                raise FileNotFoundError(f"placeholder image {f} (named in the config) does not exist")
         if Path(args.inp).resolve() == Path(args.out).resolve():
             raise ConfigError("--out must differ from --in (curated shards replace OUT's shards)")
-        shard_dataset(args.inp)
-    except (ConfigError, WeightsUnavailableError, FileNotFoundError) as e:
+        dim = shard_dataset(args.inp).schema.field("embedding").type.list_size
+        if cfg.curate.quality_heads:
+            QualityHeads.load(cfg.curate.quality_heads, dim=dim)
+    except (ConfigError, WeightsUnavailableError, FileNotFoundError, HeadsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg.ray)

@@ -134,8 +134,10 @@ def test_reencoded_memes_are_found_by_the_configured_model():
 
 # ---- decide and the job ----------------------------------------------------------------------
 
-def make_input(tmp_path: Path, n: int = 1200, d: int = 64) -> tuple[Path, dict]:
-    """Ingest-style shards with planted placeholders, NSFW, exact and near duplicates."""
+def make_input(tmp_path: Path, n: int = 1200, d: int = 64,
+               plant: dict[int, np.ndarray] | None = None) -> tuple[Path, dict]:
+    """Ingest-style shards with planted placeholders, NSFW, exact and near duplicates;
+    `plant` sets given rows' embeddings."""
     x = unit_rows(n, d, 10)
     ids = np.arange(n)
     over_18 = np.zeros(n, bool)
@@ -151,6 +153,8 @@ def make_input(tmp_path: Path, n: int = 1200, d: int = 64) -> tuple[Path, dict]:
     url = np.array([f"https://i.redd.it/{i}.jpg" for i in ids], dtype=object)
     url[301] = url[302] = "https://i.redd.it/crosspost.jpg"
     content[400] = "placeholder-hash"
+    for row, v in (plant or {}).items():
+        x[row] = v
     score = (ids * 7) % 100
     write_vector_shards(tmp_path / "in", x.astype(np.float16), per_file=250, overrides={
         "over_18": over_18, "content_hash": content, "url": url, "score": score})
@@ -195,19 +199,22 @@ def test_curate_job_then_build_indexes_the_kept_rows(tmp_path, ray_session):
     from ray_jobs.build_index import main as build_main
     from ray_jobs.curate import main as curate_main
 
-    inp, truth = make_input(tmp_path)
+    ref = placeholder_image(tmp_path / "removed.png")
+    inp, truth = make_input(tmp_path, plant={700: encode_file(ref)})
     heads = tmp_path / "heads.safetensors"
     train_random_heads(inp, heads)
     args = ["--config", TINY, "--in", str(inp), "--out", str(tmp_path / "cur"), "--heads", str(heads),
             "--set", "ingest.placeholder_hashes=['placeholder-hash']", "--set", "curate.near_dup_cosine=0.99",
-            "--set", "curate.keep_nsfw=true"]
+            "--set", "curate.keep_nsfw=true", "--set", f"curate.placeholder_images=['{ref}']"]
     assert curate_main(args) == 0
     summary = json.loads((tmp_path / "cur" / "curate_summary.json").read_text())
     out = read_shards(str(tmp_path / "cur"))
     assert sorted(p.name for p in (tmp_path / "cur").glob("part-*.parquet")) == \
         sorted(p.name for p in inp.glob("part-*.parquet"))
     assert out.schema.names == shard_schema(64).names + CURATE_FIELDS
-    assert out.num_rows == summary["rows_written"] == 1199  # only the placeholder hash row dropped
+    assert out.num_rows == summary["rows_written"] == 1198  # only the two placeholders dropped
+    assert summary["counts"]["dropped_placeholder_embedding"] == 1 and summary["placeholder_references"] == 1
+    assert 10**12 + 700 not in set(out.column("image_id").to_pylist())
     nsfw = out.column("nsfw").to_numpy(zero_copy_only=False)
     assert nsfw.sum() >= truth["over_18"].sum() - 1
     assert summary["counts"]["duplicate"] == out.column("dup_of").is_valid().to_numpy(zero_copy_only=False).sum() > 0
@@ -221,9 +228,28 @@ def test_curate_job_then_build_indexes_the_kept_rows(tmp_path, ray_session):
     from memescale.index import Index
 
     index = Index.open(tmp_path / "idx")
-    assert len(index) == 1199 - summary["counts"]["duplicate"]
+    assert len(index) == 1198 - summary["counts"]["duplicate"]
     md = index.metadata(np.arange(len(index)))
     assert {"meme", "aesthetic", "useful", "nsfw"} <= md[0].keys()
+
+
+def placeholder_image(path: Path) -> Path:
+    """An "image removed" style placeholder: grey, a dark frame, a light bar."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (161, 81), (200, 200, 200))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, 160, 80), outline=(60, 60, 60), width=6)
+    draw.rectangle((30, 35, 130, 45), fill=(250, 250, 250))
+    img.save(path)
+    return path
+
+
+def encode_file(path: Path) -> np.ndarray:
+    """The tiny model's embedding of an image file, decoded as ingest decodes it (unit fp32)."""
+    from memescale.filters import reference_embeddings
+
+    return reference_embeddings(load_config(TINY), [str(path)])[0]
 
 
 def train_random_heads(inp: Path, out: Path) -> None:
@@ -254,3 +280,7 @@ def test_curate_errors_are_clear(tmp_path, capsys):
     assert curate_main(["--config", TINY, "--in", str(inp), "--out", str(tmp_path / "o"),
                         "--heads", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"not a heads file")
+    assert curate_main(["--config", TINY, "--in", str(inp), "--out", str(tmp_path / "o"),
+                        "--heads", str(tmp_path / "bad.safetensors")]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
