@@ -231,6 +231,9 @@ def test_curate_job_then_build_indexes_the_kept_rows(tmp_path, ray_session):
     assert len(index) == 1198 - summary["counts"]["duplicate"]
     md = index.metadata(np.arange(len(index)))
     assert {"meme", "aesthetic", "useful", "nsfw"} <= md[0].keys()
+    from memescale.weighting import Weighting
+
+    assert {"meme", "aesthetic", "useful"} <= set(Weighting.load(tmp_path / "idx").names)  # search weights
 
 
 def placeholder_image(path: Path) -> Path:

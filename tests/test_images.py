@@ -226,6 +226,33 @@ def test_output_contract_and_original_size_for_big_jpeg(size):
     assert out.pixels.shape == (size, size, 3) and out.pixels.dtype == np.uint8
 
 
+def gradient_checker(width: int, height: int) -> Image.Image:
+    """Red ramps left to right, green top to bottom, blue is a 40 px checkerboard."""
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [x * 255 // width, y * 255 // height, (x // 40 + y // 40) % 2 * 255]
+    return Image.fromarray(np.stack(channels, axis=-1).astype(np.uint8))
+
+
+T = Image.Transpose
+# How a camera stores an upright image under each EXIF orientation (the inverse of the
+# transform a viewer applies).
+STORED_AS = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
+             6: T.ROTATE_90, 7: T.TRANSVERSE, 8: T.ROTATE_270}
+
+
+@pytest.mark.parametrize("width, height, size", [(1000, 700, 64), (999, 1333, 100), (1539, 1027, 384)])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_scaled_jpeg_matches_full_decode(width, height, size, orientation):
+    # Sizes that are not multiples of the DCT scale: the scaled decode's last row and column
+    # are part padding, and the crop must follow the image, not the padded decode.
+    upright = gradient_checker(width, height)
+    want = decode_image(encode(upright, "PNG"), size, MAX_PIXELS).pixels.astype(np.float64)
+    stored = upright.transpose(STORED_AS[orientation]) if orientation > 1 else upright
+    out = decode_image(with_orientation(stored, "JPEG", orientation), size, MAX_PIXELS)
+    assert (out.width, out.height) == (width, height)
+    assert np.abs(out.pixels - want).mean() < 2.5
+
+
 def test_tiny_image_is_upscaled():
     out = decode_image(encode(Image.new("RGB", (3, 5), (10, 200, 30)), "PNG"), SIZE, MAX_PIXELS)
     assert out.pixels.shape == (SIZE, SIZE, 3) and abs(int(out.pixels[30, 30, 1]) - 200) < 3
