@@ -12,14 +12,17 @@ output size (centre crop to --size) and both write JPEG (quality 95) into tar sh
   arrays to the encoder instead).
 - img2dataset: its CLI in .venv-img2dataset (created by bench/setup_peers.sh when missing),
   webdataset output, resize_mode center_crop, processes_count = --procs, thread_count =
-  --threads, EXIF extraction and robots-header checks off (memescale does neither).
+  --threads, EXIF extraction and robots-header checks off (memescale does neither); it
+  decodes in full with OpenCV and resizes with INTER_AREA (its defaults), where memescale
+  decodes JPEGs DCT-scaled and resizes bicubic.
 
 Reported per run, from successful images only: end-to-end rate (process launch to exit,
 interpreter start and imports included), work rate (first worker ready to last worker done),
 and CPU milliseconds per image of the tool's processes (start-up included; the server's CPU
-is shown apart). On a machine shared with other jobs the wall-clock rates move with the
-load; the CPU per image does not, and `--repeat` alternates the tools and keeps each one's
-best run.
+is shown apart), with the 1-minute load average before and after the run. On a machine
+shared with other jobs the wall-clock rates move with the load; the CPU per image does not,
+and `--repeat` alternates the tools, keeps each one's best run, and also gives the ratio of
+each repeat's two back-to-back runs.
 
     .venv/bin/python bench/ingest_throughput.py [--n 2000] [--size 384] [--procs 2] [--repeat 3]
 """
@@ -37,6 +40,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -54,7 +58,8 @@ JPEG_QUALITY = 95
 @dataclass
 class RunStats:
     """One tool's run: images written, failures, the two wall-clock windows, CPU seconds of
-    the tool's processes (start-up included) and of the shared image server during the run."""
+    the tool's processes (start-up included) and of the shared image server during the run,
+    and the machine's 1-minute load average just before and just after it."""
 
     tool: str
     ok: int
@@ -63,6 +68,8 @@ class RunStats:
     work_s: float
     cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    load_before: float = 0.0
+    load_after: float = 0.0
 
     @property
     def end_to_end_rate(self) -> float:
@@ -296,33 +303,47 @@ def _children_cpu_s() -> float:
 
 
 def measure(tool: str, urls: list[str], out: Path, opts: argparse.Namespace, server: ImageServer) -> RunStats:
-    """Run one tool and add the CPU its processes and the image server spent meanwhile."""
-    cpu0, server0 = _children_cpu_s(), server.cpu_s()
+    """Run one tool and add the CPU its processes and the image server spent meanwhile, and
+    the load average around the run."""
+    load0, cpu0, server0 = os.getloadavg()[0], _children_cpu_s(), server.cpu_s()
     stats = RUNNERS[tool](urls, out, opts)
     stats.cpu_s = _children_cpu_s() - cpu0
     stats.server_cpu_s = server.cpu_s() - server0
+    stats.load_before, stats.load_after = load0, os.getloadavg()[0]
     return stats
 
 
 def _line(r: RunStats) -> str:
     return (f"{r.tool:12s} ok={r.ok:5d} failed={r.failed:4d}  end-to-end {r.end_to_end_s:6.2f} s "
             f"{r.end_to_end_rate:6.1f} img/s  work {r.work_s:6.2f} s {r.work_rate:6.1f} img/s  "
-            f"cpu {r.cpu_ms_per_image:5.1f} ms/img (+server {1000 * r.server_cpu_s / r.ok:4.1f})")
+            f"cpu {r.cpu_ms_per_image:5.1f} ms/img (+server {1000 * r.server_cpu_s / r.ok:4.1f})  "
+            f"load {r.load_before:.1f}->{r.load_after:.1f}")
 
 
 def summarize(results: list[RunStats]) -> list[str]:
-    """Best run of each tool (by work rate) and, with both tools, the ratios of the bests."""
+    """Best run of each tool (by work rate) and, with both tools, the ratios of the bests and
+    of each repeat's two back-to-back runs (less exposed to the load changing between runs)."""
     best: dict[str, RunStats] = {}
     for r in results:
         if r.tool not in best or r.work_rate > best[r.tool].work_rate:
             best[r.tool] = r
+    loads = [x for r in results for x in (r.load_before, r.load_after)]
     lines = ["best of each:"] + [_line(r) for r in best.values()]
+    lines.append(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
     if len(best) == 2:
         m, i = best["memescale"], best["img2dataset"]
         lines.append(
             f"ratio memescale/img2dataset: end-to-end {m.end_to_end_rate / i.end_to_end_rate:.2f}x, "
             f"work {m.work_rate / i.work_rate:.2f}x, cpu per image {i.cpu_ms_per_image / m.cpu_ms_per_image:.2f}x"
         )
+        pairs = list(zip(*([r for r in results if r.tool == t] for t in ("memescale", "img2dataset"))))
+        e2e = [m.end_to_end_rate / i.end_to_end_rate for m, i in pairs]
+        cpu = [i.cpu_ms_per_image / m.cpu_ms_per_image for m, i in pairs]
+
+        def listed(xs: list[float]) -> str:
+            return f"{' '.join(f'{x:.2f}' for x in xs)} (median {statistics.median(xs):.2f}x)"
+
+        lines.append(f"ratio per repeat: end-to-end {listed(e2e)}, cpu per image {listed(cpu)}")
     return lines
 
 

@@ -7,9 +7,9 @@ is checked against a per-call limit before any pixel is decoded. Every failure r
 type, `ImageDecodeError`, whose `reason` is one of `REASONS`.
 
 Cost: a JPEG is decoded at the smallest DCT scale (1/1..1/8) that still covers the target
-(draft mode); the centre square is box-reduced by the largest integer factor that keeps it
-at least the target, then resampled (bicubic) in one pass, and EXIF rotation is applied to
-the result, not to the source. Animations contribute their first frame only.
+(draft mode); the crop and resize are one resampling pass over the centre square, with an
+integer pre-reduction for large sources, and EXIF rotation is applied to the (size, size)
+result, not to the source. Animations contribute their first frame only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "ICO", "TIFF")
 REASONS = ("bomb", "truncated", "unsupported", "corrupt")
-REDUCING_GAP = 1.0  # pre-reduce by an integer factor while the result stays >= the target
+REDUCING_GAP = 3.0  # pre-reduce by an integer factor while the result stays >= 3x the target
 WHITE = (255, 255, 255)
 
 _ORIENTATION_TAG = 0x0112
@@ -163,9 +163,9 @@ def _crop_resize(img: Image.Image, size: int, source: tuple[float, float, float,
     """The centre square of `source` (a box in `img`'s pixels) resampled to (size, size).
 
     Equivalent to scaling the shortest side of `source` to `size` and centre-cropping the
-    other. The square is first box-reduced by the largest integer factor that keeps it at
-    least REDUCING_GAP times `size`, then resampled (bicubic) in one pass. Time O(side^2)
-    for the reduction plus O(size^2) for the resampling (at most 9 taps per axis).
+    other: one bicubic pass, after a box reduction by the largest integer factor that keeps
+    the square at least REDUCING_GAP times `size`. Time O(side^2) for the reduction plus
+    O(size^2 x ratio) for the bicubic pass, the ratio left being below 2 x REDUCING_GAP.
     """
     x0, y0, x1, y1 = source
     side = min(x1 - x0, y1 - y0)
