@@ -39,18 +39,19 @@ SUMMARY_FILE = "curate_summary.json"
 class CurateFiles:
     """Ray Data actor: curates whole input files (batches of {path, first_row}) into OUT."""
 
-    def __init__(self, decisions: dict, heads_path: str, out: str):
+    def __init__(self, decisions: dict, heads_path: str, embeddings: str, out: str):
         from memescale.quality import QualityHeads
 
         self.decisions = Decisions(**{k: ray.get(v) for k, v in decisions.items()})
         self.heads = QualityHeads.load(heads_path) if heads_path else None
+        self.in_fs = ShardStore(embeddings).fs
         self.store = ShardStore(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         written = np.zeros(len(batch["path"]), np.int64)
         for i, (path, first) in enumerate(zip(batch["path"], batch["first_row"])):
             t0 = time.perf_counter()
-            table = pq.read_table(path, filesystem=self.store.fs)
+            table = pq.read_table(path, filesystem=self.in_fs)
             out = curate_table(table, int(first), self.decisions, self.heads)
             name = PurePosixPath(path).name
             tmp = f"{self.store.root}/.{name}.tmp"
@@ -92,7 +93,7 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
                              override_num_blocks=max(1, min(len(paths), 64)))
     done = ds.map_batches(CurateFiles, batch_size=1, concurrency=max(1, cfg.curate.score_actors),
                           fn_constructor_kwargs={"decisions": refs, "heads_path": cfg.curate.quality_heads,
-                                                 "out": out}).take_all()
+                                                 "embeddings": embeddings, "out": out}).take_all()
     written = int(sum(r["written"] for r in done))
     expected = report["counts"]["kept"]
     if written != expected:
