@@ -3,9 +3,12 @@
     .venv/bin/python bench/build_sharded.py --dataset ../shared/data/ann/pypi-minilm
     .venv/bin/python bench/build_sharded.py --scaling 100000,200000,400000,800000
 
-1. The 100k shared set built as 8 shards and as 1 shard (same R, L, alpha, PQ): recall@10 at
-   equal search L on both query sets, shard sizes, cohesion next to plain k-means, and every
-   shard task's peak RSS next to the memory it declared to Ray.
+1. The 100k shared set built as 8 shards and as 1 shard (same R, L, alpha, PQ): recall@10 and
+   4 KiB reads per query at equal search L on both query sets, shard sizes, cohesion next to
+   plain k-means, and every shard task's peak RSS next to the memory it declared to Ray. The
+   8-shard index is built once per `--refine` setting (the refinement pass over the merged
+   graph: its L and the share of border nodes it re-searches; 0 = no pass), the later builds
+   reusing the first one's shard graphs.
 2. Synthetic clustered 384-d vectors at growing N (one shard per 100k vectors): build seconds
    by phase, with N log N drawn through the first point; writes a PNG.
 Results go to bench/results/build_sharded.json and build_scaling.png.
@@ -29,37 +32,89 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ann import synthetic  # noqa: E402  (the ANN benchmark's clustered data generator)
 
 from memescale.build_ray import build_from_shards  # noqa: E402
+from memescale.config import IndexConfig  # noqa: E402
 from memescale.config import load_config  # noqa: E402
 from memescale.index import Index  # noqa: E402
 from memescale.ray_runtime import init_ray  # noqa: E402
 from memescale.sample_data import write_vector_shards  # noqa: E402
 
 
-def recall_at(index_dir: Path, queries: np.ndarray, gt: np.ndarray, L: int, k: int = 10) -> float:
-    ids, _, _ = Index.open(index_dir, threads=2).search(queries.astype(np.float32), k, L)
-    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(ids, gt)]))
+def recall_at(index_dir: Path, queries: np.ndarray, gt: np.ndarray, L: int, k: int = 10) -> tuple[float, float]:
+    """(recall@k, mean 4 KiB reads per query) of one batch search at list size L."""
+    with Index.open(index_dir, threads=2) as index:
+        ids, _, stats = index.search(queries.astype(np.float32), k, L)
+    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(ids, gt)])), float(np.mean(stats.reads))
 
 
-def cfg_for(shards: int, a):
+def parse_refine(text: str) -> list[tuple[int, float]]:
+    """"0,32:0.3,16" -> [(0, 0.0), (32, 0.3), (16, 1.0)]: refinement L and fraction per build."""
+    out = []
+    for item in text.split(","):
+        L, _, f = item.partition(":")
+        out.append((int(L), float(f or 1.0) if int(L) else 0.0))
+    return out
+
+
+def cfg_for(shards: int, a, refine_L: int = IndexConfig.refine_L,
+            refine_fraction: float = IndexConfig.refine_fraction):
     return load_config(ROOT / "configs" / "tiny.toml", [
         f"index.shards={shards}", f"index.R={a.R}", f"index.L={a.L}", f"index.alpha={a.alpha}",
-        f"index.pq_bytes={a.pq_bytes}", "index.weight_beta=0", "ray.num_cpus=2", "ray.object_store_mb=512"])
+        f"index.pq_bytes={a.pq_bytes}", "index.weight_beta=0", "ray.num_cpus=2", "ray.object_store_mb=512",
+        f"index.refine_L={refine_L}", f"index.refine_fraction={refine_fraction}"])
 
 
 def shard_comparison(a, work: Path) -> dict:
     ds = Path(a.dataset)
     base = np.load(ds / "base.npy")
+    for old in [*work.glob("idx*"), *work.glob("shards_*")]:  # nothing of an earlier run is reused
+        shutil.rmtree(old)
     write_vector_shards(work / "emb", base, per_file=20_000)
-    out: dict = {"n": len(base), "Ls": a.Ls}
-    for shards in (1, 8):
+    out: dict = {"n": len(base), "Ls": a.Ls, "runs": ["shards_1"]}
+    runs = [(1, 0, 0.0)] + [(8, L, f) for L, f in a.refine]
+    for shards, refine, fraction in runs:
+        key = "shards_1" if shards == 1 else f"shards_8_refine{refine}" + (f"_f{fraction:g}" if refine else "")
+        if shards > 1:
+            out["runs"].append(key)
+        idx = work / key
         t = time.perf_counter()
-        s = build_from_shards(cfg_for(shards, a), str(work / "emb"), str(work / f"idx{shards}"), query_sample=False)
-        out[f"shards_{shards}"] = {"build_s": time.perf_counter() - t, "partition": s["partition"],
-                                   "seconds": s["seconds"], "shards": s["shards"], "mean_degree": s["mean_degree"]}
+        s = build_from_shards(cfg_for(shards, a, refine, fraction), str(work / "emb"), str(idx),
+                              work_dir=str(work / f"idx{shards}.work"), query_sample=False)
+        out[key] = {"build_s": time.perf_counter() - t, "refine_L": s["refine_L"],
+                    "refine_fraction": s["refine_fraction"], "refined_nodes": s["refined_nodes"],
+                    "partition": s["partition"],
+                    "seconds": s["seconds"], "shards": s["shards"], "mean_degree": s["mean_degree"],
+                    "max_degree": s["max_degree"]}
         for qs in ("id", "ood"):
             q, gt = np.load(ds / f"queries_{qs}.npy"), np.load(ds / f"gt_{qs}.npy")
-            out[f"shards_{shards}"][f"recall_{qs}"] = {L: recall_at(work / f"idx{shards}", q, gt, L) for L in a.Ls}
+            res = {L: recall_at(idx, q, gt, L) for L in a.Ls}
+            out[key][f"recall_{qs}"] = {L: r for L, (r, _) in res.items()}
+            out[key][f"reads_{qs}"] = {L: n for L, (_, n) in res.items()}
     return out
+
+
+def print_comparison(cmp: dict) -> None:
+    one = cmp["shards_1"]
+    keys = cmp["runs"]
+    for key in keys:
+        c = cmp[key]
+        sec = c["seconds"]
+        print(f"{key}: build {c['build_s']:.1f} s (shard graphs {sec['graphs']:.1f}, merge {sec['merge']:.1f}, "
+              f"refine {sec.get('refine', 0.0):.1f} over {c['refined_nodes']} nodes), mean degree "
+              f"{c['mean_degree']:.1f}, max {c['max_degree']}")
+        for qs in ("id", "ood"):
+            cells = []
+            for L in cmp["Ls"]:
+                r, n = c[f"recall_{qs}"][L], c[f"reads_{qs}"][L]
+                diff = r - one[f"recall_{qs}"][L]
+                ok = "" if key == "shards_1" else f" {diff:+.4f} {'ok' if diff >= -0.01 else 'MISSED'}"
+                cells.append(f"L={L}: {r:.4f} ({n:.1f} reads){ok}")
+            print(f"   {qs:>3}  " + " | ".join(cells))
+        for sh in c["shards"]:
+            if not sh["skipped"]:
+                print(f"   shard {sh['shard']}: {sh['size']} vectors, {sh['seconds']:.1f} s, peak RSS "
+                      f"{sh['peak_rss'] / 2**20:.0f} MB <= declared {sh['declared_memory'] / 2**20:.0f} MB: "
+                      f"{sh['peak_rss'] <= sh['declared_memory']}")
+    print("partition:", json.dumps(cmp[keys[-1]]["partition"]))
 
 
 def scaling(a, work: Path, sizes: list[int], rows: list[dict], save) -> list[dict]:
@@ -113,7 +168,10 @@ def main() -> None:
     p.add_argument("--L", type=int, default=100)
     p.add_argument("--alpha", type=float, default=1.2)
     p.add_argument("--pq-bytes", type=int, default=48)
-    p.add_argument("--Ls", type=lambda s: [int(x) for x in s.split(",")], default=[30, 50, 100])
+    p.add_argument("--Ls", type=lambda s: [int(x) for x in s.split(",")], default=[20, 30, 50, 100])
+    p.add_argument("--refine", type=parse_refine, default=parse_refine(f"0,{IndexConfig.refine_L}:{IndexConfig.refine_fraction}"),
+                   help="8-shard builds to compare: comma-separated L:fraction of the refinement pass (0: "
+                        f"no pass; L alone: fraction 1); default 0,{IndexConfig.refine_L}:{IndexConfig.refine_fraction}")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "work" / "build"))
     a = p.parse_args()
     work = Path(a.work)
@@ -138,14 +196,8 @@ def main() -> None:
     else:
         cmp = shard_comparison(a, work)
         results["shards"] = cmp
-        for s in (1, 8):
-            c = cmp[f"shards_{s}"]
-            print(f"{s} shard(s): build {c['build_s']:.1f} s, sizes {c['partition'].get('sizes')}, "
-                  f"recall@10 ID {c['recall_id']}, OOD {c['recall_ood']}")
-            for sh in c["shards"]:
-                print(f"   shard {sh['shard']}: {sh['size']} vectors, peak RSS {sh['peak_rss'] / 2**20:.0f} MB "
-                      f"<= declared {sh['declared_memory'] / 2**20:.0f} MB: {sh['peak_rss'] <= sh['declared_memory']}")
-        print("partition:", json.dumps(cmp["shards_8"]["partition"]))
+        out_path.write_text(json.dumps(results, indent=1))
+        print_comparison(cmp)
     out_path.write_text(json.dumps(results, indent=1))
 
 

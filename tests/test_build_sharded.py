@@ -9,8 +9,11 @@ import ray
 from conftest import ROOT, shared_path, start_local_ray
 from memescale.sample_data import write_vector_shards
 from memescale.build_ray import build_from_shards, gather_rows, shard_is_built
+from memescale.config import IndexConfig
 from memescale.config import load_config
-from memescale.index import Index, exact_topk
+from memescale.index import Index, build_vamana, exact_topk, find_medoid, greedy_search
+from memescale.index.merge import border_nodes, merge_shard_graphs
+from memescale.index.vamana import refine_graph
 
 N = 20_000
 
@@ -32,9 +35,9 @@ def data(tmp_path_factory):
     return tmp, base, queries, gt
 
 
-def _cfg(shards: int):
+def _cfg(shards: int, *overrides: str):
     return load_config(ROOT / "configs" / "tiny.toml", [f"index.shards={shards}", "index.R=32", "index.L=64",
-                                                         "index.pq_bytes=48", "index.weight_beta=0"])
+                                                         "index.pq_bytes=48", "index.weight_beta=0", *overrides])
 
 
 def _recall(index_dir, queries, gt, L=48) -> float:
@@ -79,3 +82,89 @@ def test_gather_rows_reads_exactly_the_rows_asked(tmp_path):
     np.save(tmp_path / "v.npy", a)
     ids = np.sort(np.random.default_rng(1).choice(5000, 1200, replace=False)).astype(np.int64)
     assert np.array_equal(gather_rows(str(tmp_path / "v.npy"), ids, block=97), a[ids])
+
+
+def test_refinement_pass_keeps_recall_and_degree(ray_local, data):
+    """The same shard graphs merged without the refinement pass and with it over every node:
+    the default refined index (built above) has at least the plain one's recall, degree <= R,
+    and a rerun gives the same files."""
+    tmp, base, queries, gt = data
+    plain = build_from_shards(_cfg(4, "index.refine_L=0"), str(tmp / "emb"), str(tmp / "four-plain"),
+                              work_dir=str(tmp / "four.work"), query_sample=False)
+    assert plain["refine_L"] == 0 and all(s["skipped"] for s in plain["shards"])
+    again = build_from_shards(_cfg(4), str(tmp / "emb"), str(tmp / "four-again"), work_dir=str(tmp / "four.work"),
+                              query_sample=False)
+    defaults = IndexConfig()
+    assert again["refine_L"] == defaults.refine_L and again["max_degree"] <= 32
+    assert again["refined_nodes"] == round(defaults.refine_fraction * N)
+    assert (tmp / "four-again" / "records.bin").read_bytes() == (tmp / "four" / "records.bin").read_bytes()
+    full = build_from_shards(_cfg(4, "index.refine_fraction=1.0"), str(tmp / "emb"), str(tmp / "four-full"),
+                             work_dir=str(tmp / "four.work"), query_sample=False)
+    assert full["refined_nodes"] == N and full["max_degree"] <= 32
+    r_plain, r_refined, r_full = (_recall(tmp / name, queries, gt, L=24) for name in ("four-plain", "four", "four-full"))
+    assert r_full >= r_refined - 0.002 and r_refined >= r_plain - 0.002, (r_plain, r_refined, r_full)
+
+
+def test_refine_graph_is_deterministic_and_bounded():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    R = 12
+    # two overlapping halves built apart and merged: the graph a sharded build refines
+    halves = [np.arange(0, 1800), np.arange(1200, 3000)]
+    graphs = []
+    for s, ids in enumerate(halves):
+        nb, dg, _ = build_vamana(x[ids], R, 24, 1.2, seed=s, threads=1, progress=False)
+        graphs.append((ids, nb, dg))
+    nb, dg = merge_shard_graphs(x, graphs, R, 1.2, threads=1)
+    nb0, dg0 = nb.copy(), dg.copy()
+    start = find_medoid(x)
+    a = refine_graph(x, nb, dg, start, L=16, seed=3, threads=1, progress=False)
+    b = refine_graph(x, nb, dg, start, L=16, seed=3, threads=3, progress=False)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert np.array_equal(nb, nb0) and np.array_equal(dg, dg0)  # inputs untouched
+    out, deg = a
+    assert out.shape == (3000, R) and deg.max() <= R and deg.min() >= 1
+    for i in range(3000):
+        row = out[i, :deg[i]]
+        assert (row >= 0).all() and (row < 3000).all() and i not in row and len(set(row.tolist())) == deg[i]
+        assert (out[i, deg[i]:] == -1).all()
+    # greedy search over the refined graph finds the exact nearest neighbour at least as often
+    q = rng.standard_normal((200, 24)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = np.argmax(q @ x.T, axis=1)
+    X16 = x.astype(np.float16)
+    norms = np.einsum("ij,ij->i", X16.astype(np.float32), X16.astype(np.float32)).astype(np.float32)
+
+    def hits(graph, degrees):
+        stamps = np.zeros(3000, np.int32)
+        found = 0
+        for t, qv in enumerate(q):
+            ids, ds = greedy_search(X16.view(np.uint16), norms, graph, degrees, start, qv, np.float32(qv @ qv), 8,
+                                    stamps, t + 1)
+            found += int(ids[np.argmin(ds)] == truth[t])
+        return found
+
+    assert hits(out, deg) >= hits(nb, dg)
+    # a subset (the border nodes): the others keep their lists but for reverse edges
+    centroids = np.stack([x[:1800].mean(0), x[1200:].mean(0)])
+    some = border_nodes(x, centroids / np.linalg.norm(centroids, axis=1, keepdims=True), halves, 0.25)
+    assert some.size == 750 and np.array_equal(some, np.unique(some))
+    p1 = refine_graph(x, nb, dg, start, L=16, seed=3, threads=1, progress=False, points=some)
+    p2 = refine_graph(x, nb, dg, start, L=16, seed=3, threads=2, progress=False, points=some[::-1].copy())
+    assert np.array_equal(p1[0], p2[0]) and np.array_equal(p1[1], p2[1]) and p1[1].max() <= R
+    c = refine_graph(x, nb, dg.astype(np.int32), start, L=16, seed=3, threads=2, progress=False, overwrite=True)
+    assert c[0] is nb and np.array_equal(nb, out) and np.array_equal(c[1], deg)
+
+
+def test_border_nodes_takes_the_smallest_margins():
+    x = np.array([[1, 0], [0.7, 0.7], [0, 1], [-1, 0.1], [0.6, -0.8]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)
+    shards = [np.array([0, 1, 4]), np.array([1, 2]), np.array([3])]
+    # margins: 0 in shard 0 only: 1 - 0 = 1; 1 in both 0, 1: 0.707 - (-0.707); 2: 1 - 0; 3: 0.995 - 0.0995;
+    # 4: 0.6 - (-0.6)  -> smallest: 3 (0.9), 0 and 2 (1.0, tie: by id)
+    assert border_nodes(x, centroids, shards, 0.6).tolist() == [0, 2, 3]
+    assert border_nodes(x, centroids, shards, 1.0).tolist() == [0, 1, 2, 3, 4]
+    assert border_nodes(x, centroids[:1], [np.arange(5)], 0.2).tolist() == [0, 1, 2, 3, 4]
+    assert border_nodes(x, centroids, [np.array([0, 1]), np.array([1, 2]), np.array([3])], 0.2).tolist() == [4]

@@ -3,7 +3,8 @@
 Names follow the paper: `greedy_search` (Algorithm 1), `robust_prune` (Algorithm 2) and the
 two-pass `build_vamana` (Algorithm 3: a pass with alpha = 1, then one with the given alpha).
 `prune_lists` re-prunes merged neighbour lists (the union of a node's lists from several
-shard graphs) back to R.
+shard graphs) back to R; `refine_graph` runs one more such pass over an existing graph (the
+merged graph of a sharded build).
 
 Geometry: the graph is built on squared Euclidean distance, ``d(a, b) = |a|^2 + |b|^2 -
 2 a.b``, computed in float32 from fp16 vectors. For the L2-normalised vectors this index
@@ -324,6 +325,68 @@ def _batches(n: int, max_batch: int, grow: bool) -> list[tuple[int, int]]:
     return out
 
 
+def _stamp_allocator(threads: int, N: int):
+    """Per-thread O(N) visit stamps and `take(t, count)`: the first of `count` fresh stamp
+    values of thread t (the thread's row is cleared when the int32 range would run out)."""
+    stamps = np.zeros((threads, N), np.int32)
+    stamp_next = np.ones(threads, np.int64)
+
+    def take(t: int, count: int) -> int:
+        if stamp_next[t] + count >= 2**31 - 1:
+            stamps[t].fill(0)
+            stamp_next[t] = 1
+        s = int(stamp_next[t])
+        stamp_next[t] += count
+        return s
+
+    return stamps, take
+
+
+def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches, L, alpha, R, stamps, take_stamps,
+                 desc: str, progress: bool | None) -> None:
+    """One pass of Algorithm 3 over order[lo:hi] for each (lo, hi) in `batches`: every point's
+    greedy_search from `start` + robust_prune against the graph frozen at the batch start, then
+    its new out-list, then the reverse edges grouped by target. Updates graph/degrees in place."""
+    bar = tqdm(total=int(sum(hi - lo for lo, hi in batches)), desc=desc, unit="pt",
+               disable=None if progress is None else not progress)
+    for lo, hi in batches:
+        points = order[lo:hi]
+        B = hi - lo
+        out = np.full((B, R), -1, np.int32)
+        out_deg = np.zeros(B, np.int32)
+        slices = np.linspace(0, B, min(threads, B) + 1).astype(np.int64)
+
+        def search_slice(t: int, points=points, out=out, out_deg=out_deg, slices=slices) -> None:
+            s0, s1 = int(slices[t]), int(slices[t + 1])
+            stamp0 = take_stamps(t, 2 * (s1 - s0) + 2)
+            _search_and_prune(X, norms, graph, degrees, start, points, s0, s1, L, alpha, R, stamps[t], stamp0, out, out_deg)
+
+        # every point's greedy_search + robust_prune against the frozen graph
+        list(pool.map(search_slice, range(len(slices) - 1)))
+        # N_out(p) <- the pruned list, then the reverse edges, one target per thread
+        graph[points, :R] = out
+        graph[points, R:] = -1
+        degrees[points] = out_deg
+
+        targets, starts, src = _reverse_edges_by_target(points, out, out_deg)
+        gsl = np.linspace(0, targets.shape[0], min(threads, max(1, targets.shape[0])) + 1).astype(np.int64)
+
+        def reverse_slice(t: int, targets=targets, starts=starts, src=src, gsl=gsl) -> None:
+            g0, g1 = int(gsl[t]), int(gsl[t + 1])
+            stamp0 = take_stamps(t, g1 - g0 + 1)
+            _add_reverse_edges(X, norms, graph, degrees, targets, starts, src, g0, g1, alpha, R, stamps[t], stamp0)
+
+        list(pool.map(reverse_slice, range(len(gsl) - 1)))
+        bar.update(B)
+    bar.close()
+
+
+def _prune_back(pool, threads, X, norms, graph, degrees, alpha, R, out, out_deg) -> None:
+    """Lists grown past R by reverse edges are pruned back to R: out (N, R), out_deg (N,)."""
+    graph[np.arange(graph.shape[1])[None, :] >= degrees[:, None]] = -1
+    parallel_for(lambda lo, hi: _prune_rows(X, norms, graph, lo, hi, float(alpha), R, out, out_deg), X.shape[0], threads, pool)
+
+
 def build_vamana(
     vectors: np.ndarray,
     R: int = 64,
@@ -364,56 +427,89 @@ def build_vamana(
     graph = np.full((N, width), -1, np.int32)
     degrees = np.zeros(N, np.int32)
     order = np.random.default_rng(seed).permutation(N).astype(np.int32)
-    stamps = np.zeros((threads, N), np.int32)
-    stamp_next = np.ones(threads, np.int64)
-
-    def take_stamps(t: int, count: int) -> int:
-        if stamp_next[t] + count >= 2**31 - 1:
-            stamps[t].fill(0)
-            stamp_next[t] = 1
-        s = int(stamp_next[t])
-        stamp_next[t] += count
-        return s
+    stamps, take_stamps = _stamp_allocator(threads, N)
 
     with ThreadPoolExecutor(threads) as pool:
         parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
         for pass_no, a in enumerate((1.0, float(alpha))):
             batches = _batches(N, max_batch, grow=pass_no == 0)
             log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches", pass_no + 1, a, N, len(batches))
-            bar = tqdm(total=N, desc=f"vamana pass {pass_no + 1}/2", unit="pt", disable=None if progress is None else not progress)
-            for lo, hi in batches:
-                points = order[lo:hi]
-                B = hi - lo
-                out = np.full((B, R), -1, np.int32)
-                out_deg = np.zeros(B, np.int32)
-                slices = np.linspace(0, B, min(threads, B) + 1).astype(np.int64)
-
-                def search_slice(t: int, a=a, points=points, out=out, out_deg=out_deg, slices=slices) -> None:
-                    s0, s1 = int(slices[t]), int(slices[t + 1])
-                    stamp0 = take_stamps(t, 2 * (s1 - s0) + 2)
-                    _search_and_prune(X, norms, graph, degrees, medoid, points, s0, s1, L, a, R, stamps[t], stamp0, out, out_deg)
-
-                # every point's greedy_search + robust_prune against the frozen graph
-                list(pool.map(search_slice, range(len(slices) - 1)))
-                # N_out(p) <- the pruned list, then the reverse edges, one target per thread
-                graph[points, :R] = out
-                graph[points, R:] = -1
-                degrees[points] = out_deg
-
-                targets, starts, src = _reverse_edges_by_target(points, out, out_deg)
-                gsl = np.linspace(0, targets.shape[0], min(threads, max(1, targets.shape[0])) + 1).astype(np.int64)
-
-                def reverse_slice(t: int, a=a, targets=targets, starts=starts, src=src, gsl=gsl) -> None:
-                    g0, g1 = int(gsl[t]), int(gsl[t + 1])
-                    stamp0 = take_stamps(t, g1 - g0 + 1)
-                    _add_reverse_edges(X, norms, graph, degrees, targets, starts, src, g0, g1, a, R, stamps[t], stamp0)
-
-                list(pool.map(reverse_slice, range(len(gsl) - 1)))
-                bar.update(B)
-            bar.close()
-        # lists grown past R by reverse edges are pruned back to R
-        graph[np.arange(width)[None, :] >= degrees[:, None]] = -1
+            _vamana_pass(pool, threads, X, norms, graph, degrees, medoid, order, batches, L, a, R, stamps, take_stamps,
+                         f"vamana pass {pass_no + 1}/2", progress)
         neighbours = np.empty((N, R), np.int32)
         final = np.empty(N, np.int32)
-        parallel_for(lambda lo, hi: _prune_rows(X, norms, graph, lo, hi, float(alpha), R, neighbours, final), N, threads, pool)
+        _prune_back(pool, threads, X, norms, graph, degrees, alpha, R, neighbours, final)
     return neighbours, final, medoid
+
+
+def refine_graph(
+    vectors: np.ndarray,
+    neighbours: np.ndarray,
+    degrees: np.ndarray,
+    start: int,
+    L: int = 32,
+    alpha: float = 1.2,
+    seed: int = 0,
+    threads: int | None = None,
+    max_batch: int | None = None,
+    slack: float = 1.3,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    points: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One more Vamana pass (Algorithm 3's second pass) over an existing graph: for every
+    point (or every one of `points`), in a seeded random order and in batches as in
+    `build_vamana`, greedy_search the graph from `start` with list size L, robust_prune
+    (alpha) the visited set together with the point's current out-list to R, and add the
+    reverse edges; lists grown past R are pruned back at the end. For the merged graph of a
+    sharded build: the searches run over all the shards at once, so nodes near shard borders
+    gain the cross-shard edges that no single shard graph could hold. A small L (16-32) is
+    enough, since every point starts from a good out-list.
+
+    vectors: (N, d) float16/float32; neighbours: (N, R) int32 padded with -1 (first
+    degrees[i] valid); degrees: (N,) int; start: search start (the medoid of all vectors);
+    points: distinct node ids to re-search (None: all; the others gain reverse edges only).
+    Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32), identical for a
+    seed at any thread count; with overwrite=True they are written into the arrays passed
+    in (neighbours int32 C-contiguous, degrees int32), saving N * R * 4 bytes.
+    Time O(P * (L + R) * R * d) for P points; memory vectors + N * ceil(slack * R) * 4 +
+    threads * N * 4 bytes.
+    """
+    X16 = as_fp16(vectors)
+    N = X16.shape[0]
+    nbrs = np.asarray(neighbours)
+    R = nbrs.shape[1] if nbrs.ndim == 2 else 0
+    deg_in = np.asarray(degrees)
+    if nbrs.shape != (N, R) or deg_in.shape != (N,) or R < 1:
+        raise ValueError(f"neighbours must be (N, R) and degrees (N,) for N={N} vectors")
+    if L < 1 or alpha < 1.0 or not 0 <= int(start) < N:
+        raise ValueError(f"need L >= 1, alpha >= 1 and 0 <= start < N (got L={L}, alpha={alpha}, start={start})")
+    if (deg_in < 0).any() or (deg_in > R).any() or (nbrs >= N).any():
+        raise ValueError("degrees must be in [0, R] and neighbour ids < N")
+    pts = np.arange(N, dtype=np.int32) if points is None else np.asarray(points).astype(np.int32)
+    if pts.ndim != 1 or (pts.size and (pts.min() < 0 or pts.max() >= N)) or np.unique(pts).size != pts.size:
+        raise ValueError("points must be distinct node ids in [0, N)")
+    if overwrite and not (nbrs.dtype == np.int32 and nbrs.flags.c_contiguous and deg_in.dtype == np.int32):
+        raise ValueError("overwrite needs int32 C-contiguous neighbours and int32 degrees")
+    X = X16.view(np.uint16)
+    threads = resolve_threads(threads)
+    width = max(R, int(math.ceil(slack * R)))
+    max_batch = max_batch or max(1000, N // 50)
+
+    norms = np.empty(N, np.float32)
+    graph = np.full((N, width), -1, np.int32)
+    graph[:, :R] = nbrs
+    deg = deg_in.astype(np.int32)  # a copy: with overwrite, deg_in receives the pruned result
+    order = pts[np.random.default_rng(seed).permutation(pts.size)]
+    stamps, take_stamps = _stamp_allocator(threads, N)
+    out, out_deg = (nbrs, deg_in) if overwrite else (np.empty((N, R), np.int32), np.empty(N, np.int32))
+
+    with ThreadPoolExecutor(threads) as pool:
+        parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
+        batches = _batches(pts.size, max_batch, grow=False)
+        log.info("vamana refinement pass (L=%d, alpha=%.3f): %d of %d points in %d batches", L, alpha, pts.size, N,
+                 len(batches))
+        _vamana_pass(pool, threads, X, norms, graph, deg, int(start), order, batches, int(L), float(alpha), R, stamps,
+                     take_stamps, "vamana refinement", progress)
+        _prune_back(pool, threads, X, norms, graph, deg, alpha, R, out, out_deg)
+    return out, out_deg
