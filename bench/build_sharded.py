@@ -9,8 +9,10 @@
    8-shard index is built once per `--refine` setting (the refinement pass over the merged
    graph: its L and the share of border nodes it re-searches; 0 = no pass), the later builds
    reusing the first one's shard graphs.
-2. Synthetic clustered 384-d vectors at growing N (one shard per 100k vectors): build seconds
-   by phase, with N log N drawn through the first point; writes a PNG.
+2. Synthetic clustered 384-d vectors at growing N, sharded at a constant shard size (N /
+   shards = `--scaling-shard`, 50k: every shard task builds 100k vectors, the overlap), as a
+   memory-bounded build is run: build seconds by phase, with N log N drawn through the first
+   point; writes a PNG.
 Results go to bench/results/build_sharded.json and build_scaling.png.
 """
 
@@ -125,7 +127,7 @@ def scaling(a, work: Path, sizes: list[int], rows: list[dict], save) -> list[dic
         d = work / f"syn{n}"
         shutil.rmtree(d, ignore_errors=True)
         write_vector_shards(d / "emb", base, per_file=50_000)
-        shards = max(1, n // 100_000)
+        shards = max(2, round(n / a.scaling_shard))  # every vector in 2 shards: 2n / shards per task
         t = time.perf_counter()
         s = build_from_shards(cfg_for(shards, a), str(d / "emb"), str(d / "idx"), query_sample=False)
         rows[:] = sorted([r for r in rows if r["n"] != n] + [{
@@ -164,6 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "ann" / "pypi-minilm"))
     p.add_argument("--scaling", default="", help="comma-separated sizes for the scaling run (skips part 1)")
+    p.add_argument("--scaling-shard", type=int, default=50_000,
+                   help="scaling run: N / shards (each shard task builds twice that, the overlap)")
     p.add_argument("--R", type=int, default=64)
     p.add_argument("--L", type=int, default=100)
     p.add_argument("--alpha", type=float, default=1.2)

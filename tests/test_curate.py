@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, shared_path, start_local_ray
