@@ -69,3 +69,19 @@ def test_query_aware_pq_beats_plain_pq_on_ood_queries():
     e_plain = query_weighted_error(plain, base, eval_q)
     e_aware = query_weighted_error(aware, base, eval_q)
     assert e_aware < 0.8 * e_plain, (e_aware, e_plain)
+
+
+def test_score_aware_encoding_lowers_the_error_on_each_querys_best_vectors():
+    """eta > 1 trades error along each vector's own direction for error across it: the ADC
+    scores of every query's true top-10 (the ones navigation must rank right) get closer."""
+    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:10000].astype(np.float32)
+    ood = np.load(shared_path("ann", "pypi-minilm", "queries_ood.npy"))[:300].astype(np.float32)
+    codec = train_pq(base, 24, opq_iters=4, kmeans_iters=8, train_size=10000, threads=2, progress=False)
+    exact = ood @ base.T
+    top = np.argsort(-exact, axis=1)[:, :10]
+    rows = np.arange(len(ood))[:, None]
+    errors = {}
+    for eta in (1.0, 4.0):
+        adc = codec.scores(ood, codec.encode(base, threads=2, eta=eta))
+        errors[eta] = float(np.abs(adc[rows, top] - exact[rows, top]).mean())
+    assert errors[4.0] < 0.8 * errors[1.0], errors

@@ -16,6 +16,16 @@ direction adds a rank-one term to the second moment that, on real sentence embed
 lowered the squared error further but not recall. Rot is an orthogonal rotation learned as
 in OPQ (Ge et al., non-parametric: alternate codebook training and the orthogonal
 Procrustes solution). Without queries S_r = I (OPQ, or plain PQ with opq_iters=0).
+
+Score-aware encoding (`PQCodec.encode`, after Guo et al., "Accelerating Large-Scale Inference
+with Anisotropic Vector Quantization", ICML 2020): a vector matters most to the queries that
+score it high, and those lie close to its own direction, so the part of the residual along x
+costs more than the orthogonal part. In y space the ADC error for a query q is
+``(q B) . (y - y_hat)`` and for q ~ x the relevant direction is z = x B; codes are chosen to
+minimise ``|r|^2 + (eta - 1) (r . z)^2 / |z|^2`` (r = y - y_hat) by coordinate descent over
+the subspaces, starting from the nearest-centroid codes. eta = 1 is plain nearest-centroid
+assignment. On the 100k MiniLM set (R=64 graph, 48 bytes, eta = 4) it raised recall@10 at
+search L = 20 / 30 / 50 by 0.024 / 0.012 / 0.005 (OOD) and 0.038 / 0.020 / 0.008 (ID).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from .kernels import gram, matmul_rows, parallel_for, resolve_threads, single_th
 log = logging.getLogger(__name__)
 
 K = 256  # centroids per subspace: one byte per subvector
+SCORE_AWARE_ETA = 4.0  # weight of the residual along the vector's query direction (1: isotropic)
+SCORE_AWARE_SWEEPS = 2  # coordinate-descent passes over the subspaces per vector
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -101,6 +113,65 @@ def adc_score(table, code):
     for m in range(code.shape[0]):
         s += table[m * K + code[m]]
     return s
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _score_aware(Y, Z, lo, hi, centroids, codes, eta, sweeps):
+    """Re-choose codes of rows [lo, hi) to minimise |r|^2 + (eta - 1) (r . z)^2 / |z|^2 with
+    r = y - y_hat, by `sweeps` coordinate-descent passes over the M subspaces (strict
+    improvements only, so an exact code stays). Y, Z: (n, D) float32; centroids (M, K, dsub).
+    O((hi - lo) * sweeps * K * D)."""
+    M, k, dsub = centroids.shape
+    D = M * dsub
+    r = np.empty(D, np.float32)
+    for i in range(lo, hi):
+        zz = np.float32(0.0)
+        for j in range(D):
+            zz += Z[i, j] * Z[i, j]
+        w = np.float32(eta - 1.0) / max(zz, np.float32(1e-20))
+        rr = np.float32(0.0)
+        rz = np.float32(0.0)
+        for m in range(M):
+            for j in range(dsub):
+                t = Y[i, m * dsub + j] - centroids[m, codes[i, m], j]
+                r[m * dsub + j] = t
+                rr += t * t
+                rz += t * Z[i, m * dsub + j]
+        for _ in range(sweeps):
+            for m in range(M):
+                o = m * dsub
+                rm2 = np.float32(0.0)
+                rmz = np.float32(0.0)
+                for j in range(dsub):
+                    rm2 += r[o + j] * r[o + j]
+                    rmz += r[o + j] * Z[i, o + j]
+                best = codes[i, m]
+                best_loss = rr + w * rz * rz
+                base_rr = rr - rm2
+                base_rz = rz - rmz
+                for c in range(k):
+                    a = np.float32(0.0)
+                    b = np.float32(0.0)
+                    for j in range(dsub):
+                        t = Y[i, o + j] - centroids[m, c, j]
+                        a += t * t
+                        b += t * Z[i, o + j]
+                    nz = base_rz + b
+                    loss = base_rr + a + w * nz * nz
+                    if loss < best_loss:
+                        best_loss = loss
+                        best = c
+                if best != codes[i, m]:
+                    codes[i, m] = best
+                    a = np.float32(0.0)
+                    b = np.float32(0.0)
+                    for j in range(dsub):
+                        t = Y[i, o + j] - centroids[m, best, j]
+                        r[o + j] = t
+                        a += t * t
+                        b += t * Z[i, o + j]
+                    rr = base_rr + a
+                    rz = base_rz + b
 
 
 def _assign_all(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,15 +244,24 @@ class PQCodec:
             raise ValueError(f"expected (n, {self.dim}) vectors, got shape {x.shape}")
         return matmul_rows(x, T, pool)
 
-    def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536) -> np.ndarray:
-        """PQ codes (N, M) uint8 of vectors (N, d) float16/float32. O(N * K * D)."""
+    def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536,
+               eta: float = SCORE_AWARE_ETA) -> np.ndarray:
+        """PQ codes (N, M) uint8 of vectors (N, d) float16/float32, score-aware with weight
+        `eta` (module doc; 1: nearest centroid). O(N * K * D * (1 + 2 * sweeps))."""
         threads = resolve_threads(threads)
         n = vectors.shape[0]
         codes = np.empty((n, self.M), np.uint8)
+        cent = np.ascontiguousarray(self.centroids, np.float32)
         with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
             for lo in range(0, n, block):
-                Y = self._transform(vectors[lo : lo + block], self.base_transform, pool)
-                codes[lo : lo + Y.shape[0]] = _assign_all(Y, self.centroids, threads, pool)[0]
+                x = vectors[lo : lo + block]
+                Y = self._transform(x, self.base_transform, pool)
+                c = _assign_all(Y, self.centroids, threads, pool)[0]
+                if eta != 1.0:
+                    Z = self._transform(x, self.query_transform, pool)
+                    parallel_for(lambda a, b: _score_aware(Y, Z, a, b, cent, c, eta, SCORE_AWARE_SWEEPS),
+                                 len(c), threads, pool)
+                codes[lo : lo + len(c)] = c
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
