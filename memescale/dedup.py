@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
+from tqdm.auto import tqdm
 
 from memescale.index.kernels import widen
 
@@ -218,6 +219,7 @@ def cluster(vectors: np.ndarray, rows: np.ndarray, exact: dict[str, np.ndarray],
     per_block = max(1, min(shape.bands, KEY_BYTES_BUDGET // max(1, 8 * n)))
     buf = np.empty((max_bucket + 1, d), np.float32)
     X16 = X.view(np.uint16)
+    bar = tqdm(total=shape.bands, desc="near-duplicate bands", unit="band", disable=None)
     for b0 in range(0, shape.bands, per_block):
         nb = min(per_block, shape.bands - b0)
         keys = _band_keys(X, rows, planes[:, b0 * shape.bits:(b0 + nb) * shape.bits], shape.bits)
@@ -229,6 +231,8 @@ def cluster(vectors: np.ndarray, rows: np.ndarray, exact: dict[str, np.ndarray],
             rep.near_joins += int(j)
             rep.buckets_over_cap += int(o)
             rep.unverified += int(u)
+            bar.update(1)
+    bar.close()
     return parent, rep
 
 
