@@ -59,13 +59,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 from aiohttp import web
 
 from memescale.config import ConfigError, CurateConfig, load_config
 from memescale.labelstore import CHANNELS, GRADES, Label, LabelError, LabelStore
 from memescale.logs import setup_logging
 from memescale.search_service import REDDIT
-from memescale.store import embeddings_of, read_shards
+from memescale.corpus import shard_dataset
+from memescale.store import embeddings_of
 
 log = logging.getLogger("memescale.label")
 
@@ -124,10 +126,20 @@ class Pool:
 
 def load_pool(data: str, size: int | None = None, seed: int = 0) -> Pool:
     """Read the shards of `data` (a local folder or URI) into a Pool; UsageError when there is
-    no such folder, no shard, fewer than 2 images or a mix of embedding models."""
+    no such folder, no shard, fewer than 2 images or a mix of embedding models. With `size`
+    only a seeded sample of that many rows is read (memory O(size x dim), not the corpus)."""
     if "://" not in data and not Path(data).is_dir():
         raise UsageError(f"data directory {data} does not exist")
-    table = read_shards(data, POOL_COLUMNS)
+    try:
+        dataset = shard_dataset(data)
+    except FileNotFoundError:
+        raise UsageError(f"no embedding shards in {data}") from None
+    total = dataset.count_rows()
+    if size is not None and size < total:
+        picked = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+        table = dataset.take(pa.array(picked), columns=POOL_COLUMNS)
+    else:
+        table = dataset.to_table(columns=POOL_COLUMNS)
     if table.num_rows == 0:
         raise UsageError(f"no embedding shards in {data}")
     models = sorted(set(table.column("model").to_pylist()) - {None})
@@ -135,8 +147,6 @@ def load_pool(data: str, size: int | None = None, seed: int = 0) -> Pool:
         raise UsageError(f"{data} mixes embeddings of several models: {models}")
     ids = table.column("image_id").to_numpy().astype(np.int64)
     rows = np.sort(np.unique(ids, return_index=True)[1])
-    if size is not None and size < len(rows):
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
     if len(rows) < 2:
         raise UsageError(f"{data} has {len(rows)} distinct image(s): a pair needs 2")
     table = table.take(rows)

@@ -384,3 +384,14 @@ def test_html_title_is_inert_and_a_broken_image_is_a_placeholder(page, data, tmp
         assert not page.dialogs
         # the 404 image is the page's only console error
         assert all("404" in p for p in page.problems), page.problems
+
+
+def test_pool_sample_reads_only_the_rows_asked(tmp_path):
+    """--pool N: a seeded sample of N rows (the same for a seed), read without the whole corpus."""
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16)
+    write_vector_shards(tmp_path, x, per_file=700)
+    a, b, c = load_pool(str(tmp_path), 50, seed=1), load_pool(str(tmp_path), 50, seed=1), load_pool(str(tmp_path), 50, seed=2)
+    assert len(a) == 50 and a.emb.shape == (50, 16) and np.array_equal(a.ids, b.ids)
+    assert not np.array_equal(a.ids, c.ids)
+    rows = a.ids - 10**12
+    assert np.array_equal(a.emb, x[rows])  # each sampled id carries its own embedding
