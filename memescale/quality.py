@@ -54,6 +54,7 @@ FORMAT = "memescale-quality-heads"
 FORMAT_VERSION = 1
 TENSORS = ("W1", "b1", "W2", "b2")
 SOFT_TARGETS = {2: 0.9, 1: 0.7, 0: 0.5, -1: 0.3, -2: 0.1}  # grade -> P(left beats right)
+QUANTILE_SAMPLE = 200_000  # rows of the shards the CLI fits the quantile knots on
 INFER_BATCH_FLOATS = 1 << 23  # bound on the (E, batch, h) hidden activations of `raw` (32 MiB)
 
 __all__ = ["CHANNELS", "HeadsError", "PairSet", "QualityHeads", "main", "pairs_from_labels",
@@ -451,32 +452,43 @@ def _report(heads: QualityHeads, x: np.ndarray, pairs: PairSet, train_idx: np.nd
 
 # -- CLI --------------------------------------------------------------------------------------
 def _train_cli(args: argparse.Namespace) -> dict:
+    """Read only the labelled rows (to train) and a seeded sample of QUANTILE_SAMPLE rows (for
+    the quantile knots) of the shards, so memory is O((labelled + sample) x dim)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
     from memescale.config import load_config
+    from memescale.corpus import shard_dataset
     from memescale.labelstore import read_labels
-    from memescale.store import embeddings_of, read_shards
+    from memescale.store import embeddings_of
 
     cfg = load_config(args.config, args.set).curate
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"shard directory {args.data} does not exist")
-    table = read_shards(args.data, ["image_id", "embedding", "model"])
-    if table.num_rows == 0:
-        raise ValueError(f"no embedding shards in {args.data}")
-    models = sorted(set(table.column("model").to_pylist()) - {None})
+    labels = read_labels(args.labels)
+    dataset = shard_dataset(args.data)
+    columns = ["image_id", "embedding", "model"]
+    named = sorted({lb.left for lb in labels} | {lb.right for lb in labels})
+    table = dataset.to_table(columns=columns, filter=pads.field("image_id").isin(pa.array(named, pa.int64())))
+    total = dataset.count_rows()
+    rng = np.random.default_rng(args.seed)
+    sample = dataset.take(pa.array(np.sort(rng.choice(total, min(total, QUANTILE_SAMPLE), replace=False))),
+                          columns=columns)
+    models = sorted((set(table.column("model").to_pylist()) | set(sample.column("model").to_pylist())) - {None})
     if len(models) > 1:
         raise ValueError(f"{args.data} mixes embeddings of several models: {models}")
-    emb = embeddings_of(table)
-    pairs, skipped = pairs_from_labels(read_labels(args.labels), table.column("image_id").to_numpy())
+    pairs, skipped = pairs_from_labels(labels, table.column("image_id").to_numpy())
     if len(pairs) == 0:
         raise ValueError(f"no usable pairs in {args.labels}: {skipped} labels name images "
                          f"absent from {args.data}")
-    heads, report = train_heads(emb, pairs, members=cfg.heads_members, hidden=cfg.heads_hidden,
+    heads, report = train_heads(embeddings_of(table), pairs, members=cfg.heads_members, hidden=cfg.heads_hidden,
                                 holdout=cfg.heads_holdout, max_epochs=cfg.heads_max_epochs,
                                 patience=cfg.heads_patience, seed=args.seed)
     heads.model = models[0] if models else ""
-    heads.fit_quantiles(emb)
+    heads.fit_quantiles(embeddings_of(sample))
     heads.save(args.out)
-    return {"out": str(args.out), "dim": heads.dim, "model": heads.model, "rows": len(emb),
-            "skipped": skipped, **report}
+    return {"out": str(args.out), "dim": heads.dim, "model": heads.model, "rows": total,
+            "labelled_rows": table.num_rows, "quantile_rows": sample.num_rows, "skipped": skipped, **report}
 
 
 def main(argv: list[str] | None = None) -> int:
