@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit
 from tqdm.auto import tqdm
 
-from memescale.index.kernels import widen
+from memescale.index.kernels import as_fp16, widen
 
 KEY_BYTES_BUDGET = 256 * 2**20  # band keys held at once (bands are hashed in blocks)
 
@@ -201,9 +201,7 @@ def cluster(vectors: np.ndarray, rows: np.ndarray, exact: dict[str, np.ndarray],
     `vectors`: (N, d) fp16 L2-normalised (memmap fine); `exact`: key name -> (n,) int64 codes
     (from `dictionary_codes`) of the same positions. See the module docstring for the cost.
     """
-    X = np.ascontiguousarray(vectors) if not isinstance(vectors, np.memmap) else vectors
-    if X.dtype != np.float16:
-        X = X.astype(np.float16)
+    X = as_fp16(vectors)  # a view of fp16 input (memmaps stay mapped), else one fp16 copy
     rows = np.asarray(rows, np.int64)
     n, d = len(rows), X.shape[1]
     parent = np.arange(n, dtype=np.int64)
