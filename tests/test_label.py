@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -22,6 +21,7 @@ import pytest
 import requests
 from aiohttp import web
 
+from conftest import chromium_browser
 from memescale.config import CurateConfig
 from memescale.label import Labeller, PairChooser, load_pool, main, make_app, pair_key
 from memescale.labelstore import LabelStore
@@ -29,9 +29,6 @@ from memescale.sample_data import ImageServer, write_vector_shards
 from memescale.store import ChunkResult, ShardStore, read_shards
 from serve.sample_index import XSS_TITLE, random_unit_vectors, write_images
 
-CHROMIUM = Path(os.environ.get("MEMESCALE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DIM, N = 16, 40
 RATER = "anna"
 
@@ -304,16 +301,8 @@ def test_cli_export_import_and_errors(data, tmp_path, capsys, monkeypatch):
 # -- the page in Chromium ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (make test does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium_browser() as b:
+        yield b
 
 
 @pytest.fixture

@@ -4,28 +4,22 @@ HTML title renders as inert text."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from memescale.sample_data import ImageServer
-from conftest import free_port, start_local_ray
+from conftest import chromium_browser, free_port, require_chromium, start_local_ray
 from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-CHROMIUM = Path(os.environ.get("MEMESCALE_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K = 12
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium (make test does)")
+    require_chromium()
     import ray
 
     from serve import app as serve_app
@@ -46,14 +40,8 @@ def base_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(base_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium_browser() as b:
+        yield b
 
 
 @pytest.fixture
