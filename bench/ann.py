@@ -8,8 +8,8 @@ by bench/setup_peers.sh), pinned to the same --cores CPUs with --threads threads
 the other, never concurrently:
 - memescale (bench/peers/memescale_runner.py, project venv): built twice, plain PQ and
   query-aware PQ (trained on the first --eval-start OOD queries); timed from a cold start
-  (page cache evicted before each L), cold per query (evicted before every --threads queries,
-  the O_DIRECT-like case) and warm.
+  (page cache evicted before each L), direct (O_DIRECT reads with native AIO: every read from
+  the device, as diskannpy reads) and warm.
 - diskannpy 0.7.0 disk index (bench/peers/diskann_runner.py, .venv-diskann): same R, L,
   alpha (its fixed 1.2), same PQ bytes in RAM; O_DIRECT reads; searched at --threads and
   at the --diskann-threads extras.
@@ -55,10 +55,10 @@ TARGET_QPS_RATIO = 1.5
 STYLE = {  # curve key -> (label, colour, line style, marker)
     "memescale-qa-warm": ("memescale, query-aware PQ, warm", "C3", "-", "o"),
     "memescale-qa-cold": ("memescale, query-aware PQ, cold start", "C3", "--", "o"),
-    "memescale-qa-coldq": ("memescale, query-aware PQ, cold per query", "C3", ":", "o"),
+    "memescale-qa-direct": ("memescale, query-aware PQ, direct I/O", "C3", ":", "o"),
     "memescale-plain-warm": ("memescale, plain PQ, warm", "C1", "-", "s"),
     "memescale-plain-cold": ("memescale, plain PQ, cold start", "C1", "--", "s"),
-    "memescale-plain-coldq": ("memescale, plain PQ, cold per query", "C1", ":", "s"),
+    "memescale-plain-direct": ("memescale, plain PQ, direct I/O", "C1", ":", "s"),
     "diskannpy-t2": ("diskannpy disk index, 2 threads", "C0", "-", "^"),
     "diskannpy-t8": ("diskannpy disk index, 8 threads", "C0", ":", "^"),
     "faiss-ivfpq": ("faiss IVF-PQ (RAM)", "C2", "-", "v"),
@@ -67,7 +67,7 @@ STYLE = {  # curve key -> (label, colour, line style, marker)
 }
 
 
-PLOT_SKIP = {"memescale-plain-cold", "memescale-plain-coldq"}  # in the table and JSON only
+PLOT_SKIP = {"memescale-plain-cold", "memescale-plain-direct"}  # in the table and JSON only
 
 
 def parse_args(argv=None):
@@ -147,7 +147,7 @@ def need(python: Path) -> str:
 
 
 def run_systems(a, dataset: str, work: Path, systems: list[str], Ls: str, tag: str = "",
-                memescale_variants: str = "plain,qa", modes: str = "cold,coldq,warm") -> dict:
+                memescale_variants: str = "plain,qa", modes: str = "cold,direct,warm") -> dict:
     """Run each requested system's runner; returns {system: parsed JSON}."""
     reuse_results = set(filter(None, a.reuse_results.split(",")))
     out = {}
@@ -308,7 +308,7 @@ def head_to_head(curves: list[dict], k: int) -> list[str]:
     cols = [("memescale-plain-warm", "plain"), ("memescale-qa-warm", "q-aware"),
             ("diskannpy-t2", "diskann")]
     qcols = [("memescale-qa-warm", "qa warm"), ("memescale-qa-cold", "qa cold"),
-             ("memescale-qa-coldq", "qa cold/q"), ("diskannpy-t2", "dk 2thr"),
+             ("memescale-qa-direct", "qa direct"), ("diskannpy-t2", "dk 2thr"),
              ("diskannpy-t8", "dk 8thr")]
     lines = []
     for qs in C.QUERY_SETS:
@@ -350,7 +350,7 @@ def verdict(curves: list[dict], threads: int) -> tuple[list[dict], str]:
                     f"max recall {best:.4f}" + (f", first reached at L={r['knob']}" if r else
                                                 f" at L<={c['points'][-1]['L']}"))
     # 2./3. QPS >= 1.5x and reads <= diskannpy's at equal recall.
-    for key in ("memescale-qa-warm", "memescale-qa-cold", "memescale-qa-coldq"):
+    for key in ("memescale-qa-warm", "memescale-qa-cold", "memescale-qa-direct"):
         for qs in C.QUERY_SETS:
             m, d = find(curves, key, qs), find(curves, dk, qs)
             if not (m and d):
@@ -500,8 +500,9 @@ def notes_text(a, raw, start, end) -> str:
             f"entry point), beam width {m['params'].get('beam_width')}; reads/q = the index's own count "
             "of 4 KiB record reads. 'cold start' = page cache evicted (posix_fadvise DONTNEED) and "
             "index reopened before each L: the batch starts cold, later queries reuse pages earlier "
-            "ones read ('disk KiB/q' = what really came from disk). 'cold per query' = pages evicted "
-            f"before every {a.threads} queries (the O_DIRECT-like case, the fair match for diskannpy). "
+            "ones read ('disk KiB/q' = what really came from disk). 'direct I/O' = O_DIRECT reads "
+            "with Linux native AIO, every record read from the device (the like-for-like match for "
+            "diskannpy, which reads the same way); each worker thread keeps its queries' reads in flight together. "
             f"'warm' = best of {a.reps} passes after one untimed pass (everything in the page cache).")
     if "memescale" in raw:
         for v in raw["memescale"]["variants"]:

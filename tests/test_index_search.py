@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +13,22 @@ from conftest import shared_path
 
 from memescale.index import Index, IndexParams, build_index, exact_topk
 from memescale.index.__main__ import main
+from memescale.index.aio import DirectIOUnavailable
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def o_direct_ok(folder: Path) -> bool:
+    """Whether files in `folder` can be opened with O_DIRECT (tmpfs, for one, refuses)."""
+    probe = folder / "records.bin"
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
 
 
 def recall(ids: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
@@ -74,6 +88,48 @@ def test_stats_budget_cache_and_threads(small):
         assert (stats.reads == 0).all()
 
 
+def test_direct_reads_match_mapped_reads(small):
+    out, X = small
+    Q = unit_vectors(40, 24, seed=11)
+    with Index.open(out, threads=2, cache_nodes=0) as mapped:
+        want = mapped.search(Q, 5, L=40)
+        capped = mapped.search(Q, 5, L=40, io_budget=7)[2]
+    try:
+        direct = Index.open(out, threads=2, cache_nodes=16, io="direct", interleave=3)
+    except DirectIOUnavailable as e:
+        pytest.skip(f"no O_DIRECT / native AIO here: {e}")
+    with direct:
+        for _ in range(2):  # the second call reuses the AIO slots of the first
+            ids, scores, stats = direct.search(Q, 5, L=40)
+            np.testing.assert_array_equal(ids, want[0])
+            np.testing.assert_array_equal(scores, want[1])
+        assert (stats.reads <= want[2].reads).all() and stats.reads.sum() < want[2].reads.sum()  # node cache
+        ids, _, stats = direct.search(Q, 5, L=len(X), beam_width=16)  # every node, the last sector too
+        np.testing.assert_array_equal(ids, exact_topk(Q, X.astype(np.float16), 5)[0])
+        assert (stats.reads == len(X) - 16).all()
+        assert (direct.search(Q, 5, L=40, io_budget=7)[2].reads <= capped.reads).all()
+    with pytest.raises(ValueError, match="io must be"):
+        Index.open(out, io="uring")
+
+
+def test_direct_reads_refused_where_o_direct_is(small, monkeypatch):
+    """A filesystem that refuses O_DIRECT (as tmpfs did before Linux 6.6) gives a clear
+    DirectIOUnavailable at open, and the default read path still works there."""
+    out, _ = small
+    real_open = os.open
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(DirectIOUnavailable, match="cannot open .*records.bin with O_DIRECT: Invalid argument"):
+        Index.open(out, io="direct")
+    with Index.open(out) as mapped:
+        assert mapped.search(unit_vectors(2, 24), 3, L=20)[0].shape == (2, 3)
+
+
 @pytest.fixture(scope="module")
 def minilm_20k(tmp_path_factory):
     base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:20000]
@@ -120,6 +176,10 @@ def test_cli_build_and_search_round_trip(tmp_path, capsys):
     assert ids.shape == (50, 10) and ids.dtype == np.int64
     np.testing.assert_array_equal(ids, gt)
     assert "recall@10 1.0000" in printed and "QPS" in printed and "reads" in printed
+    if o_direct_ok(tmp_path / "idx"):
+        assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(tmp_path / "q.npy"), "--k", "10",
+                     "--L", "800", "--io", "direct", "--out", str(tmp_path / "ids2.npy")]) == 0
+        np.testing.assert_array_equal(np.load(tmp_path / "ids2.npy"), gt)
     with Index.open(tmp_path / "idx") as index:
         assert index.metadata([7]) == [{"url": "https://x/7.png", "title": "t7"}]
     assert main(["search", "--index", str(tmp_path / "nope"), "--queries", str(tmp_path / "q.npy"),

@@ -11,11 +11,10 @@ here and swept over L twice:
   (posix_fadvise DONTNEED) and it is reopened, so the batch starts with nothing cached. Pages
   read by earlier queries of the same batch stay cached for later ones (as they would in a
   server); the physical bytes read per query (/proc/self/io) say how cold the batch really was.
-- coldq: the index stays open, and before every group of --threads queries its mapped pages
-  are dropped (madvise DONTNEED on the mapping, then posix_fadvise DONTNEED on the files), so
-  every query starts with an empty page cache, as with O_DIRECT; only the index's own node
-  cache (--cache-nodes records copied into RAM at open) survives. QPS = queries / the summed
-  wall time of the search calls (the evictions between them are not timed).
+- direct: the index opened with io="direct": every record read is an O_DIRECT read from the
+  device (Linux native AIO), as diskannpy reads, so no page cache is involved at all; only
+  the index's own node cache (--cache-nodes records copied into RAM at open) saves reads.
+  Best of --reps timed passes (each pass reads everything from the device again).
 - warm: after one untimed pass over the queries, best of --reps timed passes.
 """
 
@@ -24,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -57,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--modes", default="cold,coldq,warm")
+    ap.add_argument("--modes", default="cold,direct,warm")
     ap.add_argument("--cache-nodes", type=int, default=1024,
                     help="records kept in RAM by Index.open (breadth-first from the entry points)")
     ap.add_argument("--metadata", default="text", choices=["text", "none"],
@@ -183,14 +181,6 @@ def pq_diagnostics(index, data, k: int) -> dict:
     return out
 
 
-def drop_mapped(index, vdir: Path) -> None:
-    """Evict the records of an open index: unmap its touched pages, then drop them."""
-    mm = getattr(index, "_mm", None)
-    if mm is not None:
-        mm.madvise(mmap.MADV_DONTNEED)
-    evict(vdir)
-
-
 def main(argv=None):
     a = parse_args(argv)
     cpus = C.pin_threads(a.cores, a.threads)
@@ -252,10 +242,10 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
           f"file +{(rss1['RssFile'] - rss0['RssFile']) / 2**20:.1f})")
     Ls = [max(a.k, int(x)) for x in a.Ls.split(",")]
 
-    def one(Q, L):
+    def one(idx, Q, L):
         io0 = C.io_read_bytes()
         t = time.perf_counter()
-        ids, scores, stats = index.search(Q, a.k, L=L, beam_width=a.beam_width)
+        ids, scores, stats = idx.search(Q, a.k, L=L, beam_width=a.beam_width)
         dt = time.perf_counter() - t
         return ids, stats, dt, C.io_read_bytes() - io0
 
@@ -280,35 +270,28 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
     out["pq_diagnostics"] = pq_diagnostics(index, data, a.k)
     for mode in a.modes.split(","):
         run = {"threads": a.threads, "mode": mode, "points": []}
+        searcher = (Index.open(str(vdir), threads=a.threads, cache_nodes=a.cache_nodes, io="direct")
+                    if mode == "direct" else None)
         for qs in C.QUERY_SETS:
             Q, gt = data["queries"][qs], data["gt"][qs]
             if mode == "warm":
-                one(Q, max(Ls))  # bring every page the sweep can touch into the page cache
+                one(index, Q, max(Ls))  # bring every page the sweep can touch into the page cache
             for L in Ls:
                 if mode == "cold":
                     index.close()
                     evict(vdir)
                     index = Index.open(str(vdir), threads=a.threads, cache_nodes=a.cache_nodes)
-                    ids, stats, dt, phys = one(Q, L)
-                elif mode == "coldq":
-                    parts, dt, phys = [], 0.0, 0
-                    for lo in range(0, len(Q), a.threads):
-                        drop_mapped(index, vdir)
-                        r = one(Q[lo:lo + a.threads], L)
-                        parts.append(r)
-                        dt += r[2]
-                        phys += r[3]
-                    ids = np.concatenate([r[0] for r in parts])
-                    stats = {name: np.concatenate([np.asarray(getattr(r[1], name)) for r in parts])
-                             for name in ("reads", "pq_comparisons", "ms")}
+                    ids, stats, dt, phys = one(index, Q, L)
                 else:
                     best = None
                     for _ in range(a.reps):
-                        r = one(Q, L)
+                        r = one(searcher or index, Q, L)
                         if best is None or r[2] < best[2]:
                             best = r
                     ids, stats, dt, phys = best
                 run["points"].append(point(qs, L, mode, ids, stats, dt, phys, Q, gt))
+        if searcher is not None:
+            searcher.close()
         out["runs"].append(run)
     index.close()
     return out

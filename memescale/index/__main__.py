@@ -3,7 +3,8 @@
     python -m memescale.index build --vectors X.npy [--queries Q.npy] [--metadata M.jsonl]
         [--R 64] [--L 100] [--alpha 1.2] [--pq-bytes 48] [--seed 0] [--threads N] --out DIR
     python -m memescale.index search --index DIR --queries Q.npy --k 10 --L 64
-        [--beam-width 4] [--io-budget N] [--threads N] [--cache-nodes N] [--gt GT.npy] --out IDS.npy
+        [--beam-width 4] [--io-budget N] [--threads N] [--cache-nodes N] [--io mmap|direct]
+        [--gt GT.npy] --out IDS.npy
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from .build import IndexParams, build_index
 from .disk import IndexFormatError
-from .search import Index
+from .aio import DirectIOUnavailable
+from .search import IO_MODES, Index
 
 log = logging.getLogger("memescale.index")
 
@@ -59,7 +61,7 @@ def recall_at_k(ids: np.ndarray, gt: np.ndarray, k: int) -> float:
 
 def _search(args: argparse.Namespace) -> int:
     queries = np.load(args.queries)
-    with Index.open(args.index, threads=args.threads, cache_nodes=args.cache_nodes) as index:
+    with Index.open(args.index, threads=args.threads, cache_nodes=args.cache_nodes, io=args.io) as index:
         t0 = time.perf_counter()
         ids, _, stats = index.search(queries, args.k, args.L, beam_width=args.beam_width, io_budget=args.io_budget)
         wall = time.perf_counter() - t0
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--io-budget", type=int, default=None)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--cache-nodes", type=int, default=1024)
+    s.add_argument("--io", choices=IO_MODES, default="mmap",
+                   help="read records through the page cache (mmap) or O_DIRECT with native AIO (direct)")
     s.add_argument("--gt", type=Path, help="(nq, >= k) .npy of true neighbour ids: print recall@k")
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(func=_search)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return args.func(args)
-    except IndexFormatError as e:
+    except (IndexFormatError, DirectIOUnavailable) as e:
         log.error("%s", e)
         return 2
 

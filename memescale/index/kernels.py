@@ -71,6 +71,23 @@ def madvise_willneed(typingctx, addr, length):
 
 
 @intrinsic
+def raw_syscall(typingctx, nr, a1, a2, a3, a4, a5):
+    """libc ``syscall(nr, a1, ..., a5)``, every argument an integer passed as a 64-bit word:
+    the call's result, or -1 on error."""
+    argtys = (nr, a1, a2, a3, a4, a5)
+    if not all(isinstance(t, types.Integer) for t in argtys):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(_I64, [_I64], var_arg=True)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "syscall")
+        words = [context.cast(builder, v, t, types.int64) for v, t in zip(args, argtys)]
+        return builder.call(fn, words)
+
+    return types.int64(*argtys), codegen
+
+
+@intrinsic
 def monotonic_ns(typingctx):
     """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds, callable without the GIL."""
 

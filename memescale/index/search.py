@@ -2,9 +2,12 @@
 
 RAM holds the PQ codes (N x M bytes), the small arrays (codebooks, transforms, entry
 points) and a BFS cache of the records nearest the entry points. Records are read from
-``records.bin`` through a read-only memory map (page-cache reads): for each beam step the
-beam's sectors are requested together with ``madvise(MADV_WILLNEED)`` before any of them is
-touched, so cold reads overlap instead of queueing behind page faults.
+``records.bin`` in one of two ways (`Index.open(io=...)`):
+- "mmap" (default): through a read-only memory map, so the page cache keeps hot records;
+  each beam step requests its sectors with ``madvise(MADV_WILLNEED)`` before touching any.
+- "direct": O_DIRECT reads with Linux native AIO (`aio.py`), as DiskANN reads: each step
+  submits every sector of every beam the worker advances in one batch and waits for them;
+  nothing goes through (or depends on) the page cache.
 
 Beam search, per query (numba, nogil): the candidate list holds the L best nodes by ADC
 score; each step takes the best `beam_width` unexpanded ones, reads their records (one
@@ -13,6 +16,7 @@ re-rank pool), and ADC-scores their not yet seen neighbours into the list. It st
 every listed node is expanded or the I/O budget is spent, and returns the top-k of the
 re-rank pool by exact inner product. Each worker thread advances `interleave` queries in
 lockstep, so one thread keeps interleave x beam_width reads in flight on a cold cache.
+Both read paths return the same results.
 
 A record whose degree or neighbour ids are out of range (a corrupt file that passed the
 cheap open-time checks) stops the search with IndexFormatError; `Index.verify` finds it.
@@ -48,11 +52,13 @@ from .disk import (
     unpack_arrays,
     verify_records,
 )
+from .aio import DirectReader, reap, set_read, submit
 from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
 from .pq import PQCodec, adc_score
 
 # Layout vector fields (disk.RecordLayout.as_array).
 _REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R = range(10)
+_CACHED, _MAPPED, _BUFFER = 0, 1, 2  # where a beam's record is read from
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -99,22 +105,77 @@ def _insert(cand_id, cand_s, done, n, L, u, s):
     return (n + 1 if n < L else n), pos
 
 
-@njit(nogil=True, cache=True)
-def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, bits, out_ids, out_scores, reads, cmps, t_done):
-    """Beam search for a group of G queries advanced in lockstep.
+@njit(nogil=True, cache=True, inline="always")
+def _select_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src):
+    """Take query g's best W unexpanded candidates as its beam (marking them expanded);
+    returns the beam's size. Sets exhausted[g] when the I/O budget stops it early."""
+    m = 0
+    i = cur[g]
+    while i < n[g] and m < W:
+        if not done[g, i]:
+            u = cand_id[g, i]
+            slot = _cache_slot(cache_ids, u)
+            if slot >= 0:
+                beam_off[g, m] = slot * lay[_REC]
+                beam_src[g, m] = _CACHED
+            else:
+                if io_budget > 0 and reads[g] + lay[_SPN] > io_budget:
+                    exhausted[g] = True
+                    break
+                beam_off[g, m] = _record_offset(u, lay)
+                beam_src[g, m] = _MAPPED
+                reads[g] += lay[_SPN]
+            beam_id[g, m] = u
+            done[g, i] = True
+            m += 1
+        i += 1
+    return m
 
-    Each step takes every unfinished query's beam (its best W unexpanded candidates),
-    requests all their sectors (up to G * W reads in flight), then expands them: exact
-    score from the record's fp16 vector into the re-rank pool, ADC scores of the unseen
-    neighbours into the candidate list. A query finishes when its list has no unexpanded
-    node or its I/O budget is spent.
+
+@njit(nogil=True, cache=True, inline="always")
+def _request_beam(g, nb, W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr):
+    """Ask for the sectors of query g's beam: with direct reads, fill iocbs [g W, g W + n)
+    (the records then live in the slot buffer) and return n, the reads to submit; through
+    the mapping, madvise them (when `prefetch`) and return 0."""
+    fd, iocbs = aio[1], aio[2]
+    sector = lay[_SECTOR]
+    span = lay[_SPN] * sector
+    j = g * W
+    for b in range(nb):
+        if beam_src[g, b] != _MAPPED:
+            continue
+        at = beam_off[g, b] // sector * sector
+        if fd >= 0:
+            set_read(iocbs, j, fd, b_addr + j * span, span, at)
+            beam_off[g, b] = j * span + beam_off[g, b] - at
+            beam_src[g, b] = _BUFFER
+            j += 1
+        else:
+            if prefetch:
+                madvise_willneed(base_addr + at, span)
+            prefetch_bytes(base_addr + beam_off[g, b], lay[_META])
+    return j - g * W
+
+
+@njit(nogil=True, cache=True)
+def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, aio, b16, b32, bits, out_ids, out_scores, reads, cmps, t_done):
+    """Beam search for a group of G queries, each advancing as soon as its reads are in.
+
+    A query's step takes its beam (its best W unexpanded candidates), requests their
+    sectors, and once all have arrived expands them: exact score from the record's fp16
+    vector into the re-rank pool, ADC scores of the unseen neighbours into the candidate
+    list. While one query's reads are in flight the others compute, so up to G * W reads
+    are outstanding. A query finishes when its list has no unexpanded node or its I/O
+    budget is spent. Each query's result depends on nothing but itself.
 
     Q: (G, d) float32 queries; tables: (G, M * 256) float32 their ADC tables; codes: (N, M)
     uint8; r16/r32: uint16/int32 views of the record file mapped at integer address
     base_addr; cache_ids: (C,) sorted int64 cached node ids, c16/c32: views of their records
     (slot s at byte s * record_size); lay: int64 layout vector; entry: (E,) int64 entry
     points; io_budget: max sector reads per query (<= 0: unlimited); prefetch: madvise the
-    beams' sectors first; bits: (G, ceil(N / 8)) uint8 zeroed visit bitmaps, left zeroed.
+    beams' sectors first; aio: (context, fd, iocbs, iocb pointers, events) of an IoSlot for
+    direct reads (fd < 0: read through the mapping instead) into the slot's buffer, seen as
+    b16/b32 (G * W spans); bits: (G, ceil(N / 8)) uint8 zeroed visit bitmaps, left zeroed.
     Writes out_ids (G, k) int64 and out_scores (G, k) float32 (best first; id -1 and score
     -inf past the last expanded node), reads and cmps (G,) int64 (sector reads, ADC
     evaluations) and t_done (G,) int64 (monotonic ns at which each query finished).
@@ -123,8 +184,8 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     G = Q.shape[0]
     n_nodes = codes.shape[0]
     dim = lay[_DIM]
-    sector = lay[_SECTOR]
-    span = lay[_SPN] * sector
+    ctx, ptrs, events = aio[0], aio[3], aio[4]
+    b_addr = b16.ctypes.data
     cand_id = np.empty((G, L), np.int64)
     cand_s = np.empty((G, L), np.float32)
     done = np.zeros((G, L), np.bool_)
@@ -137,8 +198,9 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     n_pool = np.zeros(G, np.int64)
     beam_id = np.empty((G, W), np.int64)
     beam_off = np.empty((G, W), np.int64)
-    beam_cached = np.empty((G, W), np.bool_)
+    beam_src = np.empty((G, W), np.int8)  # where each beam record is read: _CACHED, _MAPPED, _BUFFER
     nb = np.zeros(G, np.int64)
+    pending = np.zeros(G, np.int64)  # direct reads of the query's beam still in flight
     active = np.ones(G, np.bool_)
     exhausted = np.zeros(G, np.bool_)
     for g in range(G):
@@ -155,52 +217,29 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
             cmps[g] += 1
             n[g], _ = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, adc_score(tables[g], codes[u]))
     n_active = G
+    in_flight = 0
+    for g in range(G):
+        nb[g] = _select_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
+        if nb[g] == 0:
+            active[g] = False
+            n_active -= 1
+            t_done[g] = monotonic_ns()
+            continue
+        pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
+        if pending[g] > 0:
+            submit(ctx, ptrs, g * W, pending[g])
+            in_flight += pending[g]
     while n_active > 0:
-        # 1. every active query's beam: its best W unexpanded candidates
+        ready = 0
         for g in range(G):
-            if not active[g]:
+            if not active[g] or pending[g] > 0:
                 continue
-            m = 0
-            i = cur[g]
-            while i < n[g] and m < W:
-                if not done[g, i]:
-                    u = cand_id[g, i]
-                    slot = _cache_slot(cache_ids, u)
-                    if slot >= 0:
-                        beam_off[g, m] = slot * lay[_REC]
-                        beam_cached[g, m] = True
-                    else:
-                        if io_budget > 0 and reads[g] + lay[_SPN] > io_budget:
-                            exhausted[g] = True
-                            break
-                        beam_off[g, m] = _record_offset(u, lay)
-                        beam_cached[g, m] = False
-                        reads[g] += lay[_SPN]
-                    beam_id[g, m] = u
-                    done[g, i] = True
-                    m += 1
-                i += 1
-            nb[g] = m
-            if m == 0:
-                active[g] = False
-                n_active -= 1
-                t_done[g] = monotonic_ns()
-        # 2. request every sector of every beam before touching any of them
-        for g in range(G):
-            if active[g]:
-                for b in range(nb[g]):
-                    if not beam_cached[g, b]:
-                        if prefetch:
-                            madvise_willneed(base_addr + beam_off[g, b] // sector * sector, span)
-                        prefetch_bytes(base_addr + beam_off[g, b], lay[_META])
-        # 3. expand the beams
-        for g in range(G):
-            if not active[g]:
-                continue
+            # expand query g's beam, whose records are all readable now
             lowest = n[g]
             for b in range(nb[g]):
                 off = beam_off[g, b]
-                r16b, r32b = (c16, c32) if beam_cached[g, b] else (r16, r32)
+                src = beam_src[g, b]
+                r16b, r32b = (c16, c32) if src == _CACHED else ((r16, r32) if src == _MAPPED else (b16, b32))
                 v0 = (off + lay[_VEC]) >> 1
                 if n_pool[g] == pool_id.shape[1]:
                     pool_id = _grow_rows(pool_id)
@@ -232,10 +271,24 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
             while c < n[g] and done[g, c]:
                 c += 1
             cur[g] = c
-            if c >= n[g] or exhausted[g]:
+            nb[g] = 0 if c >= n[g] or exhausted[g] else _select_beam(
+                g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
+            if nb[g] == 0:
                 active[g] = False
                 n_active -= 1
                 t_done[g] = monotonic_ns()
+                continue
+            pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
+            if pending[g] > 0:
+                submit(ctx, ptrs, g * W, pending[g])
+                in_flight += pending[g]
+            else:
+                ready += 1
+        if in_flight > 0:
+            got = reap(ctx, events, aio[2], 0 if ready else 1, in_flight)
+            for e in range(got):
+                pending[events[e, 0] // W] -= 1
+            in_flight -= got
     k = out_ids.shape[1]
     for g in range(G):
         for t in range(n_seen[g]):
@@ -269,7 +322,7 @@ def _adc_table(q, B, qt, centroids, table):
 
 
 @njit(nogil=True, cache=True)
-def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, out_ids, out_scores, reads, cmps, ns):
+def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, aio, b16, b32, out_ids, out_scores, reads, cmps, ns):
     """beam_search queries [lo, hi) of Q (nq, d) float32, `group` at a time in lockstep
     (B: the codec's query transform). ns[i]: query i's latency from its group's start."""
     M, k, dsub = centroids.shape
@@ -283,9 +336,17 @@ def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, ca
         for i in range(s, e):
             _adc_table(Q[i], B, qt, centroids, tables[i - s])
         beam_search(Q[s:e], tables[: e - s], codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W,
-                    io_budget, prefetch, bits[: e - s], out_ids[s:e], out_scores[s:e], reads[s:e], cmps[s:e], t_done)
+                    io_budget, prefetch, aio, b16, b32, bits[: e - s], out_ids[s:e], out_scores[s:e], reads[s:e], cmps[s:e], t_done)
         for i in range(s, e):
             ns[i] = t_done[i - s] - t0
+
+
+IO_MODES = ("mmap", "direct")
+# Kernel arguments standing in for an IoSlot when records are read through the mapping.
+_NO_AIO = ((0, -1, np.zeros((1, 8), np.uint64), np.zeros(1, np.uint64), np.zeros((1, 4), np.int64)),
+           np.zeros(8, np.uint16), np.zeros(4, np.int32))
+for _a in _NO_AIO[1:]:
+    _a.flags.writeable = False
 
 
 @dataclass
@@ -317,11 +378,15 @@ class Index:
     RAM: N x M bytes of PQ codes + small arrays + cache_nodes records.
     """
 
-    def __init__(self, path: Path, threads: int | None, cache_nodes: int, prefetch: bool, interleave: int):
+    def __init__(self, path: Path, threads: int | None, cache_nodes: int, prefetch: bool, interleave: int, io: str):
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
         self.path = path
+        self.io = io
         self._mm = None
         self._fd = None
         self._pool = None
+        self._direct = None
         arrays, self.info = unpack_arrays(path / ARRAYS_FILE, read_small_file(path / ARRAYS_FILE, MAGIC_ARRAYS)[0])
         try:
             self.entry_points = np.ascontiguousarray(arrays["entry_points"], np.int64)
@@ -356,6 +421,8 @@ class Index:
             self._r16 = self._r8.view(np.uint16)
             self._r32 = self._r8.view(np.int32)
             self._build_cache(cache_nodes)
+            if io == "direct":
+                self._direct = DirectReader(path / RECORDS_FILE, self.layout.sectors_per_node * self.layout.sector)
         except BaseException:
             self.close()
             raise
@@ -363,16 +430,17 @@ class Index:
 
     @classmethod
     def open(cls, path: str | os.PathLike, threads: int | None = None, cache_nodes: int = 1024,
-             prefetch: bool = True, interleave: int = 4) -> Index:
+             prefetch: bool = True, interleave: int = 4, io: str = "mmap") -> Index:
         """Open the index folder `path` (raises IndexFormatError if a file is bad).
 
         threads: search workers (default: all cores); cache_nodes: records kept in RAM,
         taken breadth-first from the entry points; prefetch: madvise(WILLNEED) each beam;
         interleave: queries each worker advances in lockstep, so that interleave x
         beam_width sector reads are in flight per worker (cold reads overlap; results do not
-        depend on it).
+        depend on it); io: "mmap" or "direct" (see the module doc; "direct" raises
+        aio.DirectIOUnavailable where the platform or filesystem cannot do it).
         """
-        return cls(Path(path), threads, cache_nodes, prefetch, interleave)
+        return cls(Path(path), threads, cache_nodes, prefetch, interleave, io)
 
     def _build_cache(self, cache_nodes: int) -> None:
         n = self.layout.count
@@ -449,9 +517,18 @@ class Index:
         base_addr = self._r8.ctypes.data
 
         def run(lo: int, hi: int) -> None:
-            _search_range(lo, hi, self.interleave, Q, self._qtransform, self._centroids, self.codes, self._r16, self._r32, base_addr,
-                          self._cache_ids, self._c16, self._c32, self._lay, self.entry_points, L,
-                          int(beam_width), budget, self.prefetch, ids, scores, reads, cmps, ns)
+            slot = self._direct.borrow(self.interleave * beam_width) if self._direct else None
+            aio, b16, b32 = slot.kernel_args() if slot else _NO_AIO
+            try:
+                _search_range(lo, hi, self.interleave, Q, self._qtransform, self._centroids, self.codes, self._r16, self._r32,
+                              base_addr, self._cache_ids, self._c16, self._c32, self._lay, self.entry_points, L,
+                              int(beam_width), budget, self.prefetch, aio, b16, b32, ids, scores, reads, cmps, ns)
+            except BaseException:
+                if slot:
+                    self._direct.discard(slot)  # waits for any read still in flight
+                raise
+            if slot:
+                self._direct.give_back(slot)
 
         chunk = self.interleave * max(1, min(32 // self.interleave, nq // (4 * self.threads * self.interleave)))
         starts = list(range(0, nq, chunk))
@@ -460,6 +537,8 @@ class Index:
                 run(0, nq)
             else:
                 list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), starts))
+        except OSError as e:  # raised by the direct-read kernels
+            raise OSError(f"{self.path / RECORDS_FILE}: {e}") from None
         except ValueError as e:
             if str(e).startswith("corrupt record"):
                 raise IndexFormatError(self.path / RECORDS_FILE, f"{e} (Index.verify() checks every record)") from None
@@ -511,6 +590,9 @@ class Index:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._mm is not None:
             self._r8 = self._r16 = self._r32 = None
             try:
