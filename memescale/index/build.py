@@ -12,7 +12,7 @@ import numpy as np
 from ..config import IndexConfig
 from .disk import write_index
 from .kernels import as_fp16, resolve_threads
-from .pq import train_pq
+from .pq import QUERY_EPS, train_pq
 from .vamana import build_vamana
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class IndexParams:
     seed: int = 0
     threads: int | None = None
     queries: np.ndarray | None = field(default=None, repr=False)
-    pq_eps: float = 0.3
+    pq_eps: float = QUERY_EPS
     opq_iters: int = 16
     pq_train_size: int = 25_000
     progress: bool | None = None

@@ -6,8 +6,9 @@ replaced by the nearest of K = 256 centroids. A query is mapped with ``q @ B`` s
 ``(q @ B) . (x @ A) = q . x`` exactly; the ADC score of a code is then
 ``sum_m table[m, code[m]]`` with ``table[m, c] = (q @ B)_m . centroid[m, c]``.
 
-Query-aware training (`train_pq` with `queries`): for inner-product search the error that
-matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)``, S the second moment
+Query-aware training (`train_pq` with `queries`) adapts two things to a query sample.
+
+1. The codebooks: for inner-product search the error that matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)``, S the second moment
 of the queries. With ``A = [S_r^(1/2) | 0] @ Rot`` and ``B = [S_r^(-1/2) | 0] @ Rot`` the
 squared quantisation error in y space is exactly ``(x - x_hat)^T S_r (x - x_hat)``, so
 k-means there minimises the (regularised) query-weighted error. ``S_r = S + eps *
@@ -16,6 +17,17 @@ direction adds a rank-one term to the second moment that, on real sentence embed
 lowered the squared error further but not recall. Rot is an orthogonal rotation learned as
 in OPQ (Ge et al., non-parametric: alternate codebook training and the orthogonal
 Procrustes solution). Without queries S_r = I (OPQ, or plain PQ with opq_iters=0).
+The regulariser matters: on the MiniLM set eps = 0.3 cut the query-weighted error most
+(-33%) but lost OOD recall at every L; eps = 3 (the default) cuts it less and loses none.
+
+2. The score-aware direction (below): a vector x matters to the queries that rank it high,
+and out-of-distribution queries do not lie along x itself. A linear query predictor
+``h(x) = x P + b`` is fitted by ridge regression on the pairs (x, q) where x is one of query
+q's exact top-10 among (a sample of) the base vectors, and codes are chosen score-aware along
+h(x) instead of x. On the 100k MiniLM set with 1000 training queries (the same graph; plain
+OPQ's three seeds for scale) this raised OOD recall@10 at L = 20 / 30 / 50 / 100 from
+0.859 / 0.911 / 0.954 / 0.984 (mean over seeds, spread <= 0.006) to 0.865 / 0.920 /
+0.957 / 0.986.
 
 Score-aware encoding (`PQCodec.encode`, after Guo et al., "Accelerating Large-Scale Inference
 with Anisotropic Vector Quantization", ICML 2020): a vector matters most to the queries that
@@ -40,13 +52,17 @@ from numba import njit
 from tqdm.auto import tqdm
 
 from .disk import MAGIC_CODEC, pack_arrays, read_small_file, unpack_arrays, write_small_file
-from .kernels import gram, matmul_rows, parallel_for, resolve_threads, single_threaded_blas
+from .kernels import exact_topk, gram, matmul_rows, parallel_for, resolve_threads, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
 K = 256  # centroids per subspace: one byte per subvector
 SCORE_AWARE_ETA = 4.0  # weight of the residual along the vector's query direction (1: isotropic)
 SCORE_AWARE_SWEEPS = 2  # coordinate-descent passes over the subspaces per vector
+QUERY_EPS = 3.0  # regulariser of the query covariance (module doc, 1.)
+PREDICTOR_NEIGHBOURS = 10  # (x, q) training pairs of the query predictor: q's top-k vectors
+PREDICTOR_SAMPLE = 200_000  # base vectors the training queries' neighbours are taken from
+PREDICTOR_RIDGE = 0.5  # ridge towards h(x) = x + b, relative to the mean variance of the x's
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -219,12 +235,14 @@ class PQCodec:
     """Trained PQ codec (see module doc).
 
     centroids: (M, K, dsub) float32; base_transform A: (d, D) float32;
-    query_transform B: (d, D) float32, with D = M * dsub and A @ B.T = I_d.
+    query_transform B: (d, D) float32, with D = M * dsub and A @ B.T = I_d;
+    query_predictor: None, or (d + 1, d) float32 [P; b] of a query-aware codec (module doc).
     """
 
     centroids: np.ndarray
     base_transform: np.ndarray
     query_transform: np.ndarray
+    query_predictor: np.ndarray | None = None
 
     @property
     def M(self) -> int:
@@ -247,7 +265,8 @@ class PQCodec:
     def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536,
                eta: float = SCORE_AWARE_ETA) -> np.ndarray:
         """PQ codes (N, M) uint8 of vectors (N, d) float16/float32, score-aware with weight
-        `eta` (module doc; 1: nearest centroid). O(N * K * D * (1 + 2 * sweeps))."""
+        `eta` along each vector's predicted query direction (module doc; 1: nearest
+        centroid). O(N * K * D * (1 + 2 * sweeps))."""
         threads = resolve_threads(threads)
         n = vectors.shape[0]
         codes = np.empty((n, self.M), np.uint8)
@@ -258,11 +277,19 @@ class PQCodec:
                 Y = self._transform(x, self.base_transform, pool)
                 c = _assign_all(Y, self.centroids, threads, pool)[0]
                 if eta != 1.0:
-                    Z = self._transform(x, self.query_transform, pool)
+                    Z = self._transform(self.predict_queries(x, pool), self.query_transform, pool)
                     parallel_for(lambda a, b: _score_aware(Y, Z, a, b, cent, c, eta, SCORE_AWARE_SWEEPS),
                                  len(c), threads, pool)
                 codes[lo : lo + len(c)] = c
         return codes
+
+    def predict_queries(self, x: np.ndarray, pool=None) -> np.ndarray:
+        """The direction of the queries expected to rank each vector high: h(x) = x P + b
+        with the query predictor, x itself without one. (n, d) float32."""
+        if self.query_predictor is None:
+            return np.asarray(x, np.float32)
+        d = self.dim
+        return self._transform(x, self.query_predictor[:d], pool) + self.query_predictor[d]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Reconstructions x_hat (N, d) float32 of codes (N, M) uint8; q . x_hat = ADC score."""
@@ -284,14 +311,19 @@ class PQCodec:
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"centroids": self.centroids, "base_transform": self.base_transform, "query_transform": self.query_transform}
+        out = {"centroids": self.centroids, "base_transform": self.base_transform, "query_transform": self.query_transform}
+        if self.query_predictor is not None:
+            out["query_predictor"] = self.query_predictor
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PQCodec:
+        predictor = arrays.get("query_predictor")
         return cls(
             np.ascontiguousarray(arrays["centroids"], np.float32),
             np.ascontiguousarray(arrays["base_transform"], np.float32),
             np.ascontiguousarray(arrays["query_transform"], np.float32),
+            None if predictor is None else np.ascontiguousarray(predictor, np.float32),
         )
 
     def save(self, path: str | Path) -> None:
@@ -319,11 +351,34 @@ def query_whitening(queries: np.ndarray, eps: float) -> tuple[np.ndarray, np.nda
     return (V * np.sqrt(w)) @ V.T, (V / np.sqrt(w)) @ V.T
 
 
+def fit_query_predictor(vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator,
+                        sample: int = PREDICTOR_SAMPLE, k: int = PREDICTOR_NEIGHBOURS,
+                        ridge: float = PREDICTOR_RIDGE) -> np.ndarray:
+    """[P; b] (d + 1, d) float32 of the ridge regression h(x) = x P + b from a vector x to the
+    queries that rank it among their top k (module doc, 2.), fitted on the pairs of each
+    query in `queries` (nq, d) with its exact top-k among `sample` rows of `vectors` (N, d).
+    P is shrunk towards the identity with weight ridge x the mean variance of the x's.
+    Time O(nq * sample * d + nq * k * d^2 + d^3)."""
+    n, d = vectors.shape
+    rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+    base = np.asarray(vectors[rows], np.float32)
+    Q = np.asarray(queries, np.float32)
+    top, _ = exact_topk(Q, base, min(k, len(rows)))
+    xs = base[top.reshape(-1)].astype(np.float64)
+    qs = np.repeat(Q, top.shape[1], axis=0).astype(np.float64)
+    xm, qm = xs.mean(axis=0), qs.mean(axis=0)
+    xc, qc = xs - xm, qs - qm
+    cxx = xc.T @ xc
+    lam = ridge * np.trace(cxx) / d
+    P = np.linalg.solve(cxx + lam * np.eye(d), xc.T @ qc + lam * np.eye(d))
+    return np.vstack([P, qm - xm @ P]).astype(np.float32)
+
+
 def train_pq(
     vectors: np.ndarray,
     M: int,
     queries: np.ndarray | None = None,
-    eps: float = 1.0,
+    eps: float = QUERY_EPS,
     opq_iters: int = 16,
     kmeans_iters: int = 12,
     train_size: int = 25_000,
@@ -333,11 +388,12 @@ def train_pq(
 ) -> PQCodec:
     """Train a PQ codec with M bytes per vector on (a sample of) `vectors` (N, d).
 
-    queries: optional (nq, d) query sample for query-aware training (see module doc); eps:
-    its regulariser; opq_iters: OPQ rotation updates (0: no rotation, plain PQ on S^(1/2) x);
+    queries: optional (nq, d) query sample for query-aware training (module doc: whitened
+    codebooks and a query predictor); eps: the covariance regulariser; opq_iters: OPQ rotation updates (0: no rotation, plain PQ on S^(1/2) x);
     kmeans_iters: Lloyd iterations of the final codebooks (each OPQ step runs one more);
     train_size: rows sampled for training. Deterministic for a seed.
-    Time O((opq_iters + kmeans_iters) * train_size * K * D + opq_iters * D^3).
+    Time O((opq_iters + kmeans_iters) * train_size * K * D + opq_iters * D^3), plus
+    `fit_query_predictor` with queries.
     """
     threads = resolve_threads(threads)
     n, d = vectors.shape
@@ -349,7 +405,8 @@ def train_pq(
     rows = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
     bar = tqdm(total=opq_iters + 1, desc="pq training", unit="step", disable=None if progress is None else not progress)
     with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
-        if queries is not None and len(queries):
+        aware = queries is not None and len(queries) > 0
+        if aware:
             s_half, s_inv_half = query_whitening(queries, eps)
         else:
             s_half = s_inv_half = np.eye(d)
@@ -374,7 +431,8 @@ def train_pq(
     bar.close()
     A = (A0 @ rot).astype(np.float32)
     B = (B0 @ rot).astype(np.float32)
-    return PQCodec(centroids.astype(np.float32), A, B)
+    predictor = fit_query_predictor(vectors, queries, rng) if aware else None
+    return PQCodec(centroids.astype(np.float32), A, B, predictor)
 
 
 def query_weighted_error(codec: PQCodec, vectors: np.ndarray, queries: np.ndarray, codes: np.ndarray | None = None) -> float:
