@@ -156,6 +156,7 @@ class ServeConfig:
     encode_batch: int = 32  # @serve.batch max_batch_size (texts and images alike)
     encode_batch_wait_s: float = 0.002
     search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
+    index_io: str = "mmap"  # record reads: "mmap" (page cache) or "direct" (O_DIRECT + native AIO)
     max_ongoing_requests: int = 64
     access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
     log_level: str = "INFO"

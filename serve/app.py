@@ -152,7 +152,7 @@ class Searcher:
     def __init__(self, index_dir: str, cfg: Config):
         from memescale.index import Index
 
-        self.index = Index.open(index_dir, threads=1)
+        self.index = Index.open(index_dir, threads=1, io=cfg.serve.index_io)
         self.weighting = Weighting.load(index_dir, base_dim=self.index.dim)
         self.engine = SearchEngine(self.index, self.weighting, cfg.serve)
         self.pool = ThreadPoolExecutor(max(1, cfg.serve.search_threads), thread_name_prefix="search")

@@ -58,6 +58,22 @@ def test_L_at_least_N_gives_exact_results(small):
             assert (stats.pq_comparisons == len(X)).all()
 
 
+def test_visited_sets_grow_past_their_first_size(tmp_path):
+    """A search that touches every one of 6000 nodes (far past the visited sets' first 4096
+    slots, half-full at most) still expands each node exactly once and is exact."""
+    X = unit_vectors(6000, 12, seed=8)
+    build_index(X, None, tmp_path, IndexParams(R=10, L=20, pq_bytes=4, threads=2, opq_iters=1, pq_train_size=2000,
+                                               progress=False))
+    Q = unit_vectors(3, 12, seed=12)
+    with Index.open(tmp_path, threads=1, cache_nodes=0, interleave=2) as index:
+        ids, _, stats = index.search(Q, 10, L=len(X))
+        assert (stats.reads == len(X)).all() and (stats.pq_comparisons == len(X)).all()
+        np.testing.assert_array_equal(ids, exact_topk(Q, X.astype(np.float16), 10)[0])
+        again = index.search(Q, 10, L=30)[0]  # the grown, emptied sets serve the next group
+    with Index.open(tmp_path, threads=1) as fresh:
+        np.testing.assert_array_equal(again, fresh.search(Q, 10, L=30)[0])
+
+
 def test_stats_budget_cache_and_threads(small):
     out, X = small
     Q = unit_vectors(40, 24, seed=10)

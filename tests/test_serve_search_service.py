@@ -155,6 +155,24 @@ def test_unfiltered_search_is_exact_on_a_small_index(corpus):
     assert page["more"] is True
 
 
+def test_direct_reads_serve_the_same_pages(corpus):
+    """serve.index_io = "direct" (O_DIRECT reads) gives the pages the page-cache path gives."""
+    from memescale.index import Index
+    from memescale.index.aio import DirectIOUnavailable
+
+    x, _, index, w = corpus
+    try:
+        direct = Index.open(index.path, threads=1, io=ServeConfig(index_io="direct").index_io)
+    except DirectIOUnavailable as e:
+        pytest.skip(f"no O_DIRECT / native AIO here: {e}")
+    with direct:
+        for q in (x[3], x[77]):
+            want = engine(corpus).search(q, None, parse_filters(Filters()), True, 0, 12)
+            got = SearchEngine(direct, w, ServeConfig(dedup_threshold=0.999)).search(
+                q, None, parse_filters(Filters()), True, 0, 12)
+            assert ids_of(got) == ids_of(want) and len(ids_of(got)) == 12
+
+
 def test_nsfw_is_excluded_by_default(corpus):
     x, md, _, _ = corpus
     q = x[19]  # row 19 is NSFW (every 10th)
