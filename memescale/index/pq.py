@@ -8,8 +8,8 @@ replaced by the nearest of K = 256 centroids. A query is mapped with ``q @ B`` s
 
 Query-aware training (`train_pq` with `queries`) adapts two things to a query sample.
 
-1. The codebooks: for inner-product search the error that matters is ``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)``, S the second moment
-of the queries. With ``A = [S_r^(1/2) | 0] @ Rot`` and ``B = [S_r^(-1/2) | 0] @ Rot`` the
+1. The codebooks: for inner-product search the error that matters is
+``E_q[(q . (x - x_hat))^2] = (x - x_hat)^T S (x - x_hat)``, S the second moment of the queries. With ``A = [S_r^(1/2) | 0] @ Rot`` and ``B = [S_r^(-1/2) | 0] @ Rot`` the
 squared quantisation error in y space is exactly ``(x - x_hat)^T S_r (x - x_hat)``, so
 k-means there minimises the (regularised) query-weighted error. ``S_r = S + eps *
 trace(S) / d * I`` with S estimated as the covariance of a query sample: the mean query
@@ -18,22 +18,24 @@ lowered the squared error further but not recall. Rot is an orthogonal rotation 
 in OPQ (Ge et al., non-parametric: alternate codebook training and the orthogonal
 Procrustes solution). Without queries S_r = I (OPQ, or plain PQ with opq_iters=0).
 The regulariser matters: on the MiniLM set eps = 0.3 cut the query-weighted error most
-(-33%) but lost OOD recall at every L; eps = 3 (the default) cuts it less and loses none.
+(-30%) but lost OOD recall at 8 of 9 search L; with eps = 3 (the default) and 2. the codec
+cuts it by 9% and gains recall.
 
 2. The score-aware direction (below): a vector x matters to the queries that rank it high,
 and out-of-distribution queries do not lie along x itself. A linear query predictor
 ``h(x) = x P + b`` is fitted by ridge regression on the pairs (x, q) where x is one of query
 q's exact top-10 among (a sample of) the base vectors, and codes are chosen score-aware along
-h(x) instead of x. On the 100k MiniLM set with 1000 training queries (the same graph; plain
-OPQ's three seeds for scale) this raised OOD recall@10 at L = 20 / 30 / 50 / 100 from
-0.859 / 0.911 / 0.954 / 0.984 (mean over seeds, spread <= 0.006) to 0.865 / 0.920 /
-0.957 / 0.986.
+h(x) instead of x. On the 100k MiniLM set with 1000 training queries (the same graph) the
+query-aware codec reaches OOD recall@10 0.866 / 0.917 / 0.956 / 0.985 at L = 20 / 30 / 50 /
+100, plain OPQ 0.859 / 0.911 / 0.954 / 0.984 (the mean of three seeds, which spread by up
+to 0.006).
 
 Score-aware encoding (`PQCodec.encode`, after Guo et al., "Accelerating Large-Scale Inference
 with Anisotropic Vector Quantization", ICML 2020): a vector matters most to the queries that
 score it high, and those lie close to its own direction, so the part of the residual along x
 costs more than the orthogonal part. In y space the ADC error for a query q is
-``(q B) . (y - y_hat)`` and for q ~ x the relevant direction is z = x B; codes are chosen to
+``(q B) . (y - y_hat)`` and for q ~ x the relevant direction is z = x B (z = h(x) B with a
+query predictor); codes are chosen to
 minimise ``|r|^2 + (eta - 1) (r . z)^2 / |z|^2`` (r = y - y_hat) by coordinate descent over
 the subspaces, starting from the nearest-centroid codes. eta = 1 is plain nearest-centroid
 assignment. On the 100k MiniLM set (R=64 graph, 48 bytes, eta = 4) it raised recall@10 at
