@@ -210,12 +210,20 @@ def _check_type(path: str, value: Any, typ: Any) -> Any:
     return value
 
 
+# Fields that take one of a few names.
+CHOICES = {"serve.index_io": ("mmap", "direct")}
+
+
 def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
     hints = get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"unknown config key {section}.{key}")
-        setattr(section_obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+        value = _check_type(f"{section}.{key}", value, hints[key])
+        allowed = CHOICES.get(f"{section}.{key}")
+        if allowed and value not in allowed:
+            raise ConfigError(f"{section}.{key}: expected one of {', '.join(allowed)}, got {value!r}")
+        setattr(section_obj, key, value)
 
 
 def _sections(cfg: Config) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,15 @@ def test_visited_sets_grow_past_their_first_size(tmp_path):
     build_index(X, None, tmp_path, IndexParams(R=10, L=20, pq_bytes=4, threads=2, opq_iters=1, pq_train_size=2000,
                                                progress=False))
     Q = unit_vectors(3, 12, seed=12)
-    with Index.open(tmp_path, threads=1, cache_nodes=0, interleave=2) as index:
-        ids, _, stats = index.search(Q, 10, L=len(X))
-        assert (stats.reads == len(X)).all() and (stats.pq_comparisons == len(X)).all()
-        np.testing.assert_array_equal(ids, exact_topk(Q, X.astype(np.float16), 10)[0])
-        again = index.search(Q, 10, L=30)[0]  # the grown, emptied sets serve the next group
-    with Index.open(tmp_path, threads=1) as fresh:
-        np.testing.assert_array_equal(again, fresh.search(Q, 10, L=30)[0])
+    modes = ["mmap", "direct"] if o_direct_ok(tmp_path) else ["mmap"]
+    for io in modes:
+        with Index.open(tmp_path, threads=1, cache_nodes=0, interleave=2, io=io) as index:
+            ids, _, stats = index.search(Q, 10, L=len(X))
+            assert (stats.reads == len(X)).all() and (stats.pq_comparisons == len(X)).all()
+            np.testing.assert_array_equal(ids, exact_topk(Q, X.astype(np.float16), 10)[0])
+            again = index.search(Q, 10, L=30)[0]  # the grown, emptied sets serve the next group
+        with Index.open(tmp_path, threads=1) as fresh:
+            np.testing.assert_array_equal(again, fresh.search(Q, 10, L=30)[0])
 
 
 def test_stats_budget_cache_and_threads(small):
@@ -124,8 +127,27 @@ def test_direct_reads_match_mapped_reads(small):
         np.testing.assert_array_equal(ids, exact_topk(Q, X.astype(np.float16), 5)[0])
         assert (stats.reads == len(X) - 16).all()
         assert (direct.search(Q, 5, L=40, io_budget=7)[2].reads <= capped.reads).all()
+        assert len(direct._direct._all) <= 2  # one AIO slot per concurrent call, reused
     with pytest.raises(ValueError, match="io must be"):
         Index.open(out, io="uring")
+
+
+def test_direct_reads_of_a_truncated_file_fail_clearly(small, tmp_path):
+    """A record file cut short under an open index: the search raises OSError naming the
+    file and the short read (no crash, no wrong answer), and the failed call's slot goes."""
+    out, _ = small
+    copy = tmp_path / "idx"
+    shutil.copytree(out, copy)
+    try:
+        index = Index.open(copy, threads=1, cache_nodes=0, io="direct")
+    except DirectIOUnavailable as e:
+        pytest.skip(f"no O_DIRECT / native AIO here: {e}")
+    with index:
+        with open(copy / "records.bin", "r+b") as f:
+            f.truncate(4096)  # the header sector only
+        with pytest.raises(OSError, match="records.bin: read came back short"):
+            index.search(unit_vectors(2, 24), 3, L=20)
+        assert index._direct._all == []  # the failed call's slot was destroyed, not lent again
 
 
 def test_direct_reads_refused_where_o_direct_is(small, monkeypatch):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from memescale.assemble import ChunkAssembler
-from memescale.config import ConfigError, load_config
+from memescale.config import CHOICES, ConfigError, load_config
+from memescale.index.search import IO_MODES
 from memescale.plan import PostFilter, parse_date, plan_chunks
 from memescale.sample_data import sample_records, write_sample_dump
 from memescale.store import ShardStore, read_shards
@@ -117,6 +118,10 @@ def test_config_overrides_and_errors(tmp_path):
         load_config("configs/tiny.toml", ["ingest.nope=1"])
     with pytest.raises(ConfigError, match="expected int"):
         load_config("configs/tiny.toml", ["ingest.retries=many"])
+    assert load_config("configs/tiny.toml", ["serve.index_io=direct"]).serve.index_io == "direct"
+    with pytest.raises(ConfigError, match="serve.index_io: expected one of mmap, direct, got 'o_direct'"):
+        load_config("configs/tiny.toml", ["serve.index_io=o_direct"])
+    assert CHOICES["serve.index_io"] == IO_MODES  # the index opens exactly these
     bad = tmp_path / "bad.toml"
     bad.write_text("[modle]\nname='x'\n")
     with pytest.raises(ConfigError, match="unknown config section"):

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .kernels import raw_syscall
+from .kernels import last_errno, raw_syscall
 
 ALIGN = 4096
 IOCB_CMD_PREAD = 0
 IOCB_WORDS = 8  # struct iocb: 64 bytes
 EVENT_WORDS = 4  # struct io_event: 32 bytes
-_MAX_RETRIES = 1000  # io_submit / io_getevents failing in a row (EINTR, EAGAIN) before giving up
+_MAX_RETRIES = 1000  # io_submit / io_getevents interrupted (EINTR, EAGAIN) in one call before giving up
 # Native AIO system call numbers (io_setup, io_destroy, io_getevents, io_submit).
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
 SYS_IO_SETUP, SYS_IO_DESTROY, SYS_IO_GETEVENTS, SYS_IO_SUBMIT = _SYSCALLS.get(platform.machine(), (-1, -1, -1, -1))
@@ -74,7 +74,7 @@ class IoSlot:
         self.events = np.zeros((capacity, EVENT_WORDS), np.int64)
 
     def kernel_args(self) -> tuple:
-        """((context, fd placeholder set by the reader, iocbs, pointers, events), b16, b32)."""
+        """((context, O_DIRECT fd, iocbs, pointers, events), b16, b32): the kernels' view."""
         return (self.ctx, self.fd, self.iocbs, self.ptrs, self.events), self.buf16, self.buf32
 
     def close(self) -> None:
@@ -83,16 +83,21 @@ class IoSlot:
             _libc.syscall(SYS_IO_DESTROY, ctypes.c_ulong(self.ctx))
             self.ctx = 0
 
+    __del__ = close  # contexts count against the system-wide aio-max-nr
+
 
 class DirectReader:
     """O_DIRECT handle on a record file plus a pool of IoSlots (grown on demand).
 
     `borrow(capacity)` lends one slot with room for `capacity` reads (concurrent callers get
-    distinct slots); `give_back` returns it, `discard` destroys it. Raises DirectIOUnavailable when the platform has
-    no native AIO or the filesystem refuses O_DIRECT (tmpfs, some overlays).
+    distinct slots); `give_back` returns it, `discard` destroys it. Opening reads the file's
+    first span through a slot of `capacity` and compares it with a plain read, so it raises
+    DirectIOUnavailable (naming the cause) wherever direct reads would fail later: no native
+    AIO on the platform, O_DIRECT or AIO reads refused by the filesystem, aio-max-nr spent.
+    `close` must not run while a search is using a slot.
     """
 
-    def __init__(self, path: Path, span: int) -> None:
+    def __init__(self, path: Path, span: int, capacity: int) -> None:
         if SYS_IO_SETUP < 0:
             raise DirectIOUnavailable(errno.ENOSYS, f"direct reads need Linux native AIO; {platform.machine()} is not supported")
         if span % ALIGN:
@@ -104,11 +109,23 @@ class DirectReader:
         self.span = span
         self._free: queue.SimpleQueue[IoSlot] = queue.SimpleQueue()
         self._all: list[IoSlot] = []
-        try:  # fail at open, not at the first search, when AIO is unusable
-            self._free.put(self._new_slot(16))
+        try:  # fail at open, not at the first search, when direct reads are unusable
+            slot = self._new_slot(capacity)
+            self._probe(path, slot)
+            self._free.put(slot)
         except BaseException:
             self.close()
             raise
+
+    def _probe(self, path: Path, slot: IoSlot) -> None:
+        with open(path, "rb") as f:
+            want = f.read(self.span)
+        try:
+            read_into(slot.ctx, self.fd, slot.iocbs, slot.ptrs, slot.events, slot.buf.ctypes.data, len(want), 0)
+        except OSError as e:
+            raise DirectIOUnavailable(errno.EIO, f"direct read of {path} failed: {e} (use io='mmap')") from None
+        if bytes(slot.buf[: len(want)]) != want:
+            raise DirectIOUnavailable(errno.EIO, f"direct read of {path} returned other bytes than a plain read")
 
     def _new_slot(self, capacity: int) -> IoSlot:
         slot = IoSlot(self.fd, capacity, self.span)
@@ -133,7 +150,8 @@ class DirectReader:
     def discard(self, slot: IoSlot) -> None:
         """Destroy a borrowed slot (after a failed call, or one too small)."""
         slot.close()
-        self._all.remove(slot)
+        if slot in self._all:
+            self._all.remove(slot)
 
     def close(self) -> None:
         for slot in self._all:
@@ -157,22 +175,32 @@ def set_read(iocbs, j, fd, addr, nbytes, offset):
     iocbs[j, 7] = np.uint64(0)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _transient(r):
+    """Whether a system call result r is worth retrying (0 done, or EINTR / EAGAIN)."""
+    if r >= 0:
+        return True
+    e = last_errno()
+    return e == errno.EINTR or e == errno.EAGAIN
+
+
 @njit(nogil=True, cache=True)
 def submit(ctx, ptrs, start, count):
     """Submit iocbs [start, start + count) on AIO context `ctx` (retrying partial submits).
 
-    Raises OSError if io_submit keeps failing; reads already submitted stay in flight, so the
-    caller must destroy the context (which waits for them) before reusing the buffer.
+    Raises OSError if io_submit fails other than transiently, or keeps being interrupted;
+    reads already submitted stay in flight, so the caller must destroy the context (which
+    waits for them) before reusing the buffer.
     """
     sent = 0
-    failures = 0
+    retries = 0
     while sent < count:
         r = raw_syscall(SYS_IO_SUBMIT, ctx, count - sent, ptrs.ctypes.data + 8 * (start + sent), 0, 0)
         if r > 0:
             sent += r
         else:
-            failures += 1
-            if failures > _MAX_RETRIES:
+            retries += 1
+            if not _transient(r) or retries > _MAX_RETRIES:
                 raise OSError("io_submit failed")
 
 
@@ -181,17 +209,30 @@ def reap(ctx, events, iocbs, min_nr, max_nr):
     """Wait until at least `min_nr` (0: none) of the submitted reads complete and collect up
     to `max_nr` completions into `events` (row e: iocb index in column 0, result in column 2).
     Returns how many were collected. Raises OSError if a read failed or came back short, or if
-    io_getevents keeps failing.
+    io_getevents fails other than transiently.
     """
-    failures = 0
+    retries = 0
     while True:
         r = raw_syscall(SYS_IO_GETEVENTS, ctx, min_nr, max_nr, events.ctypes.data, 0)
         if r >= 0:
             break
-        failures += 1
-        if failures > _MAX_RETRIES:
+        retries += 1
+        if not _transient(r) or retries > _MAX_RETRIES:
             raise OSError("io_getevents failed")
     for e in range(r):
-        if events[e, 2] != np.int64(iocbs[events[e, 0], 4]):
-            raise OSError("read failed or came back short")
+        got = events[e, 2]
+        if got < 0:
+            raise OSError("read failed (I/O error)")
+        if got != np.int64(iocbs[events[e, 0], 4]):
+            raise OSError("read came back short (file truncated?)")
     return r
+
+
+@njit(nogil=True, cache=True)
+def read_into(ctx, fd, iocbs, ptrs, events, addr, nbytes, offset):
+    """One direct read of `nbytes` at `offset` into address `addr`, waited for."""
+    set_read(iocbs, 0, fd, addr, nbytes, offset)
+    submit(ctx, ptrs, 0, 1)
+    done = 0
+    while done < 1:
+        done += reap(ctx, events, iocbs, 1, 1)

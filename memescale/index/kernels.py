@@ -88,6 +88,18 @@ def raw_syscall(typingctx, nr, a1, a2, a3, a4, a5):
 
 
 @intrinsic
+def last_errno(typingctx):
+    """The calling thread's errno (glibc ``*__errno_location()``), callable without the GIL."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(_I32.as_pointer(), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "__errno_location")
+        return builder.load(builder.call(fn, []))
+
+    return types.int32(), codegen
+
+
+@intrinsic
 def monotonic_ns(typingctx):
     """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds, callable without the GIL."""
 

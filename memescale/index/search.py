@@ -5,9 +5,11 @@ points) and a BFS cache of the records nearest the entry points. Records are rea
 ``records.bin`` in one of two ways (`Index.open(io=...)`):
 - "mmap" (default): through a read-only memory map, so the page cache keeps hot records;
   each beam step requests its sectors with ``madvise(MADV_WILLNEED)`` before touching any.
-- "direct": O_DIRECT reads with Linux native AIO (`aio.py`), as DiskANN reads: each step
-  submits every sector of every beam the worker advances in one batch and waits for them;
-  nothing goes through (or depends on) the page cache.
+- "direct": O_DIRECT reads with Linux native AIO (`aio.py`), as DiskANN reads: each query
+  submits its beam's sectors at once and is expanded when they have all arrived, while the
+  worker waits for (or computes on) its other queries; the search's reads never go through
+  the page cache. The node cache, `vectors` and `metadata` still read through the mapping
+  (so fetching a result's metadata costs one page-cache read of its sector).
 
 Beam search, per query (numba, nogil): the candidate list holds the L best nodes by ADC
 score; each step takes the best `beam_width` unexpanded ones, reads their records (one
@@ -54,7 +56,7 @@ from .disk import (
     unpack_arrays,
     verify_records,
 )
-from .aio import DirectReader, reap, set_read, submit
+from .aio import DirectIOUnavailable, DirectReader, reap, set_read, submit
 from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
 from .pq import PQCodec, adc_score
 
@@ -399,6 +401,7 @@ def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, ca
 
 
 IO_MODES = ("mmap", "direct")
+BEAM_WIDTH = 4  # default sector reads per step of one query
 # Default queries per worker: device reads (direct) take ~100-300 us, so hiding them takes
 # more queries in flight than page-cache reads do. On the 100k MiniLM set (2 threads, L=30)
 # direct reads gave 2,180-2,500 QPS with 4 and 2,560-2,930 with 8.
@@ -416,7 +419,7 @@ class SearchStats:
 
     reads: np.ndarray  # int64 sector reads (cache hits excluded)
     pq_comparisons: np.ndarray  # int64 ADC evaluations
-    ms: np.ndarray  # float64 latency: from the start of the query's lockstep group to its end
+    ms: np.ndarray  # float64 latency: from the start of the query's group to its end
 
     def __getitem__(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -484,7 +487,11 @@ class Index:
             self._r32 = self._r8.view(np.int32)
             self._build_cache(cache_nodes)
             if io == "direct":
-                self._direct = DirectReader(path / RECORDS_FILE, self.layout.sectors_per_node * self.layout.sector)
+                self._direct = DirectReader(path / RECORDS_FILE, self.layout.sectors_per_node * self.layout.sector,
+                                            self.interleave * BEAM_WIDTH)
+                a, b = os.fstat(self._fd), os.fstat(self._direct.fd)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    raise IndexFormatError(path / RECORDS_FILE, "replaced while the index was being opened")
         except BaseException:
             self.close()
             raise
@@ -555,7 +562,7 @@ class Index:
         return int(self._cache_ids.size)
 
     def search(
-        self, queries: np.ndarray, k: int, L: int, beam_width: int = 4, io_budget: int | None = None
+        self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH, io_budget: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product for queries (nq, d) float: ids (nq, k) int64, scores
         (nq, k) float32 (exact, from the records), best first, and per-query `SearchStats`.
@@ -599,6 +606,8 @@ class Index:
                 run(0, nq)
             else:
                 list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), starts))
+        except DirectIOUnavailable:  # a new slot's io_setup failed: says why already
+            raise
         except OSError as e:  # raised by the direct-read kernels
             raise OSError(f"{self.path / RECORDS_FILE}: {e}") from None
         except ValueError as e:
