@@ -14,7 +14,8 @@ sampled with `--seed`. Memory O(pool x dim) fp16 plus its metadata.
 
 Routes::
 
-    GET  /              the page (memescale/label_static/: two images, keyboard and buttons)
+    GET  /              the page (memescale/label_static/ and web_static/: two images, keyboard
+                        and buttons)
     GET  /api/pair      {left, right: {image_id, url, title, subreddit, permalink}, source,
                          rater, labelled_count, total_count}; image ids are decimal STRINGS
                          (64-bit hashes do not survive a JavaScript number)
@@ -72,6 +73,7 @@ from memescale.store import embeddings_of
 log = logging.getLogger("memescale.label")
 
 STATIC = Path(__file__).resolve().parent / "label_static"
+COMMON = Path(__file__).resolve().parent / "web_static"  # DOM helpers shared with the search page
 POOL_COLUMNS = ["image_id", "url", "final_url", "title", "subreddit", "permalink", "model", "embedding"]
 MAX_BODY = 4096  # bytes of a POST /api/label body
 ISSUED_MEMORY = 4096  # served pairs whose source is remembered for their labels
@@ -362,7 +364,8 @@ def make_app(labeller: Labeller) -> web.Application:
 
     app = web.Application(client_max_size=MAX_BODY)
     app.add_routes([web.get("/", page), web.get("/api/pair", pair), web.post("/api/label", label),
-                    web.get("/api/export", export), web.static("/static", STATIC)])
+                    web.get("/api/export", export), web.static("/static", STATIC),
+                    web.static("/common", COMMON)])
     app.on_startup.append(start_training)
     return app
 

@@ -21,7 +21,7 @@ Endpoints (OpenAPI at /docs and /openapi.json):
     GET  /api/info       index size, model, dims, available weights, limits
     POST /api/telemetry  {events: [{type, props, ts}]} -> 202 {stored}
     GET  /metrics        Prometheus text of the replica that answers (Ray's metrics hold all)
-    GET  /               the search page (serve/static/: no build step)
+    GET  /               the search page (serve/static/ and memescale/web_static/: no build step)
 Invalid input is a 422 with a message (types, several inputs, undecodable image, wrong-length
 embedding, text over the model's context, refused image_url, bad cursor); a body over
 `serve.max_body_bytes` is a 413; a failed backend deployment is a 503.
@@ -49,6 +49,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from ray import serve
 
+import memescale
 from memescale.config import Config, IngestConfig, load_config
 from memescale.images import ImageDecodeError, decode_image
 from memescale.search_service import (
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = Path(__file__).resolve().parent / "static"
+COMMON = Path(memescale.__file__).resolve().parent / "web_static"  # shared with the labelling page
 APP_NAME = "memescale"
 ROUTES = ("/", "/api/search", "/api/info", "/api/health", "/api/telemetry", "/metrics")
 PAGE_HEADERS = {
@@ -191,12 +193,13 @@ api = FastAPI(
 )
 api.add_middleware(BodyLimitMiddleware)  # the limit: bodylimit.set_process_limit in Api.__init__
 api.mount("/static", StaticFiles(directory=STATIC), name="static")
+api.mount("/common", StaticFiles(directory=COMMON), name="common")
 
 
 @api.middleware("http")
 async def _count_requests(request: Request, call_next):
     path = request.url.path
-    route = path if path in ROUTES else ("/static" if path.startswith("/static/") else "other")
+    route = path if path in ROUTES else ("/static" if path.startswith(("/static/", "/common/")) else "other")
     try:
         response = await call_next(request)
     except Exception:

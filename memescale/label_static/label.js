@@ -1,10 +1,8 @@
-// memescale labelling page: plain DOM, no build step.
-// Untrusted strings (titles, subreddits, URLs) only reach the page through textContent or
+// memescale labelling page: plain DOM, no build step; $, el, safeUrl and setStatus come from
+// /common/dom.js. Untrusted strings (titles, subreddits, URLs) only reach the page through textContent or
 // attributes set with setAttribute after a scheme check: never through innerHTML.
 // Image ids stay strings end to end (64-bit hashes do not fit a JavaScript number).
 "use strict";
-
-const $ = (id) => document.getElementById(id);
 
 // channel, row name, keys for the five grades (left much better .. right much better)
 const CHANNELS = [["meme", "Meme", "12345"], ["aesthetic", "Aesthetic", "qwert"], ["useful", "Useful", "asdfg"]];
@@ -20,30 +18,6 @@ const state = {
   shown: 0,         // pairs shown so far (body[data-pairs])
   rater: "",
 };
-
-function el(tag, attrs, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  return node;
-}
-
-function safeUrl(value) {
-  // An http(s) URL string, or null: javascript:, data: and other schemes are refused.
-  if (typeof value !== "string" || !value) return null;
-  try {
-    const u = new URL(value, window.location.href);
-    return u.protocol === "http:" || u.protocol === "https:" ? u.href : null;
-  } catch (e) {
-    return null;
-  }
-}
-
-function setStatus(text, isError) {
-  const s = $("status");
-  s.textContent = text;
-  s.classList.toggle("error", !!isError);
-}
 
 function showCounts(data) {
   const n = data.labelled_count;

@@ -1,9 +1,9 @@
-// memescale search page: plain DOM, no build step.
-// Untrusted strings (titles, subreddits, URLs) only ever reach the page through textContent
-// or attributes set with setAttribute after a scheme check: never through innerHTML.
+// memescale search page: plain DOM, no build step; $, el, safeUrl and setStatus come from
+// /common/dom.js. Untrusted strings (titles, subreddits, URLs) only ever reach the page
+// through textContent or attributes set with setAttribute after a scheme check: never
+// through innerHTML.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const TELEMETRY_KEY = "memescale.telemetry";
 const COL_WIDTH = 260;
 
@@ -20,29 +20,6 @@ const state = {
 };
 
 // ---------------------------------------------------------------- small helpers
-function safeUrl(value) {
-  // An http(s) URL string, or null: javascript:, data: and other schemes are refused.
-  if (typeof value !== "string" || !value) return null;
-  try {
-    const u = new URL(value, window.location.href);
-    return u.protocol === "http:" || u.protocol === "https:" ? u.href : null;
-  } catch (e) {
-    return null;
-  }
-}
-
-function el(tag, attrs, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  return node;
-}
-
-function setStatus(text, isError) {
-  const s = $("status");
-  s.textContent = text;
-  s.classList.toggle("error", !!isError);
-}
 
 function dateToUnix(value) {
   return value ? Math.floor(Date.parse(value + "T00:00:00Z") / 1000) : null;
