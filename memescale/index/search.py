@@ -210,6 +210,23 @@ def _request_beam(g, nb, W, beam_off, beam_src, lay, base_addr, prefetch, aio, b
     return j - g * W
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr):
+    """Start query g's next step: take its beam and request its sectors, submitting the
+    direct reads. Returns the reads submitted (0: the beam is readable now), or -1 when the
+    query has finished (nothing left to expand, or its I/O budget spent)."""
+    nb[g] = 0 if cur[g] >= n[g] or exhausted[g] else _select_beam(
+        g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
+    if nb[g] == 0:
+        active[g] = False
+        t_done[g] = monotonic_ns()
+        return -1
+    pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
+    if pending[g] > 0:
+        submit(aio[0], aio[3], g * W, pending[g])
+    return pending[g]
+
+
 @njit(nogil=True, cache=True)
 def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, aio, b16, b32, vis, out_ids, out_scores, reads, cmps, t_done):
     """Beam search for a group of G queries, each advancing as soon as its reads are in.
@@ -240,7 +257,7 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     shift = _hash_shift(vis.shape[1])
     n_nodes = codes.shape[0]
     dim = lay[_DIM]
-    ctx, ptrs, events = aio[0], aio[3], aio[4]
+    ctx, events = aio[0], aio[4]
     b_addr = b16.ctypes.data
     cand_id = np.empty((G, L), np.int64)
     cand_s = np.empty((G, L), np.float32)
@@ -276,16 +293,12 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     n_active = G
     in_flight = 0
     for g in range(G):
-        nb[g] = _select_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
-        if nb[g] == 0:
-            active[g] = False
+        got = _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off,
+                         beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr)
+        if got < 0:
             n_active -= 1
-            t_done[g] = monotonic_ns()
-            continue
-        pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
-        if pending[g] > 0:
-            submit(ctx, ptrs, g * W, pending[g])
-            in_flight += pending[g]
+        else:
+            in_flight += got
     while n_active > 0:
         ready = 0
         for g in range(G):
@@ -329,19 +342,14 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
             while c < n[g] and done[g, c]:
                 c += 1
             cur[g] = c
-            nb[g] = 0 if c >= n[g] or exhausted[g] else _select_beam(
-                g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
-            if nb[g] == 0:
-                active[g] = False
+            got = _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off,
+                             beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr)
+            if got < 0:
                 n_active -= 1
-                t_done[g] = monotonic_ns()
-                continue
-            pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
-            if pending[g] > 0:
-                submit(ctx, ptrs, g * W, pending[g])
-                in_flight += pending[g]
-            else:
+            elif got == 0:
                 ready += 1
+            else:
+                in_flight += got
         if in_flight > 0:
             got = reap(ctx, events, aio[2], 0 if ready else 1, in_flight)
             for e in range(got):
