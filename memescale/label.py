@@ -73,7 +73,7 @@ from memescale.store import embeddings_of
 log = logging.getLogger("memescale.label")
 
 STATIC = Path(__file__).resolve().parent / "label_static"
-COMMON = Path(__file__).resolve().parent / "web_static"  # DOM helpers shared with the search page
+COMMON = Path(__file__).resolve().parent / "web_static"  # DOM helpers and theme shared with the search page
 POOL_COLUMNS = ["image_id", "url", "final_url", "title", "subreddit", "permalink", "model", "embedding"]
 MAX_BODY = 4096  # bytes of a POST /api/label body
 ISSUED_MEMORY = 4096  # served pairs whose source is remembered for their labels
