@@ -7,9 +7,9 @@ is checked against a per-call limit before any pixel is decoded. Every failure r
 type, `ImageDecodeError`, whose `reason` is one of `REASONS`.
 
 Cost: a JPEG is decoded at the smallest DCT scale (1/1..1/8) that still covers the target
-(draft mode); the crop and resize are one resampling pass over the centre square, with an
-integer pre-reduction for large sources, and EXIF rotation is applied to the (size, size)
-result, not to the source. Animations contribute their first frame only.
+(draft mode); the crop and resize are one bicubic resampling of the centre square
+(`memescale.resample`, Pillow's filter in vectorised kernels), and EXIF rotation is applied
+to the (size, size) result, not to the source. Animations contribute their first frame only.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
+
+from memescale.resample import square_bicubic
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "ICO", "TIFF")
 REASONS = ("bomb", "truncated", "unsupported", "corrupt")
-REDUCING_GAP = 3.0  # pre-reduce by an integer factor while the result stays >= 3x the target
 WHITE = (255, 255, 255)
 
 _ORIENTATION_TAG = 0x0112
@@ -114,14 +116,14 @@ def _decode_opened(img: Image.Image, size: int) -> DecodedImage:
     source = drafted[1] if drafted else (0, 0, width, height)
     img.load()
     orientation = _orientation(img)
-    img = _crop_resize(_to_rgb_or_rgba(img), size, source)
+    img = _to_rgb_or_rgba(img)
     if img.mode == "RGBA":
         img = _on_white(img)
+    pixels = square_bicubic(_rgbx(img), _centre_square(source), size)
     if orientation in _TRANSPOSE:  # the centre square commutes with the transform
-        img = img.transpose(_TRANSPOSE[orientation])
+        pixels = np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation]))
         if orientation >= 5:
             width, height = height, width
-    pixels = np.asarray(img, dtype=np.uint8)
     return DecodedImage(pixels=pixels, width=width, height=height, mode=mode)
 
 
@@ -147,6 +149,17 @@ def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
         raise ImageDecodeError("unsupported", f"cannot convert mode {img.mode}: {e}") from e
 
 
+def _rgbx(img: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as uint8 (height, width, 4) RGBX, Pillow's own layout: a
+    read-only view of Pillow's buffer (through its Arrow export) when the image is one memory
+    block, a copy when it spans several (images over Pillow's 16 MiB block size)."""
+    try:
+        flat = pa.array(img).flatten().to_numpy(zero_copy_only=True)
+    except ValueError:
+        flat = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint8)
+    return flat.reshape(img.height, img.width, 4)
+
+
 def _stretch_to_l(img: Image.Image) -> Image.Image:
     """A 16/32-bit integer or float single-channel image linearly mapped onto 0..255 ("L").
 
@@ -159,19 +172,13 @@ def _stretch_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))
 
 
-def _crop_resize(img: Image.Image, size: int, source: tuple[float, float, float, float]) -> Image.Image:
-    """The centre square of `source` (a box in `img`'s pixels) resampled to (size, size).
-
-    Equivalent to scaling the shortest side of `source` to `size` and centre-cropping the
-    other: one bicubic pass, after a box reduction by the largest integer factor that keeps
-    the square at least REDUCING_GAP times `size`. Time O(side^2) for the reduction plus
-    O(size^2 x ratio) for the bicubic pass, the ratio left being below 2 x REDUCING_GAP.
-    """
+def _centre_square(source: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """The centre square of the box `source`: resampling it to (size, size) scales the
+    shortest side of `source` to `size` and centre-crops the other."""
     x0, y0, x1, y1 = source
     side = min(x1 - x0, y1 - y0)
     left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
-    box = (left, top, left + side, top + side)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+    return (left, top, left + side, top + side)
 
 
 def _on_white(img: Image.Image) -> Image.Image:

@@ -240,9 +240,12 @@ STORED_AS = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.T
              6: T.ROTATE_90, 7: T.TRANSVERSE, 8: T.ROTATE_270}
 
 
-@pytest.mark.parametrize("width, height, size", [(1000, 700, 64), (999, 1333, 100), (1539, 1027, 384)])
+# Mean level error limits per case: the right crop measured 1.5-1.8 / 0.7-2.3 / 1.0-1.1,
+# cropping the padded decode instead 5.5-5.8 / 3.3-5.6 / 2.5-2.7.
+@pytest.mark.parametrize("width, height, size, limit",
+                         [(1000, 700, 64, 2.5), (999, 1333, 100, 2.9), (1539, 1027, 384, 1.8)])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_scaled_jpeg_matches_full_decode(width, height, size, orientation):
+def test_scaled_jpeg_matches_full_decode(width, height, size, limit, orientation):
     # Sizes that are not multiples of the DCT scale (1/8, 1/8, 1/4): the scaled decode's last
     # row and column are part padding, and the crop must follow the image, not the decode.
     # Reference: the same JPEG decoded in full, turned upright, centre square resized.
@@ -257,8 +260,7 @@ def test_scaled_jpeg_matches_full_decode(width, height, size, orientation):
     want = full.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
     out = decode_image(data, size, MAX_PIXELS)
     assert (out.width, out.height) == (width, height)
-    # 0.7-1.8 here; cropping the padded decode instead gave 2.5-5.8
-    assert np.abs(out.pixels - np.asarray(want, dtype=np.float64)).mean() < 2.2
+    assert np.abs(out.pixels - np.asarray(want, dtype=np.float64)).mean() < limit
 
 
 def test_tiny_image_is_upscaled():

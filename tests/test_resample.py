@@ -1,0 +1,98 @@
+"""memescale.resample against Pillow's BICUBIC resize, which it reimplements."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from PIL import Image
+
+from memescale.resample import square_bicubic
+
+# (height, width, box, size): downscales by 1.0-8x, upscales, fractional boxes, boxes at
+# the edges, one-pixel rows and columns.
+CASES = [
+    (125, 167, (20.875, 0.0, 145.75, 124.875), 100),
+    (700, 1000, (150.0, 0.0, 850.0, 700.0), 64),
+    (1333, 999, (0.0, 167.0, 999.0, 1166.0), 384),
+    (40, 60, (10.3, 2.1, 47.9, 39.7), 33),
+    (5, 3, (0.0, 1.0, 3.0, 4.0), 384),
+    (1, 1, (0.0, 0.0, 1.0, 1.0), 7),
+    (300, 2400, (1050.0, 0.0, 1350.0, 300.0), 37),
+    (96, 96, (0.0, 0.0, 96.0, 96.0), 96),
+]
+
+
+def rgbx(pixels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], 2))
+
+
+def noise_and_ramp(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Random noise (red, blue: clamping after each pass matters) and a ramp (green)."""
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    px[..., 1] = (np.arange(width) * 255 // max(width - 1, 1))[None]
+    return px
+
+
+def pillow(pixels: np.ndarray, box, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+@pytest.mark.parametrize("height, width, box, size", CASES)
+def test_same_arithmetic_as_pillow(height, width, box, size):
+    # Pillow runs the horizontal pass first; on the transposed image square_bicubic's first
+    # (vertical) pass is that horizontal pass, so the result must be identical to the bit.
+    px = noise_and_ramp(height, width)
+    turned = rgbx(np.ascontiguousarray(px.transpose(1, 0, 2)))
+    left, top, right, bottom = box
+    out = square_bicubic(turned, (top, left, bottom, right), size).transpose(1, 0, 2)
+    assert np.array_equal(out, pillow(px, box, size))
+
+
+@pytest.mark.parametrize("height, width, box, size", CASES)
+def test_pass_order_moves_pixels_by_a_few_levels(height, width, box, size):
+    px = noise_and_ramp(height, width)
+    out = square_bicubic(rgbx(px), box, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    diff = np.abs(out.astype(np.int16) - pillow(px, box, size))
+    assert diff.mean() < 0.4  # measured up to 0.25 on this noise
+    smooth = np.abs(out[..., 1].astype(np.int16) - pillow(px, box, size)[..., 1])
+    assert smooth.max() <= 1  # the ramp does not clamp: rounding only
+
+
+def test_photo_quality_equals_pillow():
+    # On real memes: the same PSNR against a LANCZOS reference as Pillow's BICUBIC.
+    def psnr(a, b):
+        return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+    ours, theirs = [], []
+    for path in sorted(shared_path("images", "memes").glob("*.jpg"))[:20]:
+        img = Image.open(path).convert("RGB")
+        side = min(img.size)
+        box = ((img.width - side) / 2, (img.height - side) / 2, (img.width + side) / 2, (img.height + side) / 2)
+        ref = np.asarray(img.resize((224, 224), Image.Resampling.LANCZOS, box=box))
+        px = np.asarray(img)
+        ours.append(psnr(square_bicubic(rgbx(px), box, 224), ref))
+        theirs.append(psnr(pillow(px, box, 224), ref))
+    assert len(ours) == 20
+    assert np.mean(ours) > np.mean(theirs) - 0.2  # measured 47.98 vs 48.07 dB
+
+
+def test_read_only_input_is_fine():
+    px = rgbx(noise_and_ramp(50, 70))
+    px.flags.writeable = False
+    assert square_bicubic(px, (10, 0, 60, 50), 20).shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("bad, box, size, message", [
+    (np.zeros((4, 4, 3), np.uint8), (0, 0, 4, 4), 2, "need C-contiguous uint8"),
+    (np.zeros((4, 4, 4), np.float32), (0, 0, 4, 4), 2, "need C-contiguous uint8"),
+    (np.zeros((4, 8, 4), np.uint8)[:, ::2], (0, 0, 4, 4), 2, "need C-contiguous uint8"),
+    (np.zeros((4, 4, 4), np.uint8), (0, 0, 5, 4), 2, "not inside"),
+    (np.zeros((4, 4, 4), np.uint8), (2, 0, 2, 4), 2, "not inside"),
+    (np.zeros((4, 4, 4), np.uint8), (0, 0, 4, 4), 0, "size must be"),
+])
+def test_bad_arguments_raise(bad, box, size, message):
+    with pytest.raises(ValueError, match=message):
+        square_bicubic(bad, box, size)
