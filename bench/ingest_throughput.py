@@ -24,7 +24,7 @@ shared with other jobs the wall-clock rates move with the load; the CPU per imag
 and `--repeat` alternates the tools, keeps each one's best run, and also gives the ratio of
 each repeat's two back-to-back runs.
 
-    .venv/bin/python bench/ingest_throughput.py [--n 2000] [--size 384] [--procs 2] [--repeat 3]
+    .venv/bin/python bench/ingest_throughput.py [--n 8000] [--size 384] [--procs 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "images" / "memes")
-    p.add_argument("--n", type=int, default=2000, help="URLs to ingest")
+    p.add_argument("--n", type=int, default=8000, help="URLs to ingest")
     p.add_argument("--size", type=int, default=384, help="output side in pixels")
     p.add_argument("--procs", type=int, default=cores, help="processes per tool")
     p.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")

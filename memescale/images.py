@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from memescale.resample import square_bicubic
@@ -43,6 +46,7 @@ _TRANSPOSE = {  # EXIF orientation -> the transform that brings the image uprigh
 _WEB_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SPNG_MODES = frozenset({"1", "L", "P", "RGB"})  # opaque PNGs whose RGB8 decode equals Pillow's
 
 
 class ImageDecodeError(Exception):
@@ -98,28 +102,35 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
         if width * height > max_pixels:
             raise ImageDecodeError("bomb", f"{width}x{height} exceeds {max_pixels} pixels")
         try:
-            return _decode_opened(img, size)
+            return _decode_opened(img, data, size)
         except ImageDecodeError:
             raise
         except Exception as e:
             raise _decode_error(e) from e
 
 
-def _decode_opened(img: Image.Image, size: int) -> DecodedImage:
-    """Decode the opened, size-checked `img` (its first frame) into a DecodedImage."""
+def _decode_opened(img: Image.Image, data: bytes, size: int) -> DecodedImage:
+    """Decode the opened, size-checked `img` (its first frame), read from `data`, into a
+    DecodedImage."""
     mode = img.mode
     width, height = img.size
-    # JPEG only: DCT scaling, the result still covers (size, size). `source` is the image's
-    # extent in decoded pixels: a scaled decode rounds its size up, so its last row and
-    # column may be partly padding.
-    drafted = img.draft("RGB", (size, size))
-    source = drafted[1] if drafted else (0, 0, width, height)
-    img.load()
-    orientation = _orientation(img)
-    img = _to_rgb_or_rgba(img)
-    if img.mode == "RGBA":
-        img = _on_white(img)
-    pixels = square_bicubic(_rgbx(img), _centre_square(source), size)
+    source = (0, 0, width, height)  # the image's extent in decoded pixels
+    pixels = _spng_rgb(img, data)
+    if pixels is not None:
+        orientation = _orientation(lambda: _exif(_png_chunk(data, b"eXIf")))
+    else:
+        # JPEG only: DCT scaling, the result still covers (size, size). A scaled decode
+        # rounds its size up, so its last row and column may be partly padding.
+        drafted = img.draft("RGB", (size, size))
+        if drafted:
+            source = drafted[1]
+        img.load()
+        orientation = _orientation(img.getexif)
+        img = _to_rgb_or_rgba(img)
+        if img.mode == "RGBA":
+            img = _on_white(img)
+        pixels = _rgbx(img)
+    pixels = square_bicubic(pixels, _centre_square(source), size)
     if orientation in _TRANSPOSE:  # the centre square commutes with the transform
         pixels = np.asarray(Image.fromarray(pixels).transpose(_TRANSPOSE[orientation]))
         if orientation >= 5:
@@ -127,10 +138,47 @@ def _decode_opened(img: Image.Image, size: int) -> DecodedImage:
     return DecodedImage(pixels=pixels, width=width, height=height, mode=mode)
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1..8) of a loaded image; 1 when absent or unreadable."""
+def _spng_rgb(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """libspng's RGB decode of an opaque still PNG, uint8 (height, width, 3): 25% faster
+    than Pillow's on the shared memes, and straight into an array. None for other images and
+    for data libspng refuses (Pillow then decodes it or says what is wrong with it)."""
+    if (img.format != "PNG" or img.mode not in _SPNG_MODES or "transparency" in img.info
+            or getattr(img, "is_animated", False)):
+        return None
     try:
-        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        return pyspng.load(data if isinstance(data, bytes) else bytes(data), "RGB")
+    except RuntimeError:
+        return None
+
+
+def _png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The payload of the first `kind` chunk of PNG `data`, before or after the pixels;
+    None when there is none. Reads chunk headers only: O(number of chunks)."""
+    view = memoryview(data)
+    pos = 8
+    while pos + 8 <= len(view):
+        length, found = struct.unpack_from(">I4s", view, pos)
+        if found == kind:
+            return bytes(view[pos + 8 : pos + 8 + length])
+        if found == b"IEND":
+            break
+        pos += 12 + length
+    return None
+
+
+def _exif(raw: bytes | None) -> Image.Exif:
+    """EXIF parsed from a raw eXIf/APP1 payload (empty when `raw` is None)."""
+    exif = Image.Exif()
+    if raw:
+        exif.load(raw)
+    return exif
+
+
+def _orientation(exif_of: Callable[[], Image.Exif]) -> int:
+    """The EXIF orientation (1..8) in the EXIF `exif_of()` returns; 1 when absent or
+    unreadable."""
+    try:
+        value = exif_of().get(_ORIENTATION_TAG, 1)
     except Exception:
         return 1
     return value if isinstance(value, int) else 1

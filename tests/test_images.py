@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import shared_path
+import memescale.images
 from memescale.images import REASONS, ImageDecodeError, content_hash, decode_image
 
 MAX_PIXELS = 64_000_000
@@ -204,6 +205,76 @@ def test_animation_uses_first_frame():
         data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
         r, g, b = decode_image(data, SIZE, MAX_PIXELS).pixels.reshape(-1, 3).mean(axis=0)
         assert r > 200 and b < 50, fmt
+
+
+# --- PNGs through libspng ---------------------------------------------------------------------
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def raw_png(pixels: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG of big-endian `pixels` (height, width, channels), filter 0 on every row."""
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
+def opaque_pngs() -> dict[str, bytes]:
+    """Every opaque still PNG kind that libspng decodes in place of Pillow."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    gray = noise.convert("L")
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (37, 53, 3)).astype(">u2")
+    return {
+        "rgb": encode(noise, "PNG"), "gray": encode(gray, "PNG"), "one-bit": encode(gray.convert("1"), "PNG"),
+        "gray-2-bit": encode(gray.point(lambda v: v // 64 * 85), "PNG", bits=2),
+        "palette": encode(noise.convert("P"), "PNG"),
+        "palette-4-bit": encode(noise.convert("P", colors=16), "PNG", bits=4),
+        "rgb-16-bit": raw_png(rgb16, 16, 2),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(opaque_pngs()))
+def test_libspng_decodes_as_pillow_does(kind, monkeypatch):
+    data = opaque_pngs()[kind]
+    assert memescale.images._spng_rgb(Image.open(io.BytesIO(data)), data) is not None
+    fast = decode_image(data, SIZE, MAX_PIXELS)
+    monkeypatch.setattr(memescale.images, "_spng_rgb", lambda img, data: None)
+    pillow = decode_image(data, SIZE, MAX_PIXELS)
+    assert np.array_equal(fast.pixels, pillow.pixels)
+    assert (fast.width, fast.height, fast.mode) == (pillow.width, pillow.height, pillow.mode)
+
+
+def test_libspng_and_pillow_agree_on_shared_pngs(monkeypatch):
+    paths = [p for p in image_files("images", "memes") + image_files("images", "odd") if p.endswith(".png")]
+    fast = {}
+    for path in paths:
+        try:
+            fast[path] = decode_image(open(path, "rb").read(), SIZE, MAX_PIXELS)
+        except ImageDecodeError as e:
+            fast[path] = e.reason
+    monkeypatch.setattr(memescale.images, "_spng_rgb", lambda img, data: None)
+    for path in paths:
+        try:
+            pillow = decode_image(open(path, "rb").read(), SIZE, MAX_PIXELS)
+        except ImageDecodeError as e:
+            assert fast[path] == e.reason, path  # broken files: the same reason either way
+            continue
+        assert np.array_equal(fast[path].pixels, pillow.pixels), path
+    assert len(paths) > 40
+
+
+def test_png_orientation_in_an_exif_chunk_after_the_pixels():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(two_tone(120, 60), "PNG")
+    data = data[:-12] + png_chunk(b"eXIf", exif.tobytes()) + data[-12:]  # before IEND
+    out = decode_image(data, SIZE, MAX_PIXELS)
+    assert (out.width, out.height) == (60, 120)
+    assert out.pixels[2, SIZE // 2, 0] > 200, "left (red) half should be on top"
 
 
 # --- geometry --------------------------------------------------------------------------------

@@ -23,8 +23,12 @@ CASES = [
 ]
 
 
-def rgbx(pixels: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], 2))
+def rgbx(pixels: np.ndarray, channels: int = 4) -> np.ndarray:
+    """`pixels` (RGB) as C-contiguous RGB (channels 3) or RGBX with a noise X channel (4)."""
+    if channels == 3:
+        return np.ascontiguousarray(pixels)
+    x = np.random.default_rng(1).integers(0, 256, pixels.shape[:2] + (1,), dtype=np.uint8)
+    return np.ascontiguousarray(np.concatenate([pixels, x], 2))
 
 
 def noise_and_ramp(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -39,21 +43,23 @@ def pillow(pixels: np.ndarray, box, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
+@pytest.mark.parametrize("channels", [3, 4])
 @pytest.mark.parametrize("height, width, box, size", CASES)
-def test_same_arithmetic_as_pillow(height, width, box, size):
+def test_same_arithmetic_as_pillow(height, width, box, size, channels):
     # Pillow runs the horizontal pass first; on the transposed image square_bicubic's first
     # (vertical) pass is that horizontal pass, so the result must be identical to the bit.
     px = noise_and_ramp(height, width)
-    turned = rgbx(np.ascontiguousarray(px.transpose(1, 0, 2)))
+    turned = rgbx(px.transpose(1, 0, 2), channels)
     left, top, right, bottom = box
     out = square_bicubic(turned, (top, left, bottom, right), size).transpose(1, 0, 2)
     assert np.array_equal(out, pillow(px, box, size))
 
 
+@pytest.mark.parametrize("channels", [3, 4])
 @pytest.mark.parametrize("height, width, box, size", CASES)
-def test_pass_order_moves_pixels_by_a_few_levels(height, width, box, size):
+def test_pass_order_moves_pixels_by_a_few_levels(height, width, box, size, channels):
     px = noise_and_ramp(height, width)
-    out = square_bicubic(rgbx(px), box, size)
+    out = square_bicubic(rgbx(px, channels), box, size)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
     diff = np.abs(out.astype(np.int16) - pillow(px, box, size))
     assert diff.mean() < 0.4  # measured up to 0.25 on this noise
@@ -86,7 +92,7 @@ def test_read_only_input_is_fine():
 
 
 @pytest.mark.parametrize("bad, box, size, message", [
-    (np.zeros((4, 4, 3), np.uint8), (0, 0, 4, 4), 2, "need C-contiguous uint8"),
+    (np.zeros((4, 4, 2), np.uint8), (0, 0, 4, 4), 2, "need C-contiguous uint8"),
     (np.zeros((4, 4, 4), np.float32), (0, 0, 4, 4), 2, "need C-contiguous uint8"),
     (np.zeros((4, 8, 4), np.uint8)[:, ::2], (0, 0, 4, 4), 2, "need C-contiguous uint8"),
     (np.zeros((4, 4, 4), np.uint8), (0, 0, 5, 4), 2, "not inside"),
