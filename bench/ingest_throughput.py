@@ -356,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=cores, help="processes per tool")
     p.add_argument("--threads", type=int, default=32, help="img2dataset download threads per process")
     p.add_argument("--concurrency", type=int, default=32, help="memescale downloads in flight per process")
-    p.add_argument("--decode-threads", type=int, default=2, help="memescale decode threads per process")
+    p.add_argument("--decode-threads", type=int, default=1, help="memescale decode threads per process")
     p.add_argument("--memescale-output", choices=("jpeg", "none"), default="jpeg")
     p.add_argument("--tools", default="memescale,img2dataset", help="comma-separated subset to run")
     p.add_argument("--repeat", type=int, default=1, help="alternating runs of each tool; the best counts")
