@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from conftest import shared_path
@@ -102,3 +104,18 @@ def test_read_only_input_is_fine():
 def test_bad_arguments_raise(bad, box, size, message):
     with pytest.raises(ValueError, match=message):
         square_bicubic(bad, box, size)
+
+
+def test_work_memory_reuse_and_threads_do_not_change_results():
+    # Each thread reuses one work buffer across calls of any shape; results must not depend
+    # on what ran before or beside.
+    jobs = [(noise_and_ramp(h, w, seed), box, size, c) for seed, ((h, w, box, size), c)
+            in enumerate((case, c) for case in CASES for c in (3, 4))]
+    alone = [square_bicubic(rgbx(px, c), box, size) for px, box, size, c in jobs]
+    again = [square_bicubic(rgbx(px, c), box, size) for px, box, size, c in reversed(jobs)][::-1]
+    with ThreadPoolExecutor(4) as pool:
+        side_by_side = list(pool.map(lambda job: square_bicubic(rgbx(job[0], job[3]), job[1], job[2]), jobs * 3))
+    for i, want in enumerate(alone):
+        assert np.array_equal(again[i], want)
+        for k in range(3):
+            assert np.array_equal(side_by_side[k * len(jobs) + i], want)
