@@ -267,14 +267,65 @@ def test_libspng_and_pillow_agree_on_shared_pngs(monkeypatch):
     assert len(paths) > 40
 
 
-def test_png_orientation_in_an_exif_chunk_after_the_pixels():
+def stripes_png(before_pixels: bytes = b"", level: int = 6) -> bytes:
+    """An 8 x 4 RGB PNG, left half red, right half blue; `before_pixels`: chunks before IDAT."""
+    rows = b"".join(b"\x00" + bytes([200, 10, 10]) * 4 + bytes([10, 10, 200]) * 4 for _ in range(4))
+    ihdr = struct.pack(">IIBBBBB", 8, 4, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + before_pixels
+            + png_chunk(b"IDAT", zlib.compress(rows, level)) + png_chunk(b"IEND", b""))
+
+
+def exif_orientation_6() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
-    data = encode(two_tone(120, 60), "PNG")
-    data = data[:-12] + png_chunk(b"eXIf", exif.tobytes()) + data[-12:]  # before IEND
+    return exif.tobytes()
+
+
+XMP_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+         b'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+         b"</rdf:RDF></x:xmpmeta>")
+
+
+def raw_profile_6() -> bytes:
+    blob = b"Exif\0\0" + exif_orientation_6()
+    return f"\nexif\n{len(blob):8d}\n{blob.hex()}\n".encode()
+
+
+@pytest.mark.parametrize("where", ["eXIf after the pixels", "XMP in iTXt", "EXIF profile in zTXt"])
+def test_png_orientation_wherever_pillow_finds_it(where):
+    if where == "eXIf after the pixels":
+        plain = stripes_png()
+        data = plain[:-12] + png_chunk(b"eXIf", exif_orientation_6()) + plain[-12:]  # before IEND
+    elif where == "XMP in iTXt":
+        data = stripes_png(png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + XMP_6))
+    else:
+        data = stripes_png(png_chunk(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_profile_6())))
     out = decode_image(data, SIZE, MAX_PIXELS)
-    assert (out.width, out.height) == (60, 120)
-    assert out.pixels[2, SIZE // 2, 0] > 200, "left (red) half should be on top"
+    assert (out.width, out.height) == (4, 8)
+    assert out.pixels[2, SIZE // 2, 0] > 150, "left (red) half should be on top"
+
+
+def test_png_with_a_damaged_chunk_is_corrupt_not_garbage():
+    # A flipped byte in stored (level 0) deflate data: the chunk's CRC and zlib's Adler-32
+    # are wrong. libspng would return the altered pixel; the file must be refused.
+    data = bytearray(stripes_png(level=0))
+    idat = data.index(b"IDAT")
+    data[idat + 4 + 2 + 5 + 1] ^= 0xFF  # zlib header, stored-block header, filter byte
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(bytes(data), SIZE, MAX_PIXELS)
+    assert e.value.reason == "corrupt"
+
+
+def test_png_with_two_palettes_gets_pillows_pixels():
+    rows = b"".join(b"\x00" + bytes([5]) * 8 for _ in range(4))
+    ihdr = struct.pack(">IIBBBBB", 8, 4, 8, 3, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"PLTE", bytes([0, 255, 0]) * 16)
+            + png_chunk(b"PLTE", bytes([255, 0, 0]) * 2) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+    img = Image.open(io.BytesIO(data))
+    want = np.asarray(img.convert("RGB"))[0, 0]
+    assert memescale.images._spng_rgb(img, data) is None
+    assert (decode_image(data, SIZE, MAX_PIXELS).pixels == want).all()
 
 
 # --- geometry --------------------------------------------------------------------------------
