@@ -6,8 +6,9 @@ support widens with the downscale ratio, the same normalised coefficient table, 
 fixed-point sums, rounding and clamping to 0..255 after each of the two separable passes.
 Two things differ:
 
-- the vertical pass runs first (Pillow runs the horizontal one first), which moves a pixel
-  by a few levels at most (same quality: PSNR against a LANCZOS reference within 0.1 dB);
+- the vertical pass always runs first, where Pillow picks an order per call; where the two
+  differ a pixel moves by a few levels at most (same quality: PSNR against a LANCZOS
+  reference within 0.1 dB);
 - speed: each pass is a sweep over whole rows that LLVM vectorises, the horizontal pass
   over the transposed intermediate (pixels packed into uint32 for the transpose), where
   Pillow's inner loops are scalar: 4x faster on the shared memes (0.5 vs 2.2 ms for a JPEG
