@@ -51,10 +51,11 @@ def square_bicubic(pixels: np.ndarray, box: tuple[float, float, float, float], s
     height, width = pixels.shape[:2]
     if not (0 <= left < right <= width and 0 <= top < bottom <= height):
         raise ValueError(f"box {box} is not inside a {width}x{height} image")
-    support = 2.0 * max(1.0, (right - left) / size)
-    span = min(width, math.ceil(right - left + 2 * support) + 3)  # columns the taps can reach
-    work = _scratch(size * span * (pixels.shape[2] + 4) + 4 * size * size + 3 * _ALIGN)
-    return _square_bicubic(pixels, left, top, right, bottom, size, work)
+    rows = _coefficients(height, top, bottom, size)
+    cols = _coefficients(width, left, right, size)
+    span = cols[0][-1] + cols[1][-1] - cols[0][0]  # the input columns the taps reach
+    work = _scratch(size * span * (pixels.shape[2] + 4) + 4 * size * size + 2 * _ALIGN)
+    return _square_bicubic(pixels, *rows, *cols, size, work)
 
 
 def _scratch(nbytes: int) -> np.ndarray:
@@ -168,13 +169,12 @@ def _unpack_transposed(a, out):
 
 
 @njit(cache=True, nogil=True)
-def _square_bicubic(pixels, left, top, right, bottom, size, work):
+def _square_bicubic(pixels, row_first, row_count, row_weights, col_first, col_count, col_weights,
+                    size, work):
+    """The resampling with both axes' `_coefficients` given, in `work` (uint8, large enough)."""
     height, width, channels = pixels.shape
-    row_first, row_count, row_weights = _coefficients(height, top, bottom, size)
-    col_first, col_count, col_weights = _coefficients(width, left, right, size)
     c0 = col_first[0]
     c1 = col_first[size - 1] + col_count[size - 1]
-    col_first -= c0
     span = c1 - c0
     # vertical pass over the needed columns: (size, span) pixels
     n_tall, n_turned = size * span * channels, span * size * 4
@@ -190,7 +190,7 @@ def _square_bicubic(pixels, left, top, right, bottom, size, work):
     else:
         _transpose_rgb(tall, turned)
     done = work[at_done : at_done + 4 * size * size].reshape((size, size * 4))
-    _rows_pass(turned.view(np.uint8), col_first, col_count, col_weights, done)
+    _rows_pass(turned.view(np.uint8), col_first - c0, col_count, col_weights, done)
     out = np.empty((size, size, 3), np.uint8)
     _unpack_transposed(done.view(np.uint32), out)
     return out
