@@ -7,7 +7,8 @@ is checked against a per-call limit before any pixel is decoded. Every failure r
 type, `ImageDecodeError`, whose `reason` is one of `REASONS`.
 
 Cost: a JPEG is decoded at the smallest DCT scale (1/1..1/8) that still covers the target
-(draft mode); the crop and resize are one bicubic resampling of the centre square
+(draft mode); the common opaque PNGs are decoded by `memescale.png` (zlib-ng and numba
+kernels, 2x Pillow's speed) and the rest by Pillow; the crop and resize are one bicubic resampling of the centre square
 (`memescale.resample`, Pillow's filter in vectorised kernels), and EXIF rotation is applied
 to the (size, size) result, not to the source. Animations contribute their first frame only.
 """
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyspng
 from PIL import Image, UnidentifiedImageError
 
+from memescale.png import png_rgb
 from memescale.resample import square_bicubic
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "ICO", "TIFF")
@@ -46,9 +45,6 @@ _TRANSPOSE = {  # EXIF orientation -> the transform that brings the image uprigh
 _WEB_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_SPNG_MODES = frozenset({"1", "L", "P", "RGB"})  # opaque PNGs whose RGB8 decode equals Pillow's
-# Text chunks Pillow reads EXIF orientation from (keyword and its NUL)
-_ORIENTATION_TEXT = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")
 
 
 class ImageDecodeError(Exception):
@@ -117,8 +113,8 @@ def _decode_opened(img: Image.Image, data: bytes, size: int) -> DecodedImage:
     mode = img.mode
     width, height = img.size
     source = (0, 0, width, height)  # the image's extent in decoded pixels
-    orientation = 1  # libspng only takes PNGs without an orientation
-    pixels = _spng_rgb(img, data)
+    orientation = 1  # png_rgb only takes PNGs without an orientation
+    pixels = png_rgb(data) if img.format == "PNG" else None
     if pixels is None:
         # JPEG only: DCT scaling, the result still covers (size, size). A scaled decode
         # rounds its size up, so its last row and column may be partly padding.
@@ -137,46 +133,6 @@ def _decode_opened(img: Image.Image, data: bytes, size: int) -> DecodedImage:
         if orientation >= 5:
             width, height = height, width
     return DecodedImage(pixels=pixels, width=width, height=height, mode=mode)
-
-
-def _spng_rgb(img: Image.Image, data: bytes) -> np.ndarray | None:
-    """libspng's RGB decode of an opaque still PNG, uint8 (height, width, 3): 25% faster
-    than Pillow's on the shared memes, and straight into an array. None for other images,
-    for PNGs that are not `_plain_png`, and for data libspng refuses: Pillow then decodes
-    it or says what is wrong with it."""
-    if (img.format != "PNG" or img.mode not in _SPNG_MODES or "transparency" in img.info
-            or getattr(img, "is_animated", False)):
-        return None
-    data = data if isinstance(data, bytes) else bytes(data)
-    if not _plain_png(data):
-        return None
-    try:
-        return pyspng.load(data, "RGB")
-    except RuntimeError:
-        return None
-
-
-def _plain_png(data: bytes) -> bool:
-    """Whether libspng decodes PNG `data` as Pillow does: every chunk is whole with a right
-    CRC (libspng, as pyspng sets it up, uses data whose CRC is wrong, where Pillow's zlib
-    stops at the damage), there is at most one palette (libspng keeps the first, Pillow the
-    last), and nothing Pillow reads an EXIF orientation from (an eXIf chunk, a text chunk
-    of EXIF or XMP), which it finds only by decoding the whole file. Time O(len(data))."""
-    view = memoryview(data)
-    pos, palettes = 8, 0
-    while pos + 12 <= len(view):
-        length, kind = struct.unpack_from(">I4s", view, pos)
-        end = pos + 8 + length
-        if end + 4 > len(view) or zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", view, end)[0]:
-            return False
-        if kind == b"eXIf" or (kind in (b"tEXt", b"zTXt", b"iTXt")
-                               and bytes(view[pos + 8 : pos + 30]).startswith(_ORIENTATION_TEXT)):
-            return False
-        if kind == b"IEND":
-            break
-        palettes += kind == b"PLTE"
-        pos = end + 4
-    return palettes <= 1
 
 
 def _orientation(img: Image.Image) -> int:

@@ -207,7 +207,7 @@ def test_animation_uses_first_frame():
         assert r > 200 and b < 50, fmt
 
 
-# --- PNGs through libspng ---------------------------------------------------------------------
+# --- PNGs through memescale.png ---------------------------------------------------------------------
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -224,7 +224,7 @@ def raw_png(pixels: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
 
 
 def opaque_pngs() -> dict[str, bytes]:
-    """Every opaque still PNG kind that libspng decodes in place of Pillow."""
+    """Opaque still PNG kinds; memescale.png takes the 8-bit ones (FAST_PNGS), Pillow the rest."""
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     gray = noise.convert("L")
     rgb16 = np.random.default_rng(1).integers(0, 65536, (37, 53, 3)).astype(">u2")
@@ -237,18 +237,21 @@ def opaque_pngs() -> dict[str, bytes]:
     }
 
 
+FAST_PNGS = {"rgb", "gray", "palette"}
+
+
 @pytest.mark.parametrize("kind", sorted(opaque_pngs()))
-def test_libspng_decodes_as_pillow_does(kind, monkeypatch):
+def test_fast_png_path_decodes_as_pillow_does(kind, monkeypatch):
     data = opaque_pngs()[kind]
-    assert memescale.images._spng_rgb(Image.open(io.BytesIO(data)), data) is not None
+    assert (memescale.images.png_rgb(data) is not None) == (kind in FAST_PNGS)
     fast = decode_image(data, SIZE, MAX_PIXELS)
-    monkeypatch.setattr(memescale.images, "_spng_rgb", lambda img, data: None)
+    monkeypatch.setattr(memescale.images, "png_rgb", lambda data: None)
     pillow = decode_image(data, SIZE, MAX_PIXELS)
     assert np.array_equal(fast.pixels, pillow.pixels)
     assert (fast.width, fast.height, fast.mode) == (pillow.width, pillow.height, pillow.mode)
 
 
-def test_libspng_and_pillow_agree_on_shared_pngs(monkeypatch):
+def test_fast_png_path_and_pillow_agree_on_shared_pngs(monkeypatch):
     paths = [p for p in image_files("images", "memes") + image_files("images", "odd") if p.endswith(".png")]
     fast = {}
     for path in paths:
@@ -256,7 +259,7 @@ def test_libspng_and_pillow_agree_on_shared_pngs(monkeypatch):
             fast[path] = decode_image(open(path, "rb").read(), SIZE, MAX_PIXELS)
         except ImageDecodeError as e:
             fast[path] = e.reason
-    monkeypatch.setattr(memescale.images, "_spng_rgb", lambda img, data: None)
+    monkeypatch.setattr(memescale.images, "png_rgb", lambda data: None)
     for path in paths:
         try:
             pillow = decode_image(open(path, "rb").read(), SIZE, MAX_PIXELS)
@@ -307,7 +310,8 @@ def test_png_orientation_wherever_pillow_finds_it(where):
 
 def test_png_with_a_damaged_chunk_is_corrupt_not_garbage():
     # A flipped byte in stored (level 0) deflate data: the chunk's CRC and zlib's Adler-32
-    # are wrong. libspng would return the altered pixel; the file must be refused.
+    # are wrong. A decoder that skips both would return the altered pixel; the file must be
+    # refused.
     data = bytearray(stripes_png(level=0))
     idat = data.index(b"IDAT")
     data[idat + 4 + 2 + 5 + 1] ^= 0xFF  # zlib header, stored-block header, filter byte
@@ -322,9 +326,8 @@ def test_png_with_two_palettes_gets_pillows_pixels():
     data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"PLTE", bytes([0, 255, 0]) * 16)
             + png_chunk(b"PLTE", bytes([255, 0, 0]) * 2) + png_chunk(b"IDAT", zlib.compress(rows))
             + png_chunk(b"IEND", b""))
-    img = Image.open(io.BytesIO(data))
-    want = np.asarray(img.convert("RGB"))[0, 0]
-    assert memescale.images._spng_rgb(img, data) is None
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[0, 0]
+    assert memescale.images.png_rgb(data) is None
     assert (decode_image(data, SIZE, MAX_PIXELS).pixels == want).all()
 
 
