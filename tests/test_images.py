@@ -223,8 +223,8 @@ def raw_png(pixels: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
             + png_chunk(b"IEND", b""))
 
 
-def opaque_pngs() -> dict[str, bytes]:
-    """Opaque still PNG kinds; memescale.png takes the 8-bit ones (FAST_PNGS), Pillow the rest."""
+def still_pngs() -> dict[str, bytes]:
+    """Still PNG kinds; memescale.png takes the 8-bit ones (FAST_PNGS), Pillow the rest."""
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
     gray = noise.convert("L")
     rgb16 = np.random.default_rng(1).integers(0, 65536, (37, 53, 3)).astype(">u2")
@@ -234,15 +234,17 @@ def opaque_pngs() -> dict[str, bytes]:
         "palette": encode(noise.convert("P"), "PNG"),
         "palette-4-bit": encode(noise.convert("P", colors=16), "PNG", bits=4),
         "rgb-16-bit": raw_png(rgb16, 16, 2),
+        "rgba": encode(Image.merge("RGBA", (*noise.split(), gray)), "PNG"),
+        "gray-alpha": encode(Image.merge("LA", (gray, noise.getchannel("R"))), "PNG"),
     }
 
 
-FAST_PNGS = {"rgb", "gray", "palette"}
+FAST_PNGS = {"rgb", "gray", "palette", "rgba", "gray-alpha"}
 
 
-@pytest.mark.parametrize("kind", sorted(opaque_pngs()))
+@pytest.mark.parametrize("kind", sorted(still_pngs()))
 def test_fast_png_path_decodes_as_pillow_does(kind, monkeypatch):
-    data = opaque_pngs()[kind]
+    data = still_pngs()[kind]
     assert (memescale.images.png_rgb(data) is not None) == (kind in FAST_PNGS)
     fast = decode_image(data, SIZE, MAX_PIXELS)
     monkeypatch.setattr(memescale.images, "png_rgb", lambda data: None)

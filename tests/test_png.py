@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import shared_path
 from memescale.png import png_rgb
 
-CHANNELS = {0: 1, 2: 3, 3: 1}
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
 
 def chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
@@ -76,10 +76,16 @@ def random_png(seed: int, width: int, height: int, colour: int, palette_size: in
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    """Pillow's RGB pixels; an image with alpha pasted on white by its alpha."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode not in ("LA", "RGBA"):
+        return np.asarray(img.convert("RGB"))
+    white = Image.new("RGB", img.size, (255, 255, 255))
+    white.paste(img.convert("RGBA"), mask=img.getchannel("A"))
+    return np.asarray(white)
 
 
-@pytest.mark.parametrize("colour", [0, 2, 3])
+@pytest.mark.parametrize("colour", [0, 2, 3, 4, 6])
 @pytest.mark.parametrize("width", [1, 2, 5, 64, 301])
 def test_every_filter_type_gives_pillows_pixels(colour, width):
     for seed in range(4):
@@ -123,7 +129,7 @@ def exif_orientation_6() -> bytes:
 
 REFUSED = {
     "16-bit": lambda: make_png(3, 5, 2, zlib.compress(b"\0" * 19 * 5), depth=16),
-    "alpha": lambda: make_png(3, 5, 6, zlib.compress(b"\0" * 13 * 5)),
+    "16-bit RGBA": lambda: make_png(3, 5, 6, zlib.compress(b"\0" * 25 * 5), depth=16),
     "4-bit palette": lambda: make_png(6, 5, 3, zlib.compress(b"\0" * 4 * 5), depth=4,
                                       before=chunk(b"PLTE", bytes(48))),
     "interlaced": lambda: make_png(6, 5, 2, zlib.compress(rgb_stream()), interlace=1),
