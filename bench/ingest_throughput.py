@@ -6,8 +6,10 @@ URLs, the same server, the same number of processes (one per core by default), t
 output size (centre crop to --size) and both write JPEG (quality 95) into tar shards:
 
 - memescale: one process per core, each an asyncio Downloader (uvloop when installed) whose
-  finished downloads go to a small thread pool that runs decode_image, the content hash and
-  the JPEG encode (Pillow releases the GIL in all three); the encoder is a no-op.
+  finished downloads go in batches (all that finished while the decode thread was busy) to
+  a small thread pool that runs decode_image, the content hash and the JPEG encode, as the
+  ingest's decode stage does per batch (Pillow and the kernels release the GIL); the
+  encoder is a no-op.
   `--memescale-output none` skips the JPEG encode and the tar (the real pipeline hands the
   arrays to the encoder instead).
 - img2dataset: its CLI in .venv-img2dataset (created by bench/setup_peers.sh when missing),
@@ -164,56 +166,93 @@ class WorkerArgs:
     concurrency: int
 
 
-def _transform(data: bytes, size: int, max_pixels: int, encode: bool) -> bytes | None:
-    """The CPU work of one image, as in the ingest decode stage: decode_image and the content
-    hash (the placeholder filter's key), then the JPEG encode when `encode`. Thread-safe."""
+def _decode_batch(batch: list[tuple[int, bytes]], size: int, max_pixels: int,
+                  encode: bool) -> list[tuple[int, bytes | None] | None]:
+    """The CPU work of a batch of downloaded images, as the ingest's decode stage does it per
+    batch: decode_image and the content hash (the placeholder filter's key) for each, then
+    the JPEG encode when `encode`. Per image (key, JPEG or None), or None where the decode
+    failed. Thread-safe."""
     from PIL import Image
 
-    from memescale.images import content_hash, decode_image
+    from memescale.images import ImageDecodeError, content_hash, decode_image
 
-    decoded = decode_image(data, size, max_pixels)
-    content_hash(data)
-    if not encode:
-        return None
-    buf = io.BytesIO()
-    Image.fromarray(decoded.pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
+    out: list[tuple[int, bytes | None] | None] = []
+    for key, data in batch:
+        try:
+            decoded = decode_image(data, size, max_pixels)
+        except ImageDecodeError:
+            out.append(None)
+            continue
+        content_hash(data)
+        jpeg = None
+        if encode:
+            buf = io.BytesIO()
+            Image.fromarray(decoded.pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
+            jpeg = buf.getvalue()
+        out.append((key, jpeg))
+    return out
 
 
 async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, int]:
-    """Download, decode and write `args.urls`; returns (ok, failed)."""
+    """Download, decode and write `args.urls`; returns (ok, failed).
+
+    Finished downloads queue up while the decode threads are busy; a free thread takes all
+    that are queued as one batch, so the loop and the threads meet once per batch, not once
+    per image. A download slot is released only when its image is decoded, so at most
+    `args.concurrency` bodies are held at once."""
     from memescale.config import IngestConfig
     from memescale.download import Downloader
-    from memescale.images import ImageDecodeError
 
     cfg = replace(IngestConfig(), allow_private=True, download_concurrency=args.concurrency,
                   per_host_concurrency=args.concurrency, retries=0)
     loop = asyncio.get_running_loop()
-    in_flight = asyncio.Semaphore(args.concurrency)  # bounds downloaded-but-undecoded bodies too
+    in_flight = asyncio.Semaphore(args.concurrency)
     counts = {"ok": 0, "failed": 0}
+    queued: list[tuple[int, bytes]] = []
+    batches: set[asyncio.Future] = set()
+    errors: list[BaseException] = []  # unexpected, raised once the run is over
+
+    def decode_queued(pool: ThreadPoolExecutor) -> None:
+        while queued and len(batches) < args.decode_threads:
+            batch = queued[:]
+            queued.clear()
+            future = loop.run_in_executor(pool, _decode_batch, batch, args.size, cfg.max_pixels,
+                                          tar is not None)
+            batches.add(future)
+            future.add_done_callback(lambda f, n=len(batch): decoded(pool, f, n))
+
+    def decoded(pool: ThreadPoolExecutor, future: asyncio.Future, n: int) -> None:
+        batches.discard(future)
+        if future.exception() is not None:
+            errors.append(future.exception())
+        for outcome in [] if errors else future.result():
+            counts["ok" if outcome else "failed"] += 1
+            if outcome and tar is not None:
+                key, jpeg = outcome
+                info = tarfile.TarInfo(f"{key:09d}.jpg")
+                info.size = len(jpeg)
+                tar.addfile(info, io.BytesIO(jpeg))
+        for _ in range(n):
+            in_flight.release()
+        decode_queued(pool)
 
     async def one(d: Downloader, pool: ThreadPoolExecutor, key: int, url: str) -> None:
-        async with in_flight:
-            result = await d.fetch(url)
-            if not result.ok:
-                counts["failed"] += 1
-                return
-            try:
-                jpeg = await loop.run_in_executor(
-                    pool, _transform, result.data, args.size, cfg.max_pixels, tar is not None
-                )
-            except ImageDecodeError:
-                counts["failed"] += 1
-                return
-        if tar is not None:
-            info = tarfile.TarInfo(f"{key:09d}.jpg")
-            info.size = len(jpeg)
-            tar.addfile(info, io.BytesIO(jpeg))
-        counts["ok"] += 1
+        await in_flight.acquire()
+        result = await d.fetch(url)
+        if not result.ok:
+            counts["failed"] += 1
+            in_flight.release()
+            return
+        queued.append((key, result.data))
+        decode_queued(pool)
 
     with ThreadPoolExecutor(args.decode_threads) as pool:
         async with Downloader(cfg) as d:
             await asyncio.gather(*(one(d, pool, i, u) for i, u in enumerate(args.urls)))
+        while batches:
+            await asyncio.wait(batches)
+    if errors:
+        raise errors[0]
     return counts["ok"], counts["failed"]
 
 
