@@ -223,9 +223,10 @@ async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, i
 
     def decoded(pool: ThreadPoolExecutor, future: asyncio.Future, n: int) -> None:
         batches.discard(future)
-        if future.exception() is not None:
-            errors.append(future.exception())
-        for outcome in [] if errors else future.result():
+        error = future.exception()
+        if error is not None:
+            errors.append(error)
+        for outcome in future.result() if error is None else []:
             counts["ok" if outcome else "failed"] += 1
             if outcome and tar is not None:
                 key, jpeg = outcome
