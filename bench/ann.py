@@ -322,7 +322,7 @@ def head_to_head(curves: list[dict], k: int) -> list[str]:
                      + " ".join(f"{n:>9s}" for _, n in qcols))
         byL = {key: {p["L"]: p for p in c["points"]} for key, c in have.items() if c}
         for L in sorted(byL["diskannpy-t2"]):
-            def get(key, field, L=L):
+            def get(key, field, L=L, byL=byL):
                 p = byL.get(key, {}).get(L)
                 return None if p is None else p.get(field)
             lines.append(f"{L:4d} | " + " ".join(fmt(get(key, "recall"), "8.4f") for key, _ in cols)
@@ -566,11 +566,10 @@ def write_synthetic(folder: Path, n: int, nq: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     s = synthetic(n, nq)
-    base32 = s["base"].astype(np.float32)
     for qs in C.QUERY_SETS:
         q = s[f"queries_{qs}"].astype(np.float32)
         np.save(folder / f"queries_{qs}.npy", s[f"queries_{qs}"])
-        np.save(folder / f"gt_{qs}.npy", C.exact_topk(base32, q, 100))
+        np.save(folder / f"gt_{qs}.npy", C.exact_topk(s["base"], q, 100))
     np.save(folder / "base.npy", s["base"])
     print(f"   synthetic {n:,} x 384 written to {folder} ({time.perf_counter() - t0:.0f} s)",
           flush=True)

@@ -33,19 +33,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ann import synthetic  # noqa: E402  (the ANN benchmark's clustered data generator)
 
-from memescale.build_ray import build_from_shards  # noqa: E402
-from memescale.config import IndexConfig  # noqa: E402
-from memescale.config import load_config  # noqa: E402
-from memescale.index import Index  # noqa: E402
-from memescale.ray_runtime import init_ray  # noqa: E402
-from memescale.sample_data import write_vector_shards  # noqa: E402
+from memescale.build.pipeline import build_from_shards
+from memescale.config import IndexConfig, load_config
+from memescale.index import Index
+from memescale.index.eval import recall_at_k
+from memescale.ray_runtime import init_ray
+from memescale.testing.sample_data import write_vector_shards
 
 
 def recall_at(index_dir: Path, queries: np.ndarray, gt: np.ndarray, L: int, k: int = 10) -> tuple[float, float]:
     """(recall@k, mean 4 KiB reads per query) of one batch search at list size L."""
     with Index.open(index_dir, threads=2) as index:
         ids, _, stats = index.search(queries.astype(np.float32), k, L)
-    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(ids, gt)])), float(np.mean(stats.reads))
+    return recall_at_k(ids, gt, k), float(np.mean(stats.reads))
 
 
 def parse_refine(text: str) -> list[tuple[int, float]]:

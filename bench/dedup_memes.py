@@ -3,8 +3,8 @@
     python bench/dedup_memes.py [--config configs/tiny.toml] [--memes ../shared/data/images/memes] [--limit N]
 
 Every meme gets three copies (JPEG quality 50, half size, 5% cropped; see
-memescale.sample_data.reencode_variants). All originals and copies are encoded with the
-configured model, decoded exactly as ingest decodes, and clustered by memescale.dedup at the
+memescale.testing.sample_data.reencode_variants). All originals and copies are encoded with the
+configured model, decoded exactly as ingest decodes, and clustered by memescale.curate.dedup at the
 config's `curate.near_dup_cosine`. Prints, per kind of copy, the share of (original, copy)
 pairs that ended in one cluster, and how many clusters mix different memes (false merges),
 then the same at a few other thresholds. Writes bench/results/dedup_memes.json.
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from memescale.config import load_config
-from memescale.dedup import cluster, keep_best
-from memescale.encoder import ImageTextEncoder
-from memescale.images import decode_image
-from memescale.sample_data import REENCODE_KINDS, image_files, reencode_variants
+from memescale.curate.dedup import cluster, keep_best
+from memescale.decode.image import decode_image
+from memescale.embed.encoder import ImageTextEncoder
+from memescale.testing.sample_data import REENCODE_KINDS, image_files, reencode_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 

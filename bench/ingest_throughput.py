@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import math
@@ -174,7 +175,7 @@ def _decode_batch(batch: list[tuple[int, bytes]], size: int, max_pixels: int,
     failed. Thread-safe."""
     from PIL import Image
 
-    from memescale.images import ImageDecodeError, content_hash, decode_image
+    from memescale.decode.image import ImageDecodeError, content_hash, decode_image
 
     out: list[tuple[int, bytes | None] | None] = []
     for key, data in batch:
@@ -201,7 +202,7 @@ async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, i
     per image. A download slot is released only when its image is decoded, so at most
     `args.concurrency` bodies are held at once."""
     from memescale.config import IngestConfig
-    from memescale.download import Downloader
+    from memescale.ingest.download import Downloader
 
     cfg = replace(IngestConfig(), allow_private=True, download_concurrency=args.concurrency,
                   per_host_concurrency=args.concurrency, retries=0)
@@ -219,7 +220,7 @@ async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, i
             future = loop.run_in_executor(pool, _decode_batch, batch, args.size, cfg.max_pixels,
                                           tar is not None)
             batches.add(future)
-            future.add_done_callback(lambda f, n=len(batch): decoded(pool, f, n))
+            future.add_done_callback(functools.partial(decoded, pool, n=len(batch)))
 
     def decoded(pool: ThreadPoolExecutor, future: asyncio.Future, n: int) -> None:
         batches.discard(future)
@@ -259,8 +260,8 @@ async def _ingest(args: WorkerArgs, tar: tarfile.TarFile | None) -> tuple[int, i
 
 def _memescale_worker(args: WorkerArgs) -> tuple[int, int, float, float]:
     """One process: returns (ok, failed, start, end) with wall-clock times after imports."""
-    import memescale.download  # noqa: F401 - imports before the work window opens
-    import memescale.images  # noqa: F401
+    import memescale.decode.image  # noqa: F401
+    import memescale.ingest.download  # noqa: F401 - imports before the work window opens
 
     start = time.time()
     if args.shard is None:

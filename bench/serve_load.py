@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 
 
 def build_if_missing(out: Path, vectors: np.ndarray, metadata: list[dict], args) -> None:
-    from serve.sample_index import build_sample_index
+    from memescale.testing.sample_index import build_sample_index
 
     if (out / "records.bin").exists() and (out / "weighting.json").exists():
         log(f"reusing index {out}")
@@ -70,7 +70,7 @@ def build_if_missing(out: Path, vectors: np.ndarray, metadata: list[dict], args)
 
 
 def scenario_minilm(args) -> tuple[Path, list[dict]]:
-    from serve.sample_index import synthetic_metadata
+    from memescale.testing.sample_index import synthetic_metadata
 
     base = np.load(DATASET / "base.npy", mmap_mode="r")[: args.n]
     out = Path(args.work) / f"minilm-{base.shape[0]}-R{args.R}-L{args.L_build}-pq{args.pq_bytes}"
@@ -86,7 +86,7 @@ def scenario_minilm(args) -> tuple[Path, list[dict]]:
 
 
 def scenario_text(args) -> tuple[Path, list[dict]]:
-    from serve.sample_index import random_unit_vectors, synthetic_metadata
+    from memescale.testing.sample_index import random_unit_vectors, synthetic_metadata
 
     out = Path(args.work) / f"synthetic64-{args.n}-R{args.R}-L{args.L_build}-pq{min(args.pq_bytes, 32)}"
     if not (out / "records.bin").exists():
@@ -98,8 +98,8 @@ def scenario_text(args) -> tuple[Path, list[dict]]:
     texts = (DATASET / "queries_ood.txt").read_text().splitlines() if DATASET.exists() else [
         f"synthetic query {i}" for i in range(2000)]
     # Sentences over the model's context would be (correctly) refused with a 422: leave them out.
-    from memescale.compat import ensure_torchvision
-    from memescale.search_service import token_count
+    from memescale.embed.torchvision_shim import ensure_torchvision
+    from memescale.search.requests import token_count
 
     ensure_torchvision()
     import open_clip

@@ -12,6 +12,7 @@ Unknown sections or keys are an error (a typo must not silently fall back to a d
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, get_type_hints
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown field or has a value of the wrong type."""
+    """A config file or override names an unknown field, or has a value of the wrong type or
+    outside the field's allowed values (`CHOICES`)."""
 
 
 @dataclass
@@ -36,7 +38,7 @@ class ModelConfig:
     random_weights: bool = False
     seed: int = 0
     precision: str = "fp32"  # "fp32" or "fp16" (fp16 only takes effect on a GPU)
-    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    device: str = "auto"  # "auto" picks cuda when available, else cpu; or "cpu", "cuda", "cuda:N"
 
 
 @dataclass
@@ -68,13 +70,13 @@ class IngestConfig:
     encode_batch: int = 32
     gpus_per_encoder: float = 0.0
     # Output
-    parquet_compression: str = "zstd"
+    parquet_compression: str = "zstd"  # zstd, snappy, gzip, brotli, lz4 or none
 
 
 @dataclass
 class CurateConfig:
     """Filters, dedup and quality heads between ingest and build (ray_jobs/curate.py), and the
-    labelling tool that trains the heads (memescale/label.py). Relative paths in this section
+    labelling tool that trains the heads (memescale/quality/label_app.py). Relative paths in this section
     are resolved against the config file's folder."""
 
     # Placeholders ("image deleted"): rows whose content hash is in ingest.placeholder_hashes,
@@ -120,12 +122,12 @@ class IndexConfig:
     pq_bytes: int = 48
     shards: int = 1
     shard_overlap: int = 2
-    # A sharded build's refinement pass over the merged graph (memescale/build_ray.py): its
+    # A sharded build's refinement pass over the merged graph (memescale/build/stages.py): its
     # search list size (0: no pass) and the share of nodes, those nearest a shard border, it
-    # re-searches. 100k MiniLM, 8 shards: +8% build time, worst recall gap to 1 shard 0.018 -> 0.006.
+    # re-searches.
     refine_L: int = 32
     refine_fraction: float = 0.3
-    # Quality scores and recency as extra vector dimensions (memescale/weighting.py) so that
+    # Quality scores and recency as extra vector dimensions (memescale/index/weighting.py) so that
     # search weights steer the traversal; `weight_beta` is their scale (0 disables them).
     weight_beta: float = 0.2
     seed: int = 0
@@ -159,7 +161,7 @@ class ServeConfig:
     index_io: str = "mmap"  # record reads: "mmap" (page cache) or "direct" (O_DIRECT + native AIO)
     max_ongoing_requests: int = 64
     access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
     # Search
     default_k: int = 24  # results per page when a request gives no k
     search_L: int = 64  # candidate list size of an unfiltered search (raised to k when smaller)
@@ -210,8 +212,21 @@ def _check_type(path: str, value: Any, typ: Any) -> Any:
     return value
 
 
-# Fields that take one of a few names.
-CHOICES = {"serve.index_io": ("mmap", "direct")}
+# Fields that take one of a few names, checked whenever a value is set (file or override).
+# "cuda:N" stands for any indexed CUDA device (cuda:0, cuda:1, ...).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.precision": ("fp32", "fp16"),
+    "model.device": ("auto", "cpu", "cuda", "cuda:N"),
+    "ingest.parquet_compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),
+    "serve.index_io": ("mmap", "direct"),
+    "serve.log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+
+
+def _is_choice(value: Any, allowed: tuple[str, ...]) -> bool:
+    if value in allowed:
+        return True
+    return "cuda:N" in allowed and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value) is not None
 
 
 def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
@@ -221,7 +236,7 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
             raise ConfigError(f"unknown config key {section}.{key}")
         value = _check_type(f"{section}.{key}", value, hints[key])
         allowed = CHOICES.get(f"{section}.{key}")
-        if allowed and value not in allowed:
+        if allowed and not _is_choice(value, allowed):
             raise ConfigError(f"{section}.{key}: expected one of {', '.join(allowed)}, got {value!r}")
         setattr(section_obj, key, value)
 
@@ -233,7 +248,8 @@ def _sections(cfg: Config) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load `path` (TOML) over the defaults, then apply ``section.key=value`` overrides.
 
-    Raises ConfigError for unknown keys, wrong types or an unreadable file.
+    Raises ConfigError for unknown keys, wrong types, a value outside a field's CHOICES
+    (naming the field, the value and the allowed values) or an unreadable file.
     """
     cfg = Config()
     sections = _sections(cfg)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from memescale.config import load_config
 from memescale.logs import setup_logging
 from memescale.ray_runtime import init_ray
-from memescale.sample_data import ImageServer, image_files, sample_records, write_sample_dump
+from memescale.testing.sample_data import ImageServer, image_files, sample_records, write_sample_dump
 
 log = logging.getLogger("memescale.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     names = image_files(folder)
     dashboard = init_ray(cfg.ray)
     print(f"Ray dashboard: {dashboard or 'off'}")
-    from memescale.build_ray import build_from_shards
-    from memescale.curate_ray import run_curate
-    from memescale.ingest_ray import run_ingest
+    from memescale.build.pipeline import build_from_shards
+    from memescale.curate.pipeline import run_curate
+    from memescale.ingest.pipeline import run_ingest
 
     with ImageServer(folder, port=0) as images:
         dump = write_sample_dump(out / "RS_demo.zst", sample_records(names, images.base_url, titles))

@@ -62,6 +62,7 @@ def _metric(name: str):
                 if kind == "counter":
                     _made[name] = metrics.Counter(name, description=desc, tag_keys=tags)
                 else:
+                    assert bounds is not None, f"histogram {name} declares no boundaries"
                     _made[name] = metrics.Histogram(name, description=desc, boundaries=bounds, tag_keys=tags)
         return _made[name]
 

@@ -15,10 +15,10 @@ import logging
 import sys
 
 from memescale.config import ConfigError, load_config
-from memescale.corpus import shard_dataset
-from memescale.encoder import WeightsUnavailableError, check_weights
+from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
 from memescale.ray_runtime import init_ray
+from memescale.shards.corpus import shard_dataset
 
 log = logging.getLogger("memescale.build")
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    from memescale.build_ray import build_from_shards
+    from memescale.build.pipeline import build_from_shards
 
     summary = build_from_shards(cfg, args.embeddings, args.out, args.work, args.threads_per_task,
                                 query_sample=not args.no_query_sample)

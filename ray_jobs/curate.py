@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 from memescale.config import ConfigError, load_config
-from memescale.corpus import shard_dataset
-from memescale.encoder import WeightsUnavailableError, check_weights
+from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
-from memescale.quality import HeadsError, QualityHeads
+from memescale.quality.heads import HeadsError, QualityHeads
 from memescale.ray_runtime import init_ray
+from memescale.shards.corpus import shard_dataset
 
-log = logging.getLogger("memescale.curate")
+log = logging.getLogger("memescale.curate.decide")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray(cfg.ray)
-    from memescale.curate_ray import run_curate
+    from memescale.curate.pipeline import run_curate
 
     summary = run_curate(cfg, args.inp, args.out, args.work)
     log.info("curate finished", extra={"summary": summary})

@@ -15,10 +15,10 @@ import logging
 import sys
 
 from memescale.config import ConfigError, load_config
-from memescale.dumps import expand_dump_paths
-from memescale.encoder import WeightsUnavailableError, check_weights
+from memescale.embed.encoder import WeightsUnavailableError, check_weights
+from memescale.ingest.chunks import PostFilter, parse_date
+from memescale.ingest.dumps import expand_dump_paths
 from memescale.logs import setup_logging
-from memescale.plan import PostFilter, parse_date
 from memescale.ray_runtime import init_ray
 
 log = logging.getLogger("memescale.ingest")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     init_ray(cfg.ray)
-    from memescale.ingest_ray import run_ingest
+    from memescale.ingest.pipeline import run_ingest
 
     summary = run_ingest(cfg, dumps, args.out, post_filter, args.limit, progress=not args.no_progress)
     log.info("ingest finished", extra={"summary": summary})

@@ -7,7 +7,7 @@
     python -m serve.app --index DIR --config configs/tiny.toml --port 8000
     base_url = serve.app.start(index_dir, "configs/tiny.toml", "127.0.0.1", 8000)
 
-Request path of `POST /api/search`: Api validates the body (`memescale.search_service`),
+Request path of `POST /api/search`: Api validates the body (`memescale.search.requests`),
 turns the input into a query vector (text -> Encoder; image bytes or an image_url fetched
 through the SSRF guard -> decoded here -> Encoder; embedding as given; like -> the item's
 stored vector), then Searcher runs the index search, filters, dedup and paging. Encoder
@@ -31,6 +31,7 @@ embedding, text over the model's context, refused image_url, bad cursor); a body
 # at runtime, through Serve's ingress wrappers, and must see real types, not strings.
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,27 +49,26 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayTaskError
 
 import memescale
 from memescale.config import Config, IngestConfig, load_config
-from memescale.images import ImageDecodeError, decode_image
-from memescale.search_service import (
+from memescale.decode.image import ImageDecodeError, decode_image
+from memescale.index.weighting import WEIGHT_MAX, WEIGHT_MIN, WeightError, Weighting
+from memescale.ingest.download import SharedDownloader
+from memescale.search.cursor import decode_cursor, encode_cursor, query_hash
+from memescale.search.engine import SearchEngine, parse_filters
+from memescale.search.requests import (
     INPUT_FIELDS,
     MAX_K,
     Filters,
-    SearchEngine,
     SearchInputError,
     SearchRequest,
     SearchResponse,
     decode_base64_image,
-    decode_cursor,
     embedding_vector,
-    encode_cursor,
-    parse_filters,
-    query_hash,
     token_count,
 )
-from memescale.weighting import WEIGHT_MAX, WEIGHT_MIN, Weighting, WeightError
 from serve import bodylimit, prom
 from serve.bodylimit import BodyLimitMiddleware
 from serve.telemetry import EventTooLarge, TelemetryBatch, TelemetryLog, opted_out
@@ -99,7 +99,7 @@ class Encoder:
     def __init__(self, cfg: Config):
         import torch
 
-        from memescale.encoder import ImageTextEncoder
+        from memescale.embed.encoder import ImageTextEncoder
 
         if cfg.model.device != "cuda":
             torch.set_num_threads(max(1, round(cfg.serve.encoder_cpus)))
@@ -107,8 +107,8 @@ class Encoder:
         self.tokenizer = self.enc.tokenizer
         self.context_length = self.enc.context_length
         for method in (self._texts, self._images):
-            method.set_max_batch_size(max(1, cfg.serve.encode_batch))
-            method.set_batch_wait_timeout_s(max(0.0, cfg.serve.encode_batch_wait_s))
+            method.set_max_batch_size(max(1, cfg.serve.encode_batch))  # type: ignore[union-attr]
+            method.set_batch_wait_timeout_s(max(0.0, cfg.serve.encode_batch_wait_s))  # type: ignore[union-attr]
         self.enc.encode_texts(["warm up"])  # first calls allocate; keep that off the first request
         self.enc.encode_images(np.zeros((1, self.enc.image_size, self.enc.image_size, 3), np.uint8))
 
@@ -116,20 +116,20 @@ class Encoder:
         return {"model": self.enc.model_tag, "dim": self.enc.dim, "image_size": self.enc.image_size,
                 "context_length": self.context_length, "device": self.enc.device}
 
-    async def encode_text(self, text: str) -> dict[str, Any]:
-        """{"vector": (dim,) float32} or {"error": message} when the text is over the context."""
+    async def encode_text(self, text: str) -> np.ndarray:
+        """(dim,) float32. SearchInputError when the text is over the model's context."""
         n = token_count(self.tokenizer, text)
         if n is not None and n > self.context_length:
-            return {"error": f"text is {n} tokens long (start and end included); "
-                             f"the model reads at most {self.context_length}"}
-        return {"vector": await self._texts(text)}
+            raise SearchInputError(f"text is {n} tokens long (start and end included); "
+                                   f"the model reads at most {self.context_length}")
+        return await self._texts(text)
 
-    async def encode_image(self, pixels: np.ndarray) -> dict[str, Any]:
-        """(S, S, 3) uint8 at S = image_size -> {"vector": (dim,) float32}."""
+    async def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 at S = image_size -> (dim,) float32. SearchInputError otherwise."""
         s = self.enc.image_size
         if pixels.shape != (s, s, 3) or pixels.dtype != np.uint8:
-            return {"error": f"expected ({s}, {s}, 3) uint8 pixels"}
-        return {"vector": await self._images(pixels)}
+            raise SearchInputError(f"expected ({s}, {s}, 3) uint8 pixels")
+        return await self._images(pixels)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _texts(self, texts: list[str]) -> list[np.ndarray]:
@@ -169,17 +169,14 @@ class Searcher:
                 "weighting": w, "build": dict(getattr(self.index, "info", {}) or {})}
 
     async def search(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One page (`SearchEngine.search`). SearchInputError for an unknown `like` item,
+        WeightError for weights the index cannot honour."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._search, req)
 
     def _search(self, req: dict[str, Any]) -> dict[str, Any]:
-        try:
-            q = req["vector"] if req.get("like") is None else self.engine.vector_of(int(req["like"]))
-            return self.engine.search(q, req["weights"], req["filters"], req["dedup"], req["offset"], req["k"])
-        except SearchInputError as e:
-            return {"error": str(e), "status": e.status}
-        except WeightError as e:
-            return {"error": str(e), "status": 422}
+        q = req["vector"] if req.get("like") is None else self.engine.vector_of(int(req["like"]))
+        return self.engine.search(q, req["weights"], req["filters"], req["dedup"], req["offset"], req["k"])
 
 
 # -- Api -----------------------------------------------------------------------------------
@@ -240,6 +237,23 @@ class Unavailable(Exception):
     """A backing deployment failed or is not reachable."""
 
 
+@contextlib.contextmanager
+def _backend_errors():
+    """Around calls to the backend deployments: a SearchInputError or WeightError that a
+    deployment raised is re-raised as itself (a handle delivers it inside a RayTaskError,
+    an instance of its class too, but whose message is the remote traceback; the original
+    is its `cause`), one raised here passes unchanged, anything else becomes Unavailable."""
+    try:
+        yield
+    except Exception as e:
+        cause = e.cause if isinstance(e, RayTaskError) else e
+        if cause is e and isinstance(e, (SearchInputError, WeightError)):
+            raise
+        if isinstance(cause, (SearchInputError, WeightError)):
+            raise cause from e
+        raise Unavailable(type(e).__name__) from e
+
+
 @api.exception_handler(Unavailable)
 async def _unavailable(request: Request, exc: Unavailable):
     return JSONResponse({"detail": f"search backend unavailable: {exc}"}, status_code=503)
@@ -283,13 +297,16 @@ class Api:
                                       self.s.telemetry_event_max_bytes, self.s.telemetry_enabled)
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
-        self._downloader = None
-        self._dl_lock = asyncio.Lock()
-        self._dl_cfg = dataclasses.replace(
+        # image_url fetches share one HTTP session, opened by the first and closed in __del__.
+        self._downloads = SharedDownloader(dataclasses.replace(
             IngestConfig(), allow_private=self.s.allow_private, max_bytes=self.s.max_body_bytes,
             total_timeout_s=self.s.image_url_timeout_s, connect_timeout_s=min(5.0, self.s.image_url_timeout_s),
             read_timeout_s=self.s.image_url_timeout_s, retries=0, download_concurrency=32,
-            per_host_concurrency=8, user_agent=cfg.ingest.user_agent)
+            per_host_concurrency=8, user_agent=cfg.ingest.user_agent))
+
+    async def __del__(self):
+        """Replica shutdown (Serve awaits it): close the image_url session."""
+        await self._downloads.aclose()
 
     async def _backend_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -345,14 +362,10 @@ class Api:
         i["weighting"].check_weights(weights)
         vector, like = await self._query_vector(req, i)
         t1 = time.perf_counter()
-        try:
+        with _backend_errors():
             out = await self.searcher.search.remote({"vector": vector, "like": like, "weights": weights,
                                                      "filters": filters, "dedup": req.dedup,
                                                      "offset": offset, "k": k})
-        except Exception as e:
-            raise Unavailable(type(e).__name__) from e
-        if "error" in out:
-            raise SearchInputError(out["error"], out.get("status", 422))
         t2 = time.perf_counter()
         st = out["stats"]
         st["encode_ms"] = round((t1 - t0) * 1000, 3)
@@ -368,27 +381,26 @@ class Api:
         kind = req.input_kind
         base_dim, enc = i["searcher"]["base_dim"], i["encoder"]
         if kind == "embedding":
+            assert req.embedding is not None  # the request validator: the kind's field is set
             return embedding_vector(req.embedding, base_dim), None
         if kind == "like":
             return None, req.like
         if enc["dim"] != base_dim:
             raise SearchInputError(f"this index holds {base_dim}-d vectors but the model encodes {enc['dim']}-d: "
                                    "only `embedding` and `like` queries work here")
-        try:
+        with _backend_errors():
             if kind == "text":
-                r = await self.encoder.encode_text.remote(req.text)
+                vector = await self.encoder.encode_text.remote(req.text)
             else:
-                data = (decode_base64_image(req.image, self.s.max_body_bytes) if kind == "image"
-                        else await self._fetch(req.image_url))
+                if kind == "image":
+                    assert req.image is not None
+                    data = decode_base64_image(req.image, self.s.max_body_bytes)
+                else:
+                    assert req.image_url is not None
+                    data = await self._fetch(req.image_url)
                 pixels = await asyncio.to_thread(self._decode, data, enc["image_size"])
-                r = await self.encoder.encode_image.remote(pixels)
-        except SearchInputError:
-            raise
-        except Exception as e:
-            raise Unavailable(type(e).__name__) from e
-        if "error" in r:
-            raise SearchInputError(r["error"])
-        return np.asarray(r["vector"], np.float32), None
+                vector = await self.encoder.encode_image.remote(pixels)
+        return np.asarray(vector, np.float32), None
 
     def _decode(self, data: bytes, size: int) -> np.ndarray:
         try:
@@ -397,13 +409,9 @@ class Api:
             raise SearchInputError(f"image could not be decoded ({e.reason}): {e.detail}") from None
 
     async def _fetch(self, url: str) -> bytes:
-        from memescale.download import Downloader
-
-        async with self._dl_lock:
-            if self._downloader is None:
-                self._downloader = await Downloader(self._dl_cfg).__aenter__()
-        r = await self._downloader.fetch(url)
+        r = await self._downloads.fetch(url)
         if r.ok:
+            assert r.data is not None  # an ok FetchResult holds the body
             return r.data
         if r.reason == "too_large":
             raise SearchInputError(f"image_url: the image is larger than {self.s.max_body_bytes} bytes", 413)
@@ -463,15 +471,15 @@ def app_for(cfg: Config, index_dir: str | os.PathLike):
     s = cfg.serve
     telemetry_path = str(Path(s.telemetry_path).expanduser().resolve())
     quiet = {"log_level": s.log_level, "enable_access_log": False}
-    encoder = Encoder.options(
+    encoder = Encoder.options(  # type: ignore[attr-defined]
         num_replicas=s.encoder_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
         ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": _gpus_per_encoder(s.encoder_gpus)},
     ).bind(cfg)
-    searcher = Searcher.options(
+    searcher = Searcher.options(  # type: ignore[attr-defined]
         num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
         ray_actor_options={"num_cpus": s.searcher_cpus},
     ).bind(str(index_dir), cfg)
-    return Api.options(
+    return Api.options(  # type: ignore[attr-defined]
         num_replicas=s.api_replicas, max_ongoing_requests=s.max_ongoing_requests,
         logging_config={"log_level": s.log_level, "enable_access_log": s.access_log},
         ray_actor_options={"num_cpus": s.api_cpus},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from typing import Any
 
 from memescale import metrics as ray_metrics
 from memescale.metrics import METRICS
@@ -49,6 +50,7 @@ class LocalMetrics:
             if kind == "counter":
                 self._counters[key] = self._counters.get(key, 0.0) + value
             else:
+                assert bounds is not None, f"histogram {name} declares no boundaries"
                 h = self._hists.get(key)
                 if h is None:
                     h = self._hists[key] = [0] * (len(bounds) + 1) + [0.0, 0]
@@ -69,7 +71,8 @@ class LocalMetrics:
             hists = {k: list(v) for k, v in self._hists.items()}
         for name in sorted(METRICS):
             kind, desc, _, bounds = METRICS[name]
-            series = [(k, v) for k, v in (counters if kind == "counter" else hists).items() if k[0] == name]
+            recorded: dict[tuple[str, tuple], Any] = counters if kind == "counter" else hists
+            series = [(k, v) for k, v in recorded.items() if k[0] == name]
             if not series:
                 continue
             exported = f"{name}_total" if kind == "counter" else name
@@ -79,10 +82,11 @@ class LocalMetrics:
                 if kind == "counter":
                     out.append(f"{exported}{_labels(pairs)} {_num(v)}")
                     continue
+                assert bounds is not None, f"histogram {name} declares no boundaries"
                 cum = 0
                 for b, c in zip(list(bounds) + [math.inf], v[:-2]):
                     cum += c
-                    le = 'le="%s"' % _num(b)
+                    le = f'le="{_num(b)}"'
                     out.append(f"{name}_bucket{_labels(pairs, le)} {cum}")
                 out.append(f"{name}_sum{_labels(pairs)} {_num(v[-2])}")
                 out.append(f"{name}_count{_labels(pairs)} {v[-1]}")

@@ -1,19 +1,25 @@
-"""The sharded build on a local Ray: partition, memory-bounded shard tasks, resume, merge."""
+"""The sharded build on a local Ray: partition, memory-bounded shard tasks, resume, merge,
+and the stages it shares with the in-process `build_index`."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
-
 from conftest import ROOT, shared_path, start_local_ray
-from memescale.sample_data import write_vector_shards
-from memescale.build_ray import build_from_shards, gather_rows, shard_is_built
-from memescale.config import IndexConfig
-from memescale.config import load_config
-from memescale.index import Index, build_vamana, exact_topk, find_medoid, greedy_search
+
+from memescale.build.pipeline import build_from_shards
+from memescale.build.stages import gather_rows, shard_is_built
+from memescale.config import IndexConfig, load_config
+from memescale.index import Index, IndexParams, build_index, build_vamana, exact_topk, find_medoid, greedy_search
+from memescale.index.disk import ARRAYS_FILE, MAGIC_ARRAYS, read_small_file, unpack_arrays
+from memescale.index.eval import recall_at_k
 from memescale.index.merge import border_nodes, merge_shard_graphs
 from memescale.index.vamana import refine_graph
+from memescale.testing.sample_data import write_vector_shards
+
+pytestmark = pytest.mark.slow  # Ray jobs end to end
 
 N = 20_000
 
@@ -42,7 +48,7 @@ def _cfg(shards: int, *overrides: str):
 
 def _recall(index_dir, queries, gt, L=48) -> float:
     ids, _, _ = Index.open(index_dir).search(queries, 10, L)
-    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt)]))
+    return recall_at_k(ids, gt, 10)
 
 
 def test_sharded_build_matches_single_shard_recall_and_stays_in_memory(ray_local, data):
@@ -168,3 +174,47 @@ def test_border_nodes_takes_the_smallest_margins():
     assert border_nodes(x, centroids, shards, 1.0).tolist() == [0, 1, 2, 3, 4]
     assert border_nodes(x, centroids[:1], [np.arange(5)], 0.2).tolist() == [0, 1, 2, 3, 4]
     assert border_nodes(x, centroids, [np.array([0, 1]), np.array([1, 2]), np.array([3])], 0.2).tolist() == [4]
+
+
+def _arrays(index_dir):
+    path = index_dir / ARRAYS_FILE
+    return unpack_arrays(path, read_small_file(path, MAGIC_ARRAYS)[0])
+
+
+def test_one_shard_ray_build_writes_what_build_index_writes(ray_local, tmp_path):
+    """Both paths train PQ, encode and write through the same functions: for the same fp16
+    vectors, metadata and parameters a 1-shard Ray build and `build_index` give the same
+    records, PQ codes, codec and entry point; the build information differs only in what
+    each path adds (shards and model, or the medoid)."""
+    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:3000]
+    write_vector_shards(tmp_path / "emb", base)
+    cfg = _cfg(1, "index.R=16", "index.L=32", "index.pq_bytes=16")
+    build_from_shards(cfg, str(tmp_path / "emb"), str(tmp_path / "ray"), query_sample=False)
+    work = tmp_path / "ray.work"
+    vectors = np.load(work / "vectors.npy")
+    meta = pq.read_table(work / "meta.parquet").to_pylist()
+    build_index(vectors, meta, tmp_path / "local", IndexParams.from_config(cfg.index, threads=1))
+    for name in ("records.bin", "pq_codes.bin", "metadata_overflow.bin"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    (ray_arrays, ray_info), (local_arrays, local_info) = _arrays(tmp_path / "ray"), _arrays(tmp_path / "local")
+    assert ray_arrays.keys() == local_arrays.keys()
+    for key in ray_arrays:
+        assert np.array_equal(ray_arrays[key], local_arrays[key]), key
+    common = {"R": 16, "L": 32, "alpha": cfg.index.alpha, "pq_bytes": 16, "seed": 0, "query_aware": False}
+    assert ray_info == {**common, "shards": 1, "model": cfg.model.name}
+    assert local_info == {**common, "medoid": int(local_arrays["entry_points"][0])}
+
+
+def test_both_paths_refuse_nan_vectors_with_the_same_error(tmp_path):
+    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:600].astype(np.float32)
+    base[123, 7] = np.nan
+    write_vector_shards(tmp_path / "emb", base, per_file=250)
+    with pytest.raises(ValueError) as in_process:
+        build_index(base, None, tmp_path / "local", IndexParams(R=8, L=16, pq_bytes=8))
+    with pytest.raises(ValueError) as sharded:
+        build_from_shards(_cfg(2), str(tmp_path / "emb"), str(tmp_path / "ray"), query_sample=False)
+    assert str(in_process.value) == str(sharded.value) == "vectors contain NaN or infinity (after conversion to float16)"
+    assert not list((tmp_path / "ray.work").glob("shard-*")) and not (tmp_path / "ray").exists()
+    base[123, 7] = 1e6  # finite in float32, infinite in float16
+    with pytest.raises(ValueError, match="NaN or infinity"), pytest.warns(RuntimeWarning, match="overflow"):
+        build_index(base, None, tmp_path / "local", IndexParams(R=8, L=16, pq_bytes=8))

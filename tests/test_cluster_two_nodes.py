@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, free_port, shared_path
-from memescale.index.disk import INDEX_FILES
-from memescale.sample_data import write_vector_shards
 
+from memescale.index.disk import INDEX_FILES
+from memescale.testing.sample_data import write_vector_shards
+
+pytestmark = pytest.mark.slow  # Ray jobs end to end
 
 
 def _ray_bin() -> str:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, shared_path, start_local_ray
+
 from memescale.config import load_config
-from memescale.corpus import CURATE_FIELDS, collect_corpus
-from memescale.curate import DECIDE_FIELDS, decide, file_offsets
-from memescale.dedup import cluster, dictionary_codes, keep_best, lsh_shape
-from memescale.filters import placeholder_masks, train_nsfw_probe
-from memescale.sample_data import image_files, write_vector_shards
-from memescale.store import read_shards, shard_schema
+from memescale.curate.decide import DECIDE_FIELDS, decide, file_offsets
+from memescale.curate.dedup import cluster, dictionary_codes, keep_best, lsh_shape
+from memescale.curate.screens import placeholder_masks, train_nsfw_probe
+from memescale.shards.corpus import CURATE_FIELDS, collect_corpus
+from memescale.shards.store import read_shards, shard_schema
+from memescale.testing.sample_data import image_files, write_vector_shards
 
 TINY = str(ROOT / "configs/tiny.toml")
 
@@ -116,6 +116,7 @@ def test_huge_bucket_is_verified_against_leaders():
     assert rep.compared < 900 * 8 * rep.bands
 
 
+@pytest.mark.slow
 def test_reencoded_memes_are_found_by_the_configured_model():
     """The shared memes, each with a JPEG q50, a half-size and a 5%-cropped copy, encoded by
     the tiny random-weight model at its configured threshold (see bench/dedup_memes.py for the
@@ -194,6 +195,7 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_curate_job_then_build_indexes_the_kept_rows(tmp_path, ray_session):
     from ray_jobs.build_index import main as build_main
     from ray_jobs.curate import main as curate_main
@@ -230,7 +232,7 @@ def test_curate_job_then_build_indexes_the_kept_rows(tmp_path, ray_session):
     assert len(index) == 1198 - summary["counts"]["duplicate"]
     md = index.metadata(np.arange(len(index)))
     assert {"meme", "aesthetic", "useful", "nsfw"} <= md[0].keys()
-    from memescale.weighting import Weighting
+    from memescale.index.weighting import Weighting
 
     assert {"meme", "aesthetic", "useful"} <= set(Weighting.load(tmp_path / "idx").names)  # search weights
 
@@ -249,16 +251,15 @@ def placeholder_image(path: Path) -> Path:
 
 def encode_file(path: Path) -> np.ndarray:
     """The tiny model's embedding of an image file, decoded as ingest decodes it (unit fp32)."""
-    from memescale.filters import reference_embeddings
+    from memescale.curate.screens import reference_embeddings
 
     return reference_embeddings(load_config(TINY), [str(path)])[0]
 
 
 def train_random_heads(inp: Path, out: Path) -> None:
-    from memescale.labelstore import Label
-    from memescale.quality import pairs_from_labels, train_heads
-
-    from memescale.store import embeddings_of
+    from memescale.quality.labels import Label
+    from memescale.quality.train import pairs_from_labels, train_heads
+    from memescale.shards.store import embeddings_of
 
     t = read_shards(str(inp), ["image_id", "embedding"])
     ids, emb = t.column("image_id").to_numpy(), embeddings_of(t)
@@ -272,6 +273,7 @@ def train_random_heads(inp: Path, out: Path) -> None:
     heads.save(out)
 
 
+@pytest.mark.slow
 def test_curate_errors_are_clear(tmp_path, capsys):
     from ray_jobs.curate import main as curate_main
 

@@ -8,19 +8,30 @@ second; no test sleeps itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import io
 import socket
 import threading
+import warnings
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from aiohttp import web
 from PIL import Image, features
 
 from memescale.config import IngestConfig
-from memescale.download import REASONS, Downloader, count_reasons, fetch_all, sniff_mime
-from memescale.netguard import AddressPolicy
+from memescale.ingest.download import (
+    REASONS,
+    Downloader,
+    SharedDownloader,
+    count_reasons,
+    fetch_all,
+    sniff_mime,
+)
+from memescale.ingest.netguard import AddressPolicy
 
 MAX_BYTES = 64 * 1024
 SLOW_S = 5.0  # how long /slow would take; the server releases it at teardown
@@ -322,6 +333,112 @@ def test_fetch_many_keeps_order_and_counts_reasons(server, cfg):
     assert [r.reason for r in results] == [None, "wrong_type", "bad_url", "http_4xx"]
     assert count_reasons(results) == Counter({"ok": 1, "wrong_type": 1, "bad_url": 1, "http_4xx": 1})
     assert single.ok and single.data == PNG
+
+
+@contextlib.contextmanager
+def unclosed_sessions():  # noqa: ANN201
+    """Collects aiohttp's "Unclosed client session" reports for sessions garbage-collected
+    inside the block (the list is filled when the block ends)."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield found
+        gc.collect()
+    found.extend(str(w.message) for w in caught if "Unclosed client session" in str(w.message))
+
+
+class LoopThread:
+    """An event loop running in a background thread (as Ray Data runs async batch functions)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, context: None)  # reports are checked as warnings
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro):  # noqa: ANN001, ANN201
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+def test_unclosed_session_is_reported(server, cfg):
+    """The check the tests below rely on: a Downloader entered and dropped is reported."""
+
+    async def leak() -> None:
+        d = await Downloader(cfg).__aenter__()
+        assert (await d.fetch(f"{server.base}/img/leak.png")).ok
+
+    with unclosed_sessions() as found:
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(lambda loop, context: None)
+        loop.run_until_complete(leak())
+        loop.close()
+    assert found
+
+
+def test_shared_downloader_reuses_one_session_and_closes_it(server, cfg):
+    urls = [f"{server.base}/img/s{i}.png" for i in range(3)]
+
+    async def run(shared: SharedDownloader) -> None:
+        assert not shared.is_open
+        assert (await shared.fetch(urls[0])).ok and shared.is_open
+        session = shared._downloader._session
+        assert all(r.ok for r in await shared.fetch_many(urls[1:]))
+        assert shared._downloader._session is session  # one session for every call
+        await shared.aclose()
+        assert session.closed and shared.closed and not shared.is_open
+        await shared.aclose()  # idempotent
+        with pytest.raises(RuntimeError, match="closed"):
+            await shared.fetch(urls[0])
+
+    with unclosed_sessions() as found:
+        asyncio.run(run(SharedDownloader(cfg)))
+    assert found == []
+    assert all(server.hits[f"/img/s{i}.png"] == 1 for i in range(3))
+
+
+def test_shared_downloader_closes_from_another_thread_and_refuses_other_loops(server, cfg):
+    shared = SharedDownloader(cfg)
+    worker = LoopThread()
+    try:
+        with unclosed_sessions() as found:
+            assert worker.run(shared.fetch(f"{server.base}/img/t.png")).ok
+            with pytest.raises(RuntimeError, match="other than"):
+                asyncio.run(shared.fetch(f"{server.base}/img/t.png"))
+            shared.close()  # from this thread: runs on the worker's loop and waits for it
+            assert shared.closed and not shared.is_open
+        assert found == []
+    finally:
+        worker.close()
+    SharedDownloader(cfg).close()  # never opened: nothing to do
+
+
+def test_fetch_stage_closes_its_session_when_dropped(server, cfg):
+    """Ray Data drops the stage on the actor's main thread at shutdown, while the loop the
+    batches ran on is still running: the stage closes its session there."""
+    from memescale.ingest.pipeline import FetchStage
+
+    stage = FetchStage(cfg)
+    worker = LoopThread()
+    try:
+        with unclosed_sessions() as found:
+            batch = {"status": np.array(["pending", "skipped", "pending"], dtype=object),
+                     "url": np.array([f"{server.base}/img/f0.png", "", f"{server.base}/page"], dtype=object)}
+            out = worker.run(stage(batch))
+            assert list(out["status"]) == ["fetched", "skipped", "failed"]
+            assert list(out["reason"]) == ["", "", "wrong_type"]
+            downloads = stage.downloads
+            assert downloads.is_open
+            del stage
+            gc.collect()
+            assert downloads.closed and not downloads.is_open
+        assert found == []
+    finally:
+        worker.close()
 
 
 @pytest.mark.parametrize(

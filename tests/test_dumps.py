@@ -1,4 +1,4 @@
-"""memescale.dumps: line outcomes, zstd framing and failures, start_line, chunks, path globs."""
+"""memescale.ingest.dumps: line outcomes, zstd framing and failures, start_line, chunks, path globs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from conftest import shared_path
-from memescale import dumps
-from memescale.dumps import (
+
+from memescale.ingest import dumps as dumps
+from memescale.ingest.dumps import (
     BadLine,
     DumpPathError,
     DumpReadError,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from memescale.config import load_config
-from memescale.encoder import ImageTextEncoder, WeightsUnavailableError, check_weights, model_image_size
+from memescale.embed.encoder import ImageTextEncoder, WeightsUnavailableError, check_weights, model_image_size
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,21 @@
-"""Disk format: round trips, metadata budget and spill, corruption and version checks."""
+"""Disk format: round trips, metadata budget and spill, corruption and version checks, the
+streaming writer (same bytes from every metadata source, bounded memory)."""
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from memescale.index import Index, IndexFormatError, IndexParams, build_index
+from memescale.index import Index, IndexFormatError, IndexParams, build_index, train_pq, write_index
 from memescale.index.disk import ARRAYS_FILE, CODES_FILE, INDEX_FILES, OVERFLOW_FILE, RECORDS_FILE, SECTOR, RecordLayout
 
 
@@ -181,3 +188,140 @@ def test_params_from_project_config():
 
     p = IndexParams.from_config(IndexConfig(R=16, L=40, alpha=1.3, pq_bytes=12, seed=7), threads=1)
     assert (p.R, p.L, p.alpha, p.pq_bytes, p.seed, p.threads, p.queries) == (16, 40, 1.3, 12, 7, 1, None)
+
+
+# ---------------------------------------------------------------------------- streaming writer
+
+
+def random_parts(n: int, d: int, R: int, M: int, seed: int = 0):
+    """Vectors, a random graph with valid ids, and a small PQ codec with its codes."""
+    rng = np.random.default_rng(seed)
+    X = unit_vectors(n, d, seed)
+    neighbours = rng.integers(0, n, (n, R)).astype(np.int32)
+    degrees = rng.integers(1, R + 1, n).astype(np.int32)
+    codec = train_pq(X[:1000], M, opq_iters=0, kmeans_iters=2, train_size=1000, seed=seed, threads=1, progress=False)
+    return X, (neighbours, degrees), codec, codec.encode(X, threads=1)
+
+
+def meta_table(n: int) -> pa.Table:
+    rows = [{"url": f"https://i.redd.it/{i:08x}.jpg", "title": f"póst {i} 🐍" * (1 + i % 3) if i % 9 else None,
+             "score": i - 50, "over_18": i % 7 == 0, "tags": ["a", "b"][: i % 3], "t": 1.5 * i} for i in range(n)]
+    rows[17]["title"] = "x" * 5000  # above the 99.9th percentile: spilled (two of them from 3000 rows)
+    rows[-5]["title"] = "y" * 2000
+    return pa.Table.from_pylist(rows)
+
+
+def test_streamed_metadata_sources_write_identical_files(tmp_path):
+    n = 3000
+    X, graph, codec, codes = random_parts(n, 8, 4, 4)
+    table = meta_table(n)
+    pq.write_table(table, tmp_path / "meta.parquet", row_group_size=300)
+    dicts = table.to_pylist()
+    entry = np.array([0, 1])
+
+    def batches():  # blocks of odd sizes, an empty one, then the rest as a Table
+        whole = table.combine_chunks().to_batches()[0]
+        lo = 0
+        for k in [7, 1, 0, 13, 58, 401]:
+            yield whole.slice(lo, k)
+            lo += k
+        yield table.slice(lo)
+
+    block = 2 * SECTOR  # records assembled 2 sectors at a time: chunk edges cut across metadata blocks
+    ref = write_index(tmp_path / "list", X, graph, codec, codes, dicts, entry, {"k": 1})
+    assert ref.nodes_per_sector > 1 and ref.meta_spilled == 2
+    assert 7 % ref.nodes_per_sector and (2 * ref.nodes_per_sector) % 401
+    for name, source in [("parquet", tmp_path / "meta.parquet"), ("batches", batches()), ("table", table),
+                         ("list_blocks", dicts)]:
+        stats = write_index(tmp_path / name, X, graph, codec, codes, source, entry, {"k": 1}, block_bytes=block)
+        assert stats == ref
+        for f in INDEX_FILES:
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / "list" / f).read_bytes(), (name, f)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(INDEX_FILES)
+    with Index.open(tmp_path / "parquet", threads=1) as index:
+        assert index.metadata(range(n)) == dicts
+        index.verify()
+
+
+def test_streamed_metadata_must_match_the_node_count(tmp_path):
+    X, graph, codec, codes = random_parts(300, 8, 4, 4)
+    table = meta_table(300)
+    entry = np.array([0])
+    for bad in [table.slice(0, 299), iter([table, table.slice(0, 1)])]:
+        with pytest.raises(ValueError, match="metadata has .* entries for 300 vectors"):
+            write_index(tmp_path / "x", X, graph, codec, codes, bad, entry)
+    with pytest.raises(TypeError, match="RecordBatches or Tables"):
+        write_index(tmp_path / "x", X, graph, codec, codes, iter(table.to_pylist()), entry)
+    assert not list((tmp_path / "x").iterdir())  # nothing half-written is left behind
+
+
+MEMORY_CHILD = r"""
+import json, sys, threading
+import numpy as np
+from memescale.index import PQCodec, write_index
+
+work = sys.argv[1]
+X = np.load(work + "/vectors.npy", mmap_mode="r")
+nb = np.load(work + "/neighbours.npy", mmap_mode="r")
+deg = np.load(work + "/degrees.npy", mmap_mode="r")
+codes = np.load(work + "/codes.npy", mmap_mode="r")
+codec = PQCodec.from_arrays(dict(np.load(work + "/codec.npz")))
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+peak = [0]
+done = threading.Event()
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], rss_anon())
+
+base = rss_anon()
+t = threading.Thread(target=sample)
+t.start()
+stats = write_index(work + "/index", X, (nb, deg), codec, codes, work + "/meta.parquet", np.array([0]))
+peak[0] = max(peak[0], rss_anon())
+done.set()
+t.join()
+print(json.dumps({"growth": peak[0] - base, "spilled": stats.meta_spilled}))
+"""
+
+
+def test_writer_memory_is_bounded_with_memmapped_inputs(tmp_path):
+    """RssAnon growth while writing N nodes from memmaps and a Parquet file stays within a
+    fixed amount plus 24 bytes per node (one dict or blob per node would exceed it)."""
+    n, d, R, M = 300_000, 8, 4, 4
+    rng = np.random.default_rng(0)
+    X = np.lib.format.open_memmap(tmp_path / "vectors.npy", "w+", np.float16, (n, d))
+    X[:] = rng.standard_normal((n, d))
+    np.save(tmp_path / "neighbours.npy", rng.integers(0, n, (n, R), dtype=np.int32))
+    np.save(tmp_path / "degrees.npy", rng.integers(1, R + 1, n, dtype=np.int32))
+    np.save(tmp_path / "codes.npy", rng.integers(0, 256, (n, M), dtype=np.uint8))
+    codec = train_pq(np.asarray(X[:1000], np.float32), M, opq_iters=0, kmeans_iters=1, train_size=1000, threads=1,
+                     progress=False)
+    np.savez(tmp_path / "codec.npz", **codec.to_arrays())
+    ids = np.arange(n)
+    title = np.char.add("a meme title number ", ids.astype(str)).astype(object)
+    title[[5, 77]] = "z" * 3000
+    meta = pa.table({"image_id": ids, "url": np.char.add("https://i.redd.it/", ids.astype(str)),
+                     "title": title, "subreddit": np.array(["memes", "dankmemes", "me_irl"])[ids % 3],
+                     "score": ids % 1000, "created_utc": 1_600_000_000 + ids, "over_18": ids % 11 == 0})
+    pq.write_table(meta, tmp_path / "meta.parquet", row_group_size=65536)
+    del X, meta, title
+
+    # Arrow's default pool (mimalloc) keeps tens of MiB of freed Parquet decode buffers
+    # mapped; the system pool returns them, so the growth measured is what the writer holds.
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["spilled"] == 2
+    assert res["growth"] < (64 << 20) + 24 * n, res
+    with Index.open(tmp_path / "index", threads=1, cache_nodes=0) as index:
+        assert len(index) == n
+        got = index.metadata([0, 5, n - 1])
+    want = pq.read_table(tmp_path / "meta.parquet").take([0, 5, n - 1]).to_pylist()
+    assert got == want

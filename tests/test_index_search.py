@@ -15,6 +15,7 @@ from conftest import shared_path
 from memescale.index import Index, IndexParams, build_index, exact_topk
 from memescale.index.__main__ import main
 from memescale.index.aio import DirectIOUnavailable
+from memescale.index.eval import recall_at_k
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -30,10 +31,6 @@ def o_direct_ok(folder: Path) -> bool:
         return True
     except OSError:
         return False
-
-
-def recall(ids: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids.tolist(), gt.tolist())]))
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +184,7 @@ def test_recall_on_20k_minilm_subset(minilm_20k, qset):
     gt, _ = exact_topk(Q, base, 10)
     with Index.open(out, threads=2) as index:
         ids, _, stats = index.search(Q, 10, L=70, beam_width=4)
-    r = recall(ids, gt)
+    r = recall_at_k(ids, gt, 10)
     assert r >= 0.9, r
     assert stats.reads.mean() < 100
 

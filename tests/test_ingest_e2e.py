@@ -19,16 +19,18 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, shared_path
+
 from memescale.config import load_config
-from memescale.encoder import ImageTextEncoder
-from memescale.images import decode_image
+from memescale.decode.image import decode_image
+from memescale.embed.encoder import ImageTextEncoder
 from memescale.index import Index
-from memescale.weighting import Weighting
-from memescale.sample_data import ImageServer, image_files, sample_records, write_sample_dump
-from memescale.store import ShardStore, embeddings_of, read_shards
-from memescale.urls import extract_image_refs
+from memescale.index.weighting import Weighting
+from memescale.ingest.urls import extract_image_refs
+from memescale.shards.store import ShardStore, embeddings_of, read_shards
+from memescale.testing.sample_data import ImageServer, image_files, sample_records, write_sample_dump
+
+pytestmark = pytest.mark.slow  # Ray jobs end to end
 
 N_IMAGES = 72
 
@@ -161,7 +163,7 @@ def test_missing_weights_exit_with_instructions(tmp_path, corpus):
 
 def _run_plan_chunks(dump: Path) -> list:
     from memescale.config import load_config
-    from memescale.plan import plan_chunks
+    from memescale.ingest.chunks import plan_chunks
 
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     return list(plan_chunks([str(dump)], cfg.ingest.chunk_posts, {}))

@@ -1,4 +1,4 @@
-"""The labelling tool (memescale/label.py): its API on a live aiohttp server, the pair choice
+"""The labelling tool (memescale/quality/label_app.py): its API on a live aiohttp server, the pair choice
 (random share, active selection by ensemble disagreement, background retraining), the CLI's
 import/export/error semantics, and the page in headless Debian Chromium (Playwright driving
 /usr/bin/chromium): keyboard and button labels land in SQLite, a pair whose three channels are
@@ -20,14 +20,14 @@ import pyarrow as pa
 import pytest
 import requests
 from aiohttp import web
-
 from conftest import chromium_browser
+
 from memescale.config import CurateConfig
-from memescale.label import Labeller, PairChooser, load_pool, main, make_app, pair_key
-from memescale.labelstore import LabelStore
-from memescale.sample_data import ImageServer, write_vector_shards
-from memescale.store import ChunkResult, ShardStore, read_shards
-from serve.sample_index import XSS_TITLE, random_unit_vectors, write_images
+from memescale.quality.label_app import Labeller, PairChooser, load_pool, main, make_app, pair_key
+from memescale.quality.labels import LabelStore
+from memescale.shards.store import ChunkResult, ShardStore, read_shards
+from memescale.testing.sample_data import ImageServer, write_vector_shards
+from memescale.testing.sample_index import XSS_TITLE, random_unit_vectors, write_images
 
 DIM, N = 16, 40
 RATER = "anna"
@@ -240,8 +240,8 @@ def test_active_choice_is_the_most_disputed_unlabelled_candidate(data):
 
 
 def test_background_retrain_switches_to_active_pairs(data, tmp_path):
-    pytest.importorskip("memescale.quality")
-    from memescale.quality import QualityHeads
+    pytest.importorskip("memescale.quality.heads")
+    from memescale.quality.heads import QualityHeads
 
     heads_out = tmp_path / "heads.safetensors"
     cfg = dict(label_retrain_every=4, label_random_share=0.0, label_candidates=32, heads_members=2,
@@ -321,6 +321,7 @@ def shown_pair(page) -> tuple[int, int]:
     return int(page.get_attribute("#left", "data-id")), int(page.get_attribute("#right", "data-id"))
 
 
+@pytest.mark.slow
 def test_keys_and_buttons_label_the_pair_then_the_next_comes(page, server):
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-pairs='1']")
@@ -353,6 +354,7 @@ def test_keys_and_buttons_label_the_pair_then_the_next_comes(page, server):
     assert not page.problems and not page.dialogs
 
 
+@pytest.mark.slow
 def test_html_title_is_inert_and_a_broken_image_is_a_placeholder(page, data, tmp_path):
     with live(data.xss_dir, tmp_path / "labels.sqlite") as srv:
         page.goto(srv.url + "/")

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from memescale.config import IngestConfig
-from memescale.netguard import (
+from memescale.ingest.netguard import (
     AddressPolicy,
     BadUrlError,
     BlockedAddressError,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memescale.index.partition import (assign_shards, balanced_kmeans, capacitated_assign, cohesion,
-                                       plain_kmeans_partition)
+from memescale.index.partition import (
+    Partition,
+    assign_shards,
+    balanced_kmeans,
+    capacitated_assign,
+    cohesion,
+    plain_kmeans_partition,
+)
 
 
 def _mixture(n=6000, d=32, k=12, seed=0):
@@ -44,3 +50,13 @@ def test_infeasible_assignment_is_refused():
     x = _mixture(n=100)
     with pytest.raises(ValueError, match="cannot place"):
         capacitated_assign(x, x[:4], per_point=2, cap=10)
+
+
+def test_partition_save_load_round_trip(tmp_path):
+    x = _mixture(n=800)
+    part = assign_shards(x, balanced_kmeans(x, 4, seed=0))
+    part.save(tmp_path / "partition.npz")
+    back = Partition.load(tmp_path / "partition.npz")
+    assert np.array_equal(back.centroids, part.centroids) and len(back.shards) == 4
+    assert all(np.array_equal(a, b) and a.dtype == np.int64 for a, b in zip(back.shards, part.shards))
+    assert [p.name for p in tmp_path.iterdir()] == ["partition.npz"]

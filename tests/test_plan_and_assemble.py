@@ -9,12 +9,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from memescale.assemble import ChunkAssembler
 from memescale.config import CHOICES, ConfigError, load_config
 from memescale.index.search import IO_MODES
-from memescale.plan import PostFilter, parse_date, plan_chunks
-from memescale.sample_data import sample_records, write_sample_dump
-from memescale.store import ShardStore, read_shards
+from memescale.ingest.assembler import ChunkAssembler
+from memescale.ingest.chunks import PostFilter, parse_date, plan_chunks
+from memescale.shards.store import ShardStore, read_shards
+from memescale.testing.sample_data import sample_records, write_sample_dump
 
 NAMES = [f"img{i:03d}.jpg" for i in range(60)]
 

@@ -1,4 +1,4 @@
-"""memescale.png: the fast PNG decode gives Pillow's pixels, or None wherever it might not."""
+"""memescale.decode.png: the fast PNG decode gives Pillow's pixels, or None wherever it might not."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from PIL import Image
 
-from conftest import shared_path
-from memescale.png import png_rgb
+from memescale.decode.png import png_rgb
 
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 

@@ -11,17 +11,10 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.stats import spearmanr
 
-from memescale.labelstore import Label
-from memescale.quality import (
-    CHANNELS,
-    HeadsError,
-    PairSet,
-    QualityHeads,
-    main,
-    pairs_from_labels,
-    train_heads,
-)
-from memescale.sample_data import write_vector_shards
+from memescale.quality.heads import CHANNELS, HeadsError, QualityHeads
+from memescale.quality.labels import Label
+from memescale.quality.train import PairSet, main, pairs_from_labels, train_heads
+from memescale.testing.sample_data import write_vector_shards
 
 N, D = 1000, 64
 

@@ -1,4 +1,4 @@
-"""memescale.resample against Pillow's BICUBIC resize, which it reimplements."""
+"""memescale.decode.resample against Pillow's BICUBIC resize, which it reimplements."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 from PIL import Image
 
-from memescale.resample import square_bicubic
+from memescale.decode.resample import square_bicubic
 
 # (height, width, box, size): downscales by 1.0-8x, upscales, fractional boxes, boxes at
 # the edges, one-pixel rows and columns. Box coordinates are binary fractions, exact in the

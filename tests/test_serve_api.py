@@ -11,12 +11,14 @@ import time
 import numpy as np
 import pytest
 import requests
-
-from memescale.sample_data import ImageServer
 from conftest import free_port, start_local_ray
-from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+from memescale.index.weighting import WeightError
+from memescale.search.requests import SearchInputError
+from memescale.testing.sample_data import ImageServer
+from memescale.testing.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 N, DIM = 300, 64
 
@@ -159,6 +161,7 @@ def test_image_upload_and_image_url(app):
     ({"image_url": "http://169.254.169.254/latest/meta-data/"}, 422, "blocked_address"),
     ({"image_url": "file:///etc/passwd"}, 422, "bad_url"),
     ({"image_url": "http://127.0.0.1:1/nothing.png"}, 422, "could not be fetched"),
+    ({"like": 10**6}, 422, f"like: no item 1000000 in this index (0..{N - 1})"),
     ({"text": "a", "weights": {"meme": 3}}, 422, "less than or equal"),
     ({"text": "a", "filters": {"after": "yesterday"}}, 422, "ISO 8601"),
     ({"text": "a", "cursor": "garbage!"}, 422, "malformed"),
@@ -167,6 +170,7 @@ def test_bad_input_is_4xx_with_a_message(app, body, status, needle):
     r = search(app, **body)
     assert r.status_code == status, r.text
     assert needle in r.text
+    assert "Traceback" not in r.text and "ray::" not in r.text  # the message, not a remote traceback
 
 
 def test_not_json_and_oversize_bodies(app):
@@ -238,3 +242,64 @@ def test_concurrent_requests(app):
         codes = list(pool.map(lambda t: search(app, text=t, k=10).status_code, texts))
     assert codes == [200] * len(texts)
     assert time.perf_counter() - t0 < 30
+
+
+# -- without Serve: error hand-over and the Api's downloader ---------------------------------
+
+
+@pytest.mark.parametrize("raised, status", [
+    (lambda: SearchInputError("too big", 413), 413),
+    (lambda: WeightError("no such weight"), 422),
+])
+def test_deployment_errors_reach_the_client_as_raised(raised, status):
+    """A deployment's SearchInputError/WeightError arrives at the Api inside a RayTaskError
+    whose message is the remote traceback; the Api re-raises the original."""
+    from ray.exceptions import RayTaskError
+
+    from serve.app import Unavailable, _backend_errors
+
+    original = raised()
+    wrapped = RayTaskError("Encoder.encode_text", "Traceback (most recent call last): ...", original
+                           ).as_instanceof_cause()
+    assert isinstance(wrapped, type(original)) and str(wrapped) != str(original)
+    with pytest.raises(type(original)) as got, _backend_errors():
+        raise wrapped
+    assert got.value is original and str(got.value) == str(original)
+    assert getattr(got.value, "status", 422) == status
+    local = raised()
+    with pytest.raises(type(original)) as got, _backend_errors():
+        raise local
+    assert got.value is local
+    with pytest.raises(Unavailable, match="RayTaskError"), _backend_errors():
+        raise RayTaskError("Searcher.search", "Traceback ...", RuntimeError("boom")).as_instanceof_cause()
+
+
+def test_api_closes_its_image_url_session_on_shutdown(tmp_path):
+    """Serve awaits the Api's __del__ when the replica stops: the image_url session it
+    opened on the first fetch is closed there."""
+    import asyncio
+    import gc
+    import warnings
+
+    from memescale.config import load_config
+    from serve.app import ROOT, Api
+
+    user_class = Api.func_or_class.__mro__[1]  # the class under Serve's ingress wrapper
+    assert user_class.__module__ == "serve.app" and "_fetch" in vars(user_class)
+    cfg = load_config(ROOT / "configs" / "tiny.toml", ["serve.allow_private=true"])
+    write_images(tmp_path / "img", 2)
+
+    async def run(base_url: str):
+        api = user_class(None, None, cfg, str(tmp_path / "telemetry.jsonl"))
+        data = await api._fetch(f"{base_url}/img/1.png")
+        downloads = api._downloads
+        assert data.startswith(b"\x89PNG") and downloads.is_open
+        await api.__del__()
+        return downloads
+
+    with warnings.catch_warnings(record=True) as caught, ImageServer(tmp_path) as srv:
+        warnings.simplefilter("always", ResourceWarning)
+        downloads = asyncio.run(run(srv.base_url))
+        gc.collect()
+    assert downloads.closed and not downloads.is_open
+    assert not [w for w in caught if "Unclosed" in str(w.message)]

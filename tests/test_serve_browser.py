@@ -7,12 +7,12 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-
-from memescale.sample_data import ImageServer
 from conftest import chromium_browser, free_port, require_chromium, start_local_ray
-from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+from memescale.testing.sample_data import ImageServer
+from memescale.testing.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus, write_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 K = 12
 

@@ -3,17 +3,16 @@ of examples per operation) against a real Serve instance: no request may produce
 
 from __future__ import annotations
 
-
 import pytest
 import schemathesis
+from conftest import free_port, start_local_ray
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
-from conftest import free_port, start_local_ray
-from serve.sample_index import build_sample_index, sample_corpus
+from memescale.testing.sample_index import build_sample_index, sample_corpus
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 MAX_EXAMPLES = 40
 

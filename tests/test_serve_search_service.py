@@ -10,22 +10,18 @@ import pytest
 from pydantic import ValidationError
 
 from memescale.config import ServeConfig
-from memescale.search_service import (
+from memescale.index.weighting import WeightError, Weighting
+from memescale.search.cursor import decode_cursor, encode_cursor, query_hash
+from memescale.search.engine import SearchEngine, dedup_order, parse_filters
+from memescale.search.requests import (
     Filters,
-    SearchEngine,
     SearchInputError,
     SearchRequest,
     decode_base64_image,
-    decode_cursor,
-    dedup_order,
     embedding_vector,
-    encode_cursor,
-    parse_filters,
-    query_hash,
     token_count,
 )
-from memescale.weighting import Weighting, WeightError
-from serve.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus
+from memescale.testing.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus
 
 N, DIM = 400, 32
 DUPS = (50, 51)
@@ -126,7 +122,7 @@ def test_embedding_and_base64_inputs():
 
 
 def test_token_count_matches_the_open_clip_tokenizer():
-    from memescale.compat import ensure_torchvision
+    from memescale.embed.torchvision_shim import ensure_torchvision
 
     ensure_torchvision()
     import open_clip

@@ -1,4 +1,4 @@
-"""memescale.urls: image URLs of real and constructed records, post metadata, image ids."""
+"""memescale.ingest.urls: image URLs of real and constructed records, post metadata, image ids."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import hashlib
 import json
 
 import pytest
-
 from conftest import shared_path
-from memescale.urls import (
+
+from memescale.ingest.urls import (
     BadRecord,
     ImageRef,
     extract_image_refs,

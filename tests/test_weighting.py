@@ -6,17 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memescale.weighting import (
+from memescale.index.eval import exact_ground_truth, recall_at_k
+from memescale.index.weighting import (
     MISSING,
     WEIGHTING_FILE,
-    Weighting,
     WeightError,
+    Weighting,
     apply_quantiles,
     fit_quantiles,
     fit_weighting,
     weight_vectors,
 )
-from serve.sample_index import build_sample_index, random_unit_vectors, synthetic_metadata
+from memescale.testing.sample_index import build_sample_index, random_unit_vectors, synthetic_metadata
 
 
 def test_quantile_normalisation_is_rank_based_and_bounded():
@@ -118,7 +119,6 @@ def test_weights_steer_the_index_traversal(tmp_path):
         plain_ids, _, _ = index.search(w.extend_queries(q), k=10, L=64)
         qe = w.extend_queries(q, {"recency": 2.0})
         ids, _, _ = index.search(qe, k=10, L=64)
-    exact = np.argsort(-(qe @ ext.T), axis=1)[:, :10]
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
-    assert recall >= 0.9
+    exact, _ = exact_ground_truth(ext, qe, 10)
+    assert recall_at_k(ids, exact, 10) >= 0.9
     assert np.median(created[ids]) > np.median(created[plain_ids])

@@ -8,10 +8,14 @@ Array contracts:
 - queries: (nq, d) float32.
 - gt: (nq, >=k) int32, exact neighbours by inner product, best first.
 - found ids: (nq, >=k) integer array; -1 or any id not in gt counts as a miss.
+
+Recall and exact ground truth come from the project's memescale/index/eval.py, loaded by its
+path (it needs numpy alone), since the peers' environments do not have the package installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -20,6 +24,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def _load_eval():
+    path = Path(__file__).resolve().parents[2] / "memescale" / "index" / "eval.py"
+    spec = importlib.util.spec_from_file_location("_memescale_index_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_eval = _load_eval()
 
 QUERY_SETS = ("id", "ood")
 
@@ -70,27 +85,14 @@ def load_dataset(path: str | os.PathLike, max_base: int = 0, eval_start: int = 1
     return out
 
 
-def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, block: int = 0) -> np.ndarray:
-    """Exact top-k by inner product, best first: (nq, k) int32 (blocks of ~256 MB scores)."""
-    k = min(k, base.shape[0])
-    block = block or max(1, min(256, 2**26 // max(1, base.shape[0])))
-    res = np.empty((queries.shape[0], k), dtype=np.int32)
-    for i in range(0, queries.shape[0], block):
-        s = queries[i:i + block] @ base.T
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
-        res[i:i + block] = np.take_along_axis(part, order, 1)
-    return res
+def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k by inner product, best first (ties: lower id): (nq, k) int32."""
+    return _eval.exact_ground_truth(base, queries, min(k, base.shape[0]))[0].astype(np.int32)
 
 
 def recall_at_k(found: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
-    """Mean over queries of |found[:, :k] ∩ gt[:, :k]| / k."""
-    found = np.asarray(found)[:, :k]
-    gt = np.asarray(gt)[:, :k]
-    hits = 0
-    for f, g in zip(found, gt):
-        hits += len(set(f.tolist()) & set(g.tolist()))
-    return hits / (k * gt.shape[0])
+    """Mean over queries of |found[:, :k] ∩ gt[:, :k]| / k (-1 in found is a miss)."""
+    return _eval.recall_at_k(found, gt, k)
 
 
 def rss_bytes() -> int:

@@ -108,8 +108,8 @@ def main(argv=None):
 
 def build_index(a, base, work: Path, budget_gb: float, params: dict, meta_file: Path) -> None:
     """Build the disk index into `work` and record build seconds and peak RSS."""
-    import numpy as np
     import diskannpy as dap
+    import numpy as np
 
     n, d = base.shape
     shutil.rmtree(work, ignore_errors=True)
@@ -153,8 +153,8 @@ def redirect_stdout_fd(path: Path):
 
 def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
     """Load the index once per thread count and sweep L over both query sets."""
-    import numpy as np
     import diskannpy as dap
+    import numpy as np
 
     n, d = data["base"].shape
     files = C.dir_bytes(work)

@@ -92,9 +92,9 @@ def train_sample(data: dict, which: str):
 
 def build_variant(a, data, variant: str, out_dir: Path, params: dict) -> None:
     """Child process: build one variant into out_dir and record build seconds and peak RSS."""
-    from memescale.index import IndexParams, build_index
-
     import numpy as np
+
+    from memescale.index import IndexParams, build_index
     base16 = np.load(Path(a.dataset) / "base.npy", mmap_mode="r")
     n = data["base"].shape[0]
     base16 = np.ascontiguousarray(base16[:n])
@@ -219,6 +219,7 @@ def main(argv=None):
 
 def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
     import numpy as np
+
     from memescale.index import Index
 
     files = C.dir_bytes(vdir)

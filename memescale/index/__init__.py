@@ -1,8 +1,9 @@
 """Disk-resident ANN index: Vamana graph + query-aware PQ, inner-product search.
 
 Build with `build_index` (or from parts: `build_vamana`, `prune_lists`, `train_pq`,
-`write_index`), search
-with `Index.open(dir).search(queries, k, L)`. See DESIGN.md, "The index".
+`write_index`), search with `Index.open(dir).search(queries, k, L)`, measure with
+`memescale.index.eval` (recall@k, exact ground truth). The README's "The index" section
+describes the algorithms and the format.
 """
 
 from .build import BuildStats, IndexParams, build_index

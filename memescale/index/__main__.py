@@ -1,10 +1,13 @@
 """Command line: build a disk index from .npy vectors, or search one.
 
     python -m memescale.index build --vectors X.npy [--queries Q.npy] [--metadata M.jsonl]
-        [--R 64] [--L 100] [--alpha 1.2] [--pq-bytes 48] [--seed 0] [--threads N] --out DIR
-    python -m memescale.index search --index DIR --queries Q.npy --k 10 --L 64
-        [--beam-width 4] [--io-budget N] [--threads N] [--cache-nodes N] [--io mmap|direct]
+        [--R R] [--L L] [--alpha A] [--pq-bytes M] [--seed S] [--threads N] --out DIR
+    python -m memescale.index search --index DIR --queries Q.npy [--k K] [--L L]
+        [--beam-width W] [--io-budget N] [--threads N] [--cache-nodes N] [--io mmap|direct]
         [--gt GT.npy] --out IDS.npy
+
+Build defaults are `IndexConfig`'s (memescale.config), search defaults `ServeConfig`'s;
+`--help` shows them.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import IndexConfig, ServeConfig
+from .aio import DirectIOUnavailable
 from .build import IndexParams, build_index
 from .disk import IndexFormatError
-from .aio import DirectIOUnavailable
+from .eval import recall_at_k
 from .search import IO_MODES, Index
 
 log = logging.getLogger("memescale.index")
@@ -53,12 +58,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def recall_at_k(ids: np.ndarray, gt: np.ndarray, k: int) -> float:
-    """Mean |ids[:, :k] & gt[:, :k]| / k over queries."""
-    hits = sum(len(set(a[:k].tolist()) & set(b[:k].tolist())) for a, b in zip(ids, gt))
-    return hits / (k * len(ids))
-
-
 def _search(args: argparse.Namespace) -> int:
     queries = np.load(args.queries)
     with Index.open(args.index, threads=args.threads, cache_nodes=args.cache_nodes, io=args.io) as index:
@@ -80,33 +79,36 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    index, serve = IndexConfig(), ServeConfig()
     ap = argparse.ArgumentParser(prog="python -m memescale.index", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build", help="build an index from an (N, d) .npy of vectors")
+    b = sub.add_parser("build", help="build an index from an (N, d) .npy of vectors",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--vectors", type=Path, required=True)
     b.add_argument("--queries", type=Path, help="(nq, d) .npy query sample for query-aware PQ")
     b.add_argument("--metadata", type=Path, help="JSON lines, one object per vector")
-    b.add_argument("--R", type=int, default=64)
-    b.add_argument("--L", type=int, default=100)
-    b.add_argument("--alpha", type=float, default=1.2)
-    b.add_argument("--pq-bytes", type=int, default=48)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--R", type=int, default=index.R, help="graph degree")
+    b.add_argument("--L", type=int, default=index.L, help="construction search list size")
+    b.add_argument("--alpha", type=float, default=index.alpha, help="second-pass prune slack")
+    b.add_argument("--pq-bytes", type=int, default=index.pq_bytes, help="PQ bytes per vector")
+    b.add_argument("--seed", type=int, default=index.seed, help="makes the build deterministic")
+    b.add_argument("--threads", type=int, default=None, help="worker threads (None: all cores)")
     b.add_argument("--out", type=Path, required=True)
     b.set_defaults(func=_build)
 
-    s = sub.add_parser("search", help="search an index with an (nq, d) .npy of queries")
+    s = sub.add_parser("search", help="search an index with an (nq, d) .npy of queries",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--index", type=Path, required=True)
     s.add_argument("--queries", type=Path, required=True)
     s.add_argument("--k", type=int, default=10)
-    s.add_argument("--L", type=int, default=64)
-    s.add_argument("--beam-width", type=int, default=4)
-    s.add_argument("--io-budget", type=int, default=None)
+    s.add_argument("--L", type=int, default=serve.search_L, help="candidate list size")
+    s.add_argument("--beam-width", type=int, default=serve.beam_width, help="records read per search step")
+    s.add_argument("--io-budget", type=int, default=serve.io_budget, help="sector reads per query, 0: unbounded")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--cache-nodes", type=int, default=1024)
-    s.add_argument("--io", choices=IO_MODES, default="mmap",
+    s.add_argument("--io", choices=IO_MODES, default=serve.index_io,
                    help="read records through the page cache (mmap) or O_DIRECT with native AIO (direct)")
     s.add_argument("--gt", type=Path, help="(nq, >= k) .npy of true neighbour ids: print recall@k")
     s.add_argument("--out", type=Path, required=True)

@@ -7,7 +7,8 @@ keeps every read of every query it advances in flight at once (the kernel queues
 the device together), instead of faulting pages in one after the other.
 
 Python side: `DirectReader` opens the file with O_DIRECT and hands out `IoSlot`s (one per
-concurrent search call: an AIO context, a 4 KiB-aligned buffer, iocbs and events).
+concurrent search call: an AIO context, a 4 KiB-aligned buffer, iocbs and events); the search
+kernels take a slot as an `AioView`.
 Kernel side (numba, nogil): `set_read` fills one iocb, `submit` submits a run of them,
 `reap` collects completions (waiting for at least a given number). System calls go through libc's ``syscall`` (variadic, so the call is
 ABI-correct), declared as an external symbol so the compiled kernels stay cacheable.
@@ -22,6 +23,7 @@ import os
 import platform
 import queue
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -52,6 +54,20 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
+class AioView(NamedTuple):
+    """An `IoSlot` as the numba kernels take it (a named tuple of plain ints and arrays, so
+    compiled kernels stay cached). fd < 0 stands for no slot: records are then read through
+    the memory map and the other fields are unused placeholders."""
+
+    ctx: int  # AIO context (io_setup)
+    fd: int  # O_DIRECT descriptor of the record file, or -1
+    iocbs: np.ndarray  # (capacity, IOCB_WORDS) uint64: one struct iocb per read
+    ptrs: np.ndarray  # (capacity,) uint64: address of each iocb (io_submit's array)
+    events: np.ndarray  # (capacity, EVENT_WORDS) int64: struct io_event completions
+    b16: np.ndarray  # (capacity * span / 2,) uint16 view of the read buffer (read j lands at byte j * span)
+    b32: np.ndarray  # (capacity * span / 4,) int32 view of the same buffer
+
+
 class IoSlot:
     """Everything one search call needs for direct reads of up to `capacity` sectors spans
     at a time: an AIO context, a buffer of capacity x span bytes, iocbs, pointers, events."""
@@ -73,9 +89,9 @@ class IoSlot:
         self.ptrs = (self.iocbs.ctypes.data + np.arange(capacity, dtype=np.uint64) * np.uint64(IOCB_WORDS * 8)).astype(np.uint64)
         self.events = np.zeros((capacity, EVENT_WORDS), np.int64)
 
-    def kernel_args(self) -> tuple:
-        """((context, O_DIRECT fd, iocbs, pointers, events), b16, b32): the kernels' view."""
-        return (self.ctx, self.fd, self.iocbs, self.ptrs, self.events), self.buf16, self.buf32
+    def view(self) -> AioView:
+        """The slot as the search kernels take it."""
+        return AioView(self.ctx, self.fd, self.iocbs, self.ptrs, self.events, self.buf16, self.buf32)
 
     def close(self) -> None:
         """Destroy the AIO context (the kernel first waits for reads still in flight)."""
@@ -103,7 +119,7 @@ class DirectReader:
         if span % ALIGN:
             raise DirectIOUnavailable(errno.EINVAL, f"record span {span} is not a multiple of {ALIGN}")
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError as e:
             raise DirectIOUnavailable(e.errno, f"cannot open {path} with O_DIRECT: {e.strerror} (use io='mmap')") from None
         self.span = span
@@ -128,6 +144,7 @@ class DirectReader:
             raise DirectIOUnavailable(errno.EIO, f"direct read of {path} returned other bytes than a plain read")
 
     def _new_slot(self, capacity: int) -> IoSlot:
+        assert self.fd is not None, "DirectReader is closed"
         slot = IoSlot(self.fd, capacity, self.span)
         self._all.append(slot)
         return slot

@@ -1,18 +1,24 @@
-"""`build_index`: PQ training, Vamana graph and the disk format, end to end."""
+"""`build_index`: PQ training, Vamana graph and the disk format, end to end.
+
+The steps every index build shares, whether in one process (`build_index`) or sharded
+(`memescale.build.stages`): `check_build_inputs` (what may be indexed), `train_codec` (PQ
+training and encoding) and `write_built_index` (the files and their build information).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..config import IndexConfig
-from .disk import write_index
+from .disk import WriteStats, write_index
 from .kernels import as_fp16, resolve_threads
-from .pq import QUERY_EPS, train_pq
+from .pq import QUERY_EPS, PQCodec, train_pq
 from .vamana import build_vamana
 
 log = logging.getLogger(__name__)
@@ -27,14 +33,15 @@ class IndexParams:
     same files for any thread count); threads: worker threads (None/0: all cores); queries:
     optional (nq, d) query sample for query-aware PQ (None: plain OPQ); pq_eps: its
     covariance regulariser; opq_iters and pq_train_size: PQ training effort; progress:
-    tqdm bars (None: only on a terminal).
+    tqdm bars (None: only on a terminal). R, L, alpha, pq_bytes and seed default to
+    `IndexConfig`'s defaults.
     """
 
-    R: int = 64
-    L: int = 100
-    alpha: float = 1.2
-    pq_bytes: int = 48
-    seed: int = 0
+    R: int = IndexConfig.R
+    L: int = IndexConfig.L
+    alpha: float = IndexConfig.alpha
+    pq_bytes: int = IndexConfig.pq_bytes
+    seed: int = IndexConfig.seed
     threads: int | None = None
     queries: np.ndarray | None = field(default=None, repr=False)
     pq_eps: float = QUERY_EPS
@@ -70,7 +77,70 @@ class BuildStats:
         return asdict(self)
 
 
-def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str | Path, params: IndexParams) -> BuildStats:
+def _check_query_sample(queries: np.ndarray | None, d: int) -> None:
+    if queries is not None and (np.ndim(queries) != 2 or np.shape(queries)[1] != d):
+        raise ValueError(f"query sample must be (nq, {d}), got shape {np.shape(queries)}")
+
+
+def check_build_inputs(vectors: np.ndarray, metadata: Sized | None = None, queries: np.ndarray | None = None,
+                       block: int = 65536) -> None:
+    """Refuse what no index build accepts, with the same ValueError on every path.
+
+    vectors: (N, d) float16 (as stored: call `as_fp16` first), in memory or memory-mapped;
+    N >= 1 and every value finite. metadata: anything with len() == N (a list of dicts, a
+    pyarrow Table) or None. queries: a (nq, d) query sample or None. Time O(N d), memory
+    O(block d) (the finiteness scan reads `block` rows at a time).
+    """
+    if np.ndim(vectors) != 2:
+        raise ValueError(f"vectors must be 2-D (N, d), got shape {np.shape(vectors)}")
+    n, d = vectors.shape
+    if n == 0:
+        raise ValueError("cannot index zero vectors")
+    for lo in range(0, n, block):
+        if not np.isfinite(vectors[lo:lo + block]).all():
+            raise ValueError("vectors contain NaN or infinity (after conversion to float16)")
+    if metadata is not None and len(metadata) != n:
+        raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
+    _check_query_sample(queries, d)
+
+
+def train_codec(vectors: np.ndarray, params: IndexParams) -> tuple[PQCodec, np.ndarray]:
+    """Train the PQ codec on `vectors` (N, d) float16 (query-aware when `params.queries`)
+    and encode every vector. M = min(params.pq_bytes, d) bytes per vector.
+
+    Returns (codec, codes (N, M) uint8). Deterministic for params.seed at any thread count.
+    Time O(train * 256 * d * opq_iters) + O(N * 256 * d) for the codes; memory: the codes.
+    """
+    d = vectors.shape[1]
+    _check_query_sample(params.queries, d)
+    threads = resolve_threads(params.threads)
+    codec = train_pq(vectors, min(params.pq_bytes, d), queries=params.queries, eps=params.pq_eps,
+                     opq_iters=params.opq_iters, train_size=params.pq_train_size, seed=params.seed, threads=threads,
+                     progress=params.progress)
+    return codec, codec.encode(vectors, threads=threads)
+
+
+def build_info(params: IndexParams, codec: PQCodec, **extra) -> dict:
+    """The build information an index stores in arrays.bin: R, L, alpha, pq_bytes (the codec's
+    M), seed and query_aware, then `extra` (JSON-like) in the order given."""
+    return {"R": params.R, "L": params.L, "alpha": params.alpha, "pq_bytes": codec.M, "seed": params.seed,
+            "query_aware": params.queries is not None, **extra}
+
+
+def write_built_index(out_dir: str | os.PathLike, vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray],
+                      codec: PQCodec, codes: np.ndarray, metadata: list[dict] | None, entry_points: np.ndarray,
+                      params: IndexParams, **extra) -> WriteStats:
+    """Write the index folder (`disk.write_index`) with `build_info(params, codec, **extra)`.
+
+    vectors: (N, d) float16; graph: (neighbours (N, R) int32, degrees (N,) int32); codes:
+    (N, M) uint8; metadata: N dicts or None; entry_points: (E,) node ids. O(N record_size) I/O.
+    """
+    return write_index(out_dir, vectors, graph, codec, codes, metadata, np.asarray(entry_points, np.int64),
+                       build_info(params, codec, **extra))
+
+
+def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str | os.PathLike,
+                params: IndexParams) -> BuildStats:
     """Build a disk index of `vectors` (N, d) float16/float32 with optional per-vector
     `metadata` (N dicts) into the folder `out_dir`. Ids are 0..N-1 in input order.
 
@@ -79,23 +149,13 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
     """
     t0 = time.perf_counter()
     X = as_fp16(vectors)
+    check_build_inputs(X, metadata, params.queries)
     n, d = X.shape
-    if n == 0:
-        raise ValueError("cannot index zero vectors")
-    if not np.isfinite(X).all():
-        raise ValueError("vectors contain NaN or infinity (after conversion to float16)")
-    if metadata is not None and len(metadata) != n:
-        raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
-    if params.queries is not None and (np.ndim(params.queries) != 2 or np.shape(params.queries)[1] != d):
-        raise ValueError(f"query sample must be (nq, {d}), got shape {np.shape(params.queries)}")
     threads = resolve_threads(params.threads)
-    M = min(params.pq_bytes, d)
     log.info("building index of %d x %d vectors into %s (R=%d L=%d alpha=%.2f pq_bytes=%d threads=%d)",
-             n, d, out_dir, params.R, params.L, params.alpha, M, threads)
+             n, d, out_dir, params.R, params.L, params.alpha, min(params.pq_bytes, d), threads)
 
-    codec = train_pq(X, M, queries=params.queries, eps=params.pq_eps, opq_iters=params.opq_iters,
-                     train_size=params.pq_train_size, seed=params.seed, threads=threads, progress=params.progress)
-    codes = codec.encode(X, threads=threads)
+    codec, codes = train_codec(X, params)
     t1 = time.perf_counter()
     log.info("pq trained and encoded in %.1f s", t1 - t0)
 
@@ -104,9 +164,8 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
     t2 = time.perf_counter()
     log.info("graph built in %.1f s (mean degree %.1f)", t2 - t1, float(degrees.mean()))
 
-    info = {"R": params.R, "L": params.L, "alpha": params.alpha, "pq_bytes": M, "seed": params.seed,
-            "query_aware": params.queries is not None, "medoid": int(medoid)}
-    ws = write_index(out_dir, X, (neighbours, degrees), codec, codes, metadata, np.array([medoid]), info)
+    ws = write_built_index(out_dir, X, (neighbours, degrees), codec, codes, metadata, np.array([medoid]), params,
+                           medoid=int(medoid))
     t3 = time.perf_counter()
     log.info("wrote %.1f MB in %.1f s (record %d B, %d per sector, metadata budget %d B, %d spilled)",
              ws.bytes_written / 1e6, t3 - t2, ws.record_size, ws.nodes_per_sector, ws.meta_budget, ws.meta_spilled)

@@ -41,12 +41,16 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, overload
 
 import msgpack
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
 SECTOR = 4096
@@ -112,17 +116,46 @@ def _check_version(path: Path, version: int) -> None:
 # ---------------------------------------------------------------------------- small files
 
 
+class _StreamedSmallFile:
+    """`write_small_file` fed in pieces: the header is written last (CRC and size are only
+    known then) and the file appears under its name on `close`. Memory O(1)."""
+
+    def __init__(self, path: Path, magic: bytes, rows: int = 0, cols: int = 0):
+        self.path, self.magic, self.rows, self.cols = Path(path), magic, rows, cols
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\x00" * SMALL_HEADER)
+        self.size = 0
+        self.crc = 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        self.crc = zlib.crc32(data, self.crc)
+        self.f.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        head = _SMALL.pack(self.magic, FORMAT_VERSION, SMALL_HEADER, self.size, self.rows, self.cols, self.crc, 0)
+        head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+        self.f.seek(0)
+        self.f.write(head.ljust(SMALL_HEADER, b"\x00"))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_small_file(path: Path, magic: bytes, payload: bytes | np.ndarray, rows: int = 0, cols: int = 0) -> None:
     """Write a 64-byte header (magic, version, sizes, CRCs) followed by `payload`."""
-    data = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
-    crc = zlib.crc32(data)
-    head = _SMALL.pack(magic, FORMAT_VERSION, SMALL_HEADER, len(data), rows, cols, crc, 0)
-    head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(head.ljust(SMALL_HEADER, b"\x00"))
-        f.write(data)
-    os.replace(tmp, path)
+    f = _StreamedSmallFile(path, magic, rows, cols)
+    try:
+        f.write(payload)
+    except BaseException:
+        f.abort()
+        raise
+    f.close()
 
 
 def read_small_file(path: Path, magic: bytes) -> tuple[bytes, int, int]:
@@ -226,6 +259,11 @@ class RecordLayout:
     def file_size(self) -> int:
         return self.sector * (1 + self.sectors)
 
+    @overload
+    def offset(self, i: int) -> int: ...
+    @overload
+    def offset(self, i: np.ndarray) -> np.ndarray: ...
+
     def offset(self, i: np.ndarray | int) -> np.ndarray | int:
         """Byte offset of node i's record in the file."""
         return self.sector * (1 + (i // self.nodes_per_sector) * self.sectors_per_node) + (
@@ -291,21 +329,107 @@ def verify_records(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- writing
 
+BLOCK_BYTES = 1 << 22  # records.bin bytes assembled per write (and pq codes bytes per write)
+META_BLOCK_ROWS = 8192  # metadata rows turned into dicts at a time
 
-def _pack_metadata(metadata: list[dict] | None, n: int) -> list[bytes]:
-    if metadata is None:
-        return [b""] * n
-    if len(metadata) != n:
-        raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
+MetadataSource: TypeAlias = (
+    list | tuple | str | os.PathLike | pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch | pa.Table] | None
+)
+
+
+def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[list]:
+    """Normalise a metadata source (see `write_index`) into blocks of at most META_BLOCK_ROWS
+    row dicts in node order; only one block's dicts are alive at a time."""
+    if isinstance(metadata, (list, tuple)):
+        if len(metadata) != n:
+            raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
+        for lo in range(0, n, META_BLOCK_ROWS):
+            yield list(metadata[lo : lo + META_BLOCK_ROWS])
+        return
+    if isinstance(metadata, (str, os.PathLike)):
+        with pq.ParquetFile(metadata) as pf:
+            for batch in pf.iter_batches(batch_size=META_BLOCK_ROWS):
+                yield batch.to_pylist()
+        return
+    parts: Any = [metadata] if isinstance(metadata, (pa.Table, pa.RecordBatch)) else metadata  # iter() checks it
+    try:
+        it = iter(parts)
+    except TypeError:
+        raise TypeError(f"metadata: unsupported source {type(metadata).__name__}") from None
+    for part in it:
+        if isinstance(part, pa.Table):
+            batches = part.to_batches(max_chunksize=META_BLOCK_ROWS)
+        elif isinstance(part, pa.RecordBatch):
+            batches = [part]
+        else:
+            raise TypeError(f"metadata: a stream must yield pyarrow RecordBatches or Tables, got {type(part).__name__}")
+        for batch in batches:
+            for lo in range(0, batch.num_rows, META_BLOCK_ROWS):
+                yield batch.slice(lo, META_BLOCK_ROWS).to_pylist()
+
+
+def _encode_block(rows: list, first: int, packer: msgpack.Packer) -> list[bytes]:
+    """msgpack blobs of one block's row dicts (b"" for None or {}); `first` is the block's
+    first node id, for error messages."""
     out = []
-    for i, m in enumerate(metadata):
-        if m is None or m == {}:
+    for j, m in enumerate(rows):
+        if m is None:
             out.append(b"")
-            continue
-        if not isinstance(m, dict):
-            raise ValueError(f"metadata[{i}] is a {type(m).__name__}, expected a dict")
-        out.append(msgpack.packb(m, use_bin_type=True))
+        elif not isinstance(m, dict):
+            raise ValueError(f"metadata[{first + j}] is a {type(m).__name__}, expected a dict")
+        else:
+            out.append(packer.pack(m) if m else b"")
     return out
+
+
+def _spool_metadata(metadata: MetadataSource, n: int, spool: Path) -> np.ndarray:
+    """First pass: encode every row's metadata into `spool` (blobs concatenated in node
+    order) and return their sizes, (n,) uint32. Memory: one block + 4 bytes per node."""
+    sizes = np.zeros(n, np.uint32)
+    packer = msgpack.Packer(use_bin_type=True)
+    row = 0
+    with open(spool, "wb") as f:
+        for rows in _row_blocks(metadata, n):
+            blobs = _encode_block(rows, row, packer)
+            del rows
+            k = len(blobs)
+            if row + k > n:
+                raise ValueError(f"metadata has more than {n} entries for {n} vectors")
+            lens = np.fromiter(map(len, blobs), np.int64, k)
+            if k and lens.max() >= SPILL_BIT:
+                j = int(np.argmax(lens))
+                raise ValueError(f"metadata[{row + j}] encodes to {lens[j]} bytes (at most {SPILL_BIT - 1})")
+            sizes[row : row + k] = lens
+            f.write(b"".join(blobs))
+            row += k
+    if row != n:
+        raise ValueError(f"metadata has {row} entries for {n} vectors")
+    return sizes
+
+
+def _place_metadata(rec: np.ndarray, sizes: np.ndarray, buf: np.ndarray, layout: RecordLayout,
+                    overflow: _StreamedSmallFile) -> int:
+    """Fill the metadata fields of the first len(sizes) rows of `rec` (rows, record_size)
+    uint8 from `buf` (their blobs, concatenated); blobs over the budget go to `overflow`.
+    Returns how many were spilled. Memory O(rec.size + buf.size)."""
+    m, mo, budget = len(sizes), layout.meta_off, layout.meta_budget
+    inrec = sizes <= budget
+    lengths = np.where(inrec, sizes, 0).astype("<u4")
+    rec[:m, mo : mo + 4] = lengths.view(np.uint8).reshape(m, 4)
+    spill = np.flatnonzero(~inrec)
+    src = buf
+    if spill.size:
+        starts = np.cumsum(sizes, dtype=np.int64) - sizes
+        keep = np.ones(len(buf), bool)
+        for j in spill.tolist():
+            s, size = int(starts[j]), int(sizes[j])
+            rec[j, mo : mo + 12] = np.frombuffer(struct.pack("<IQ", size | SPILL_BIT, overflow.size), np.uint8)
+            overflow.write(buf[s : s + size])
+            keep[s : s + size] = False
+        src = buf[keep]
+    # row-major boolean assignment: blob bytes land in node order, each at its record's field
+    rec[:m, mo + 4 : mo + 4 + budget][np.arange(budget)[None, :] < lengths[:, None]] = src
+    return int(spill.size)
 
 
 @dataclass
@@ -326,16 +450,34 @@ def write_index(
     graph: tuple[np.ndarray, np.ndarray],
     codec: Any,
     codes: np.ndarray,
-    metadata: list[dict] | None,
+    metadata: MetadataSource,
     entry_points: np.ndarray,
     info: dict[str, Any] | None = None,
+    *,
+    block_bytes: int = BLOCK_BYTES,
 ) -> WriteStats:
-    """Write an index folder from its parts.
+    """Write an index folder from its parts, streaming every input in blocks.
 
     vectors: (N, d) float16/float32 (stored fp16); graph: (neighbours (N, R) int32 padded
-    with -1, degrees (N,) int32); codec: a `PQCodec`; codes: (N, M) uint8 from codec.encode;
-    metadata: N dicts (or None); entry_points: (E,) int node ids, search starts there;
-    info: JSON-like build information stored in ``arrays.bin``. O(N * record_size) I/O.
+    with -1, degrees (N,) int32); codes: (N, M) uint8 from codec.encode. Any of these may be
+    np.memmap files larger than RAM: they are read in row blocks of about `block_bytes`
+    bytes of output. codec: a `PQCodec`; entry_points: (E,) int node ids, search starts
+    there; info: JSON-like build information stored in ``arrays.bin``.
+
+    metadata, one dict per node in node order (or None: no metadata), as any of
+      - a list of N dicts (None or {} for a node without metadata);
+      - a Parquet file path (str or PathLike): its rows, all columns, read in record batches;
+      - a pyarrow Table or RecordBatch, or an iterable of them (a RecordBatchReader, a
+        generator), of N rows in total, blocks of any size.
+    A row's dict is what ``batch.to_pylist()`` gives; the bytes written are the same for
+    every form given the same dicts. Two passes: the first msgpack-encodes the rows block by
+    block into a spool file next to the output (about the total encoded size, deleted
+    before returning) and keeps only their sizes, which fix the budget (module doc); the
+    second writes the records, spilling oversized blobs to ``metadata_overflow.bin``.
+
+    Memory: O(block_bytes + META_BLOCK_ROWS rows' dicts) plus 4 bytes per node (encoded
+    sizes; 8 while the budget quantile is taken). Time O(N * record_size) I/O plus one
+    encode per row. Raises ValueError when the counts disagree or a row is not a dict.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,52 +487,69 @@ def write_index(
     R = neighbours.shape[1]
     if neighbours.shape[0] != n or degrees.shape != (n,) or codes.shape[0] != n:
         raise ValueError("vectors, graph and codes disagree on the number of nodes")
-    blobs = _pack_metadata(metadata, n)
-    sizes = np.fromiter((len(b) for b in blobs), np.int64, n)
-    layout = RecordLayout.plan(dim, R, n, sizes)
-
-    overflow = bytearray()
-    spilled = 0
-    crc = 0
+    spool = out / (RECORDS_FILE + ".meta.tmp")
     rec_path = out / RECORDS_FILE
     tmp = rec_path.with_name(rec_path.name + ".tmp")
-    nodes_per_chunk = max(1, (1 << 22) // (layout.nodes_per_sector * layout.sectors_per_node * SECTOR)) * layout.nodes_per_sector
-    with open(tmp, "wb") as f:
-        f.write(b"\x00" * SECTOR)
-        for lo in range(0, n, nodes_per_chunk):
-            hi = min(n, lo + nodes_per_chunk)
-            m = hi - lo
-            rec = np.zeros((m, layout.record_size), np.uint8)
-            rec[:, layout.vec_off : layout.vec_off + 2 * dim] = np.ascontiguousarray(X[lo:hi], np.float16).view(np.uint8)
-            rec[:, layout.deg_off : layout.deg_off + 4] = degrees[lo:hi].astype("<u4")[:, None].view(np.uint8)
-            nb = np.where(np.arange(R)[None, :] < degrees[lo:hi, None], neighbours[lo:hi], -1).astype("<i4")
-            rec[:, layout.nbr_off : layout.nbr_off + 4 * R] = nb.view(np.uint8)
-            mo = layout.meta_off
-            for j in range(m):
-                blob = blobs[lo + j]
-                if not blob:
-                    continue
-                if len(blob) <= layout.meta_budget:
-                    rec[j, mo : mo + 4] = np.frombuffer(struct.pack("<I", len(blob)), np.uint8)
-                    rec[j, mo + 4 : mo + 4 + len(blob)] = np.frombuffer(blob, np.uint8)
-                else:
-                    ptr = struct.pack("<IQ", len(blob) | SPILL_BIT, len(overflow))
-                    rec[j, mo : mo + 12] = np.frombuffer(ptr, np.uint8)
-                    overflow += blob
-                    spilled += 1
-            if layout.nodes_per_sector > 1:
-                pad = -m % layout.nodes_per_sector
-                rec = np.pad(rec, ((0, pad), (0, 0))).reshape(-1, layout.nodes_per_sector * layout.record_size)
-                rec = np.pad(rec, ((0, 0), (0, SECTOR - rec.shape[1])))
-            data = rec.tobytes()
-            crc = zlib.crc32(data, crc)
-            f.write(data)
-        f.seek(0)
-        f.write(layout.pack_header(crc))
-    os.replace(tmp, rec_path)
+    overflow = codes_file = None
+    try:
+        sizes = None if metadata is None else _spool_metadata(metadata, n, spool)
+        # no metadata: every blob is empty, which plans the same budget as no sizes at all
+        layout = RecordLayout.plan(dim, R, n, np.zeros(0, np.uint32) if sizes is None else sizes)
+        nps, rs = layout.nodes_per_sector, layout.record_size
+        nodes_per_chunk = max(1, block_bytes // (nps * layout.sectors_per_node * SECTOR)) * nps
+        overflow = _StreamedSmallFile(out / OVERFLOW_FILE, MAGIC_OVERFLOW)
+        spilled = 0
+        crc = 0
+        with open(tmp, "wb") as f, (nullcontext() if sizes is None else open(spool, "rb")) as sp:
+            f.write(b"\x00" * SECTOR)
+            for lo in range(0, n, nodes_per_chunk):
+                hi = min(n, lo + nodes_per_chunk)
+                m = hi - lo
+                rec = np.zeros((-(-m // nps) * nps, rs), np.uint8)
+                vec = np.ascontiguousarray(X[lo:hi], np.float16)
+                rec[:m, layout.vec_off : layout.vec_off + 2 * dim] = vec.view(np.uint8)
+                deg = np.asarray(degrees[lo:hi])
+                rec[:m, layout.deg_off : layout.deg_off + 4] = deg.astype("<u4")[:, None].view(np.uint8)
+                nb = np.where(np.arange(R)[None, :] < deg[:, None], neighbours[lo:hi], -1).astype("<i4")
+                rec[:m, layout.nbr_off : layout.nbr_off + 4 * R] = nb.view(np.uint8)
+                del nb
+                if sizes is not None:
+                    assert sp is not None  # the spool is open whenever there are sizes
+                    sz = sizes[lo:hi]
+                    want = int(sz.sum(dtype=np.int64))
+                    buf = np.frombuffer(sp.read(want), np.uint8)
+                    if len(buf) != want:
+                        raise OSError(f"{spool}: metadata spool is short")
+                    spilled += _place_metadata(rec, sz, buf, layout, overflow)
+                    del buf
+                if nps > 1 and nps * rs < SECTOR:
+                    page = np.zeros((len(rec) // nps, SECTOR), np.uint8)
+                    page[:, : nps * rs] = rec.reshape(-1, nps * rs)
+                    rec = page
+                crc = zlib.crc32(rec.data, crc)
+                f.write(rec.data)
+                del rec
+            f.seek(0)
+            f.write(layout.pack_header(crc))
+        os.replace(tmp, rec_path)
+        sizes = None
+        spool.unlink(missing_ok=True)
 
-    write_small_file(out / CODES_FILE, MAGIC_CODES, np.ascontiguousarray(codes, np.uint8), n, codes.shape[1])
-    write_small_file(out / OVERFLOW_FILE, MAGIC_OVERFLOW, bytes(overflow))
+        M = codes.shape[1]
+        codes_file = _StreamedSmallFile(out / CODES_FILE, MAGIC_CODES, n, M)
+        step = max(1, block_bytes // max(1, M))
+        for lo in range(0, n, step):
+            codes_file.write(np.ascontiguousarray(codes[lo : lo + step], np.uint8))
+        codes_file.close()
+        codes_file = None
+        overflow.close()
+        overflow = None
+    finally:
+        spool.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        for w in (overflow, codes_file):
+            if w is not None:
+                w.abort()
     arrays = {"entry_points": np.asarray(entry_points, np.int64)}
     arrays.update({f"pq_{k}": v for k, v in codec.to_arrays().items()})
     write_small_file(out / ARRAYS_FILE, MAGIC_ARRAYS, pack_arrays(arrays, dict(info or {})))

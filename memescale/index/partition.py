@@ -17,7 +17,10 @@ O(N c log(N c)) for the sort (c = candidates); memory O(N c).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -32,6 +35,20 @@ class Partition:
 
     def sizes(self) -> np.ndarray:
         return np.array([len(s) for s in self.shards])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to `path` (.npz: `centroids`, `shard_0` ... `shard_{k-1}`), atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        shards: dict[str, Any] = {f"shard_{s}": ids for s, ids in enumerate(self.shards)}
+        np.savez(tmp, centroids=self.centroids, **shards)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Partition:
+        """The partition `save` wrote to `path`."""
+        z = np.load(path)
+        return cls(z["centroids"], [z[f"shard_{s}"] for s in range(len(z["centroids"]))])
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -280,8 +280,11 @@ class PQCodec:
                 c = _assign_all(Y, self.centroids, threads, pool)[0]
                 if eta != 1.0:
                     Z = self._transform(self.predict_queries(x, pool), self.query_transform, pool)
-                    parallel_for(lambda a, b: _score_aware(Y, Z, a, b, cent, c, eta, SCORE_AWARE_SWEEPS),
-                                 len(c), threads, pool)
+
+                    def score(a: int, b: int, Y: np.ndarray = Y, Z: np.ndarray = Z, c: np.ndarray = c) -> None:
+                        _score_aware(Y, Z, a, b, cent, c, eta, SCORE_AWARE_SWEEPS)
+
+                    parallel_for(score, len(c), threads, pool)
                 codes[lo : lo + len(c)] = c
         return codes
 
@@ -409,6 +412,7 @@ def train_pq(
     with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
         aware = queries is not None and len(queries) > 0
         if aware:
+            assert queries is not None
             s_half, s_inv_half = query_whitening(queries, eps)
         else:
             s_half = s_inv_half = np.eye(d)
@@ -433,7 +437,7 @@ def train_pq(
     bar.close()
     A = (A0 @ rot).astype(np.float32)
     B = (B0 @ rot).astype(np.float32)
-    predictor = fit_query_predictor(vectors, queries, rng) if aware else None
+    predictor = fit_query_predictor(vectors, queries, rng) if aware and queries is not None else None
     return PQCodec(centroids.astype(np.float32), A, B, predictor)
 
 

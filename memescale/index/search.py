@@ -36,10 +36,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from .aio import AioView, DirectIOUnavailable, DirectReader, reap, set_read, submit
 from .disk import (
     ARRAYS_FILE,
     CODES_FILE,
@@ -56,7 +58,6 @@ from .disk import (
     unpack_arrays,
     verify_records,
 )
-from .aio import DirectIOUnavailable, DirectReader, reap, set_read, submit
 from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
 from .pq import PQCodec, adc_score
 
@@ -65,6 +66,67 @@ _REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R = range(10)
 _CACHED, _MAPPED, _BUFFER = 0, 1, 2  # where a beam's record is read from
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
 _VISIT_LOAD = 2  # visited sets stay at most half full
+
+
+class IndexView(NamedTuple):
+    """An open index as the search kernels take it (plain ints and C-contiguous arrays, so
+    the compiled kernels stay cached). Built once by `Index.open`."""
+
+    qtransform: np.ndarray  # (d, M * dsub) float32: the codec's query transform
+    centroids: np.ndarray  # (M, 256, dsub) float32: the codec's codebooks
+    codes: np.ndarray  # (N, M) uint8: PQ codes of every node
+    entry: np.ndarray  # (E,) int64: entry points
+    lay: np.ndarray  # (10,) int64: record layout vector (fields _REC ... _R)
+    r16: np.ndarray  # uint16 view of the whole record file, mapped read-only
+    r32: np.ndarray  # int32 view of the same mapping
+    base_addr: int  # address of the mapping's first byte
+    cache_ids: np.ndarray  # (C,) int64: sorted ids of the nodes cached in RAM
+    c16: np.ndarray  # uint16 view of the cached records (slot s at byte s * record size)
+    c32: np.ndarray  # int32 view of the same buffer
+
+
+class SearchParams(NamedTuple):
+    """Per-call search settings."""
+
+    L: int  # candidate list size
+    W: int  # beam width: records taken per step of one query
+    io_budget: int  # max sector reads per query (<= 0: unlimited)
+    prefetch: bool  # madvise(WILLNEED) each beam's sectors before reading them (mapped reads)
+
+
+class Results(NamedTuple):
+    """Per-query outputs, row i: query i (of a group in `beam_search`, of the call in
+    `_search_range`)."""
+
+    ids: np.ndarray  # (n, k) int64: result ids, best first; -1 past the last expanded node
+    scores: np.ndarray  # (n, k) float32: their exact inner products; -inf past the last
+    reads: np.ndarray  # (n,) int64: sector reads (cache hits excluded)
+    cmps: np.ndarray  # (n,) int64: ADC evaluations
+    ns: np.ndarray  # (n,) int64: beam_search writes the monotonic ns at which each query
+    # finished; _search_range turns that into the latency from the start of its group
+
+
+class Candidates(NamedTuple):
+    """The candidate lists of a group of G queries (row g: query g), sorted by descending
+    ADC score."""
+
+    ids: np.ndarray  # (G, L) int64: node ids
+    scores: np.ndarray  # (G, L) float32: their ADC scores
+    done: np.ndarray  # (G, L) bool: expanded
+    n: np.ndarray  # (G,) int64: list sizes
+    cur: np.ndarray  # (G,) int64: no unexpanded node before this position
+
+
+class Beams(NamedTuple):
+    """The current beam and progress of each query of a group of G (row g: query g)."""
+
+    ids: np.ndarray  # (G, W) int64: node ids of the beam's records
+    off: np.ndarray  # (G, W) int64: byte offset of each record in its source
+    src: np.ndarray  # (G, W) int8: where each record is read: _CACHED, _MAPPED, _BUFFER
+    size: np.ndarray  # (G,) int64: beam sizes
+    pending: np.ndarray  # (G,) int64: direct reads of the beam still in flight
+    active: np.ndarray  # (G,) bool: not finished yet
+    exhausted: np.ndarray  # (G,) bool: stopped by the I/O budget
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -159,76 +221,77 @@ def _insert(cand_id, cand_s, done, n, L, u, s):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _select_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src):
+def _select_beam(g, cand, beam, ix, par, out):
     """Take query g's best W unexpanded candidates as its beam (marking them expanded);
-    returns the beam's size. Sets exhausted[g] when the I/O budget stops it early."""
+    returns the beam's size. Sets beam.exhausted[g] when the I/O budget stops it early."""
+    lay = ix.lay
     m = 0
-    i = cur[g]
-    while i < n[g] and m < W:
-        if not done[g, i]:
-            u = cand_id[g, i]
-            slot = _cache_slot(cache_ids, u)
+    i = cand.cur[g]
+    while i < cand.n[g] and m < par.W:
+        if not cand.done[g, i]:
+            u = cand.ids[g, i]
+            slot = _cache_slot(ix.cache_ids, u)
             if slot >= 0:
-                beam_off[g, m] = slot * lay[_REC]
-                beam_src[g, m] = _CACHED
+                beam.off[g, m] = slot * lay[_REC]
+                beam.src[g, m] = _CACHED
             else:
-                if io_budget > 0 and reads[g] + lay[_SPN] > io_budget:
-                    exhausted[g] = True
+                if par.io_budget > 0 and out.reads[g] + lay[_SPN] > par.io_budget:
+                    beam.exhausted[g] = True
                     break
-                beam_off[g, m] = _record_offset(u, lay)
-                beam_src[g, m] = _MAPPED
-                reads[g] += lay[_SPN]
-            beam_id[g, m] = u
-            done[g, i] = True
+                beam.off[g, m] = _record_offset(u, lay)
+                beam.src[g, m] = _MAPPED
+                out.reads[g] += lay[_SPN]
+            beam.ids[g, m] = u
+            cand.done[g, i] = True
             m += 1
         i += 1
     return m
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _request_beam(g, nb, W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr):
+def _request_beam(g, beam, ix, par, io):
     """Ask for the sectors of query g's beam: with direct reads, fill iocbs [g W, g W + n)
     (the records then live in the slot buffer) and return n, the reads to submit; through
-    the mapping, madvise them (when `prefetch`) and return 0."""
-    fd, iocbs = aio[1], aio[2]
+    the mapping, madvise them (when `par.prefetch`) and return 0."""
+    lay = ix.lay
     sector = lay[_SECTOR]
     span = lay[_SPN] * sector
-    j = g * W
-    for b in range(nb):
-        if beam_src[g, b] != _MAPPED:
+    j = g * par.W
+    for b in range(beam.size[g]):
+        if beam.src[g, b] != _MAPPED:
             continue
-        at = beam_off[g, b] // sector * sector
-        if fd >= 0:
-            set_read(iocbs, j, fd, b_addr + j * span, span, at)
-            beam_off[g, b] = j * span + beam_off[g, b] - at
-            beam_src[g, b] = _BUFFER
+        at = beam.off[g, b] // sector * sector
+        if io.fd >= 0:
+            set_read(io.iocbs, j, io.fd, io.b16.ctypes.data + j * span, span, at)
+            beam.off[g, b] = j * span + beam.off[g, b] - at
+            beam.src[g, b] = _BUFFER
             j += 1
         else:
-            if prefetch:
-                madvise_willneed(base_addr + at, span)
-            prefetch_bytes(base_addr + beam_off[g, b], lay[_META])
-    return j - g * W
+            if par.prefetch:
+                madvise_willneed(ix.base_addr + at, span)
+            prefetch_bytes(ix.base_addr + beam.off[g, b], lay[_META])
+    return j - g * par.W
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr):
+def _next_beam(g, cand, beam, ix, par, io, out):
     """Start query g's next step: take its beam and request its sectors, submitting the
     direct reads. Returns the reads submitted (0: the beam is readable now), or -1 when the
-    query has finished (nothing left to expand, or its I/O budget spent)."""
-    nb[g] = 0 if cur[g] >= n[g] or exhausted[g] else _select_beam(
-        g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off, beam_src)
-    if nb[g] == 0:
-        active[g] = False
-        t_done[g] = monotonic_ns()
+    query has finished (nothing left to expand, or its I/O budget spent; out.ns[g] is then
+    its finishing time)."""
+    beam.size[g] = 0 if cand.cur[g] >= cand.n[g] or beam.exhausted[g] else _select_beam(g, cand, beam, ix, par, out)
+    if beam.size[g] == 0:
+        beam.active[g] = False
+        out.ns[g] = monotonic_ns()
         return -1
-    pending[g] = _request_beam(g, nb[g], W, beam_off, beam_src, lay, base_addr, prefetch, aio, b_addr)
-    if pending[g] > 0:
-        submit(aio[0], aio[3], g * W, pending[g])
-    return pending[g]
+    beam.pending[g] = _request_beam(g, beam, ix, par, io)
+    if beam.pending[g] > 0:
+        submit(io.ctx, io.ptrs, g * par.W, beam.pending[g])
+    return beam.pending[g]
 
 
 @njit(nogil=True, cache=True)
-def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, aio, b16, b32, vis, out_ids, out_scores, reads, cmps, t_done):
+def beam_search(Q, tables, ix, par, io, vis, out):
     """Beam search for a group of G queries, each advancing as soon as its reads are in.
 
     A query's step takes its beam (its best W unexpanded candidates), requests their
@@ -238,44 +301,34 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     are outstanding. A query finishes when its list has no unexpanded node or its I/O
     budget is spent. Each query's result depends on nothing but itself.
 
-    Q: (G, d) float32 queries; tables: (G, M * 256) float32 their ADC tables; codes: (N, M)
-    uint8; r16/r32: uint16/int32 views of the record file mapped at integer address
-    base_addr; cache_ids: (C,) sorted int64 cached node ids, c16/c32: views of their records
-    (slot s at byte s * record_size); lay: int64 layout vector; entry: (E,) int64 entry
-    points; io_budget: max sector reads per query (<= 0: unlimited); prefetch: madvise the
-    beams' sectors first; aio: (context, fd, iocbs, iocb pointers, events) of an IoSlot for
-    direct reads (fd < 0: read through the mapping instead) into the slot's buffer, seen as
-    b16/b32 (G * W spans); vis: (>= G, 2^b) int32 empty visited sets (-1), one row per
-    query (hash tables: memory follows the nodes a query touches, not N), returned empty,
-    grown when a query outgrew them.
-    Writes out_ids (G, k) int64 and out_scores (G, k) float32 (best first; id -1 and score
-    -inf past the last expanded node), reads and cmps (G,) int64 (sector reads, ADC
-    evaluations) and t_done (G,) int64 (monotonic ns at which each query finished).
+    Q: (G, d) float32 queries; tables: (G, M * 256) float32 their ADC tables; ix: the
+    `IndexView`; par: `SearchParams`; io: the `AioView` of an IoSlot with room for G * W
+    reads, for direct reads into its buffer (io.fd < 0: read through the mapping instead);
+    vis: (>= G, 2^b) int32 empty visited sets (-1), one row per query (hash tables: memory
+    follows the nodes a query touches, not N), returned empty, grown when a query outgrew
+    them. Writes the G rows of `out` (`Results`; out.ns: monotonic ns at which each query
+    finished).
     Time O(expansions * (R * M + d)) per query; memory O(G * (L + seen)).
     """
     G = Q.shape[0]
+    L, W = par.L, par.W
+    codes, entry, lay = ix.codes, ix.entry, ix.lay
+    r16, r32, c16, c32, b16, b32 = ix.r16, ix.r32, ix.c16, ix.c32, io.b16, io.b32
+    reads, cmps = out.reads, out.cmps
     shift = _hash_shift(vis.shape[1])
     n_nodes = codes.shape[0]
     dim = lay[_DIM]
-    ctx, events = aio[0], aio[4]
-    b_addr = b16.ctypes.data
-    cand_id = np.empty((G, L), np.int64)
-    cand_s = np.empty((G, L), np.float32)
-    done = np.zeros((G, L), np.bool_)
-    n = np.zeros(G, np.int64)
-    cur = np.zeros(G, np.int64)
+    cand = Candidates(np.empty((G, L), np.int64), np.empty((G, L), np.float32), np.zeros((G, L), np.bool_),
+                      np.zeros(G, np.int64), np.zeros(G, np.int64))
+    beam = Beams(np.empty((G, W), np.int64), np.empty((G, W), np.int64), np.empty((G, W), np.int8),
+                 np.zeros(G, np.int64), np.zeros(G, np.int64), np.ones(G, np.bool_), np.zeros(G, np.bool_))
+    cand_id, cand_s, done, n, cur = cand
+    beam_id, beam_off, beam_src, nb, pending, active = beam.ids, beam.off, beam.src, beam.size, beam.pending, beam.active
     seen = np.empty((G, max(32 * L, entry.shape[0])), np.int64)
     n_seen = np.zeros(G, np.int64)
     pool_id = np.empty((G, 2 * L), np.int64)
     pool_s = np.empty((G, 2 * L), np.float32)
     n_pool = np.zeros(G, np.int64)
-    beam_id = np.empty((G, W), np.int64)
-    beam_off = np.empty((G, W), np.int64)
-    beam_src = np.empty((G, W), np.int8)  # where each beam record is read: _CACHED, _MAPPED, _BUFFER
-    nb = np.zeros(G, np.int64)
-    pending = np.zeros(G, np.int64)  # direct reads of the query's beam still in flight
-    active = np.ones(G, np.bool_)
-    exhausted = np.zeros(G, np.bool_)
     for g in range(G):
         reads[g] = 0
         cmps[g] = 0
@@ -293,8 +346,7 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
     n_active = G
     in_flight = 0
     for g in range(G):
-        got = _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off,
-                         beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr)
+        got = _next_beam(g, cand, beam, ix, par, io, out)
         if got < 0:
             n_active -= 1
         else:
@@ -342,8 +394,7 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
             while c < n[g] and done[g, c]:
                 c += 1
             cur[g] = c
-            got = _next_beam(g, W, cand_id, done, n, cur, cache_ids, lay, io_budget, reads, exhausted, beam_id, beam_off,
-                             beam_src, nb, pending, active, t_done, base_addr, prefetch, aio, b_addr)
+            got = _next_beam(g, cand, beam, ix, par, io, out)
             if got < 0:
                 n_active -= 1
             elif got == 0:
@@ -351,22 +402,22 @@ def beam_search(Q, tables, codes, r16, r32, base_addr, cache_ids, c16, c32, lay,
             else:
                 in_flight += got
         if in_flight > 0:
-            got = reap(ctx, events, aio[2], 0 if ready else 1, in_flight)
+            got = reap(io.ctx, io.events, io.iocbs, 0 if ready else 1, in_flight)
             for e in range(got):
-                pending[events[e, 0] // W] -= 1
+                pending[io.events[e, 0] // W] -= 1
             in_flight -= got
-    k = out_ids.shape[1]
+    k = out.ids.shape[1]
     for g in range(G):
         for t in range(n_seen[g] - 1, -1, -1):  # reverse insertion order keeps every chain intact
             _unvisit(vis, g, seen[g, t], shift)
         order = np.argsort(-pool_s[g, : n_pool[g]], kind="mergesort")
         for t in range(k):
             if t < n_pool[g]:
-                out_ids[g, t] = pool_id[g, order[t]]
-                out_scores[g, t] = pool_s[g, order[t]]
+                out.ids[g, t] = pool_id[g, order[t]]
+                out.scores[g, t] = pool_s[g, order[t]]
             else:
-                out_ids[g, t] = -1
-                out_scores[g, t] = -np.inf
+                out.ids[g, t] = -1
+                out.scores[g, t] = -np.inf
     return vis
 
 
@@ -389,36 +440,34 @@ def _adc_table(q, B, qt, centroids, table):
 
 
 @njit(nogil=True, cache=True)
-def _search_range(lo, hi, group, Q, B, centroids, codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W, io_budget, prefetch, aio, b16, b32, out_ids, out_scores, reads, cmps, ns):
-    """beam_search queries [lo, hi) of Q (nq, d) float32, `group` at a time (B: the codec's
-    query transform). ns[i]: query i's latency from its group's start."""
-    M, k, dsub = centroids.shape
+def _search_range(lo, hi, group, Q, ix, par, io, out):
+    """beam_search queries [lo, hi) of Q (nq, d) float32, `group` at a time, into rows
+    [lo, hi) of `out` (`Results` of nq rows; out.ns[i]: query i's latency in ns from the
+    start of its group)."""
+    M, k, dsub = ix.centroids.shape
     tables = np.empty((group, M * k), np.float32)
     qt = np.empty(M * dsub, np.float32)
     vis = np.full((group, 1 << 12), -1, np.int32)  # grows to fit the busiest query
-    t_done = np.empty(group, np.int64)
     for s in range(lo, hi, group):
         e = min(hi, s + group)
         t0 = monotonic_ns()
         for i in range(s, e):
-            _adc_table(Q[i], B, qt, centroids, tables[i - s])
-        vis = beam_search(Q[s:e], tables[: e - s], codes, r16, r32, base_addr, cache_ids, c16, c32, lay, entry, L, W,
-                          io_budget, prefetch, aio, b16, b32, vis, out_ids[s:e], out_scores[s:e], reads[s:e], cmps[s:e], t_done)
+            _adc_table(Q[i], ix.qtransform, qt, ix.centroids, tables[i - s])
+        part = Results(out.ids[s:e], out.scores[s:e], out.reads[s:e], out.cmps[s:e], out.ns[s:e])
+        vis = beam_search(Q[s:e], tables[: e - s], ix, par, io, vis, part)
         for i in range(s, e):
-            ns[i] = t_done[i - s] - t0
+            out.ns[i] -= t0
 
 
 IO_MODES = ("mmap", "direct")
 BEAM_WIDTH = 4  # default sector reads per step of one query
-# Default queries per worker: device reads (direct) take ~100-300 us, so hiding them takes
-# more queries in flight than page-cache reads do. On the 100k MiniLM set (2 threads, L=30)
-# direct reads gave 2,180-2,500 QPS with 4 and 2,560-2,930 with 8.
+# Default queries per worker: a device read (direct) takes far longer than a page-cache
+# hit, so hiding it takes more queries in flight.
 INTERLEAVE = {"mmap": 4, "direct": 8}
-# Kernel arguments standing in for an IoSlot when records are read through the mapping.
-_NO_AIO = ((0, -1, np.zeros((1, 8), np.uint64), np.zeros(1, np.uint64), np.zeros((1, 4), np.int64)),
-           np.zeros(8, np.uint16), np.zeros(4, np.int32))
-for _a in _NO_AIO[1:]:
-    _a.flags.writeable = False
+# What the kernels take for an IoSlot when records are read through the mapping.
+_NO_AIO = AioView(0, -1, np.zeros((1, 8), np.uint64), np.zeros(1, np.uint64), np.zeros((1, 4), np.int64),
+                  np.zeros(8, np.uint16), np.zeros(4, np.int32))
+_NO_AIO.b16.flags.writeable = _NO_AIO.b32.flags.writeable = False
 
 
 @dataclass
@@ -460,6 +509,7 @@ class Index:
         self._fd = None
         self._pool = None
         self._direct = None
+        self._view = None
         arrays, self.info = unpack_arrays(path / ARRAYS_FILE, read_small_file(path / ARRAYS_FILE, MAGIC_ARRAYS)[0])
         try:
             self.entry_points = np.ascontiguousarray(arrays["entry_points"], np.int64)
@@ -480,9 +530,6 @@ class Index:
         if self.entry_points.size == 0 or self.entry_points.min() < 0 or self.entry_points.max() >= n:
             raise IndexFormatError(path / ARRAYS_FILE, "entry points out of range")
 
-        self._lay = self.layout.as_array()
-        self._centroids = np.ascontiguousarray(self.codec.centroids, np.float32)
-        self._qtransform = np.ascontiguousarray(self.codec.query_transform, np.float32)
         self.threads = resolve_threads(threads)
         self.prefetch = prefetch
         self.interleave = max(1, int(interleave or INTERLEAVE[io]))
@@ -494,9 +541,15 @@ class Index:
             self._r16 = self._r8.view(np.uint16)
             self._r32 = self._r8.view(np.int32)
             self._build_cache(cache_nodes)
+            self._view = IndexView(
+                np.ascontiguousarray(self.codec.query_transform, np.float32),
+                np.ascontiguousarray(self.codec.centroids, np.float32), self.codes, self.entry_points,
+                self.layout.as_array(), self._r16, self._r32, self._r8.ctypes.data, self._cache_ids, self._c16,
+                self._c32)
             if io == "direct":
                 self._direct = DirectReader(path / RECORDS_FILE, self.layout.sectors_per_node * self.layout.sector,
                                             self.interleave * BEAM_WIDTH)
+                assert self._direct.fd is not None  # open until close()
                 a, b = os.fstat(self._fd), os.fstat(self._direct.fd)
                 if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                     raise IndexFormatError(path / RECORDS_FILE, "replaced while the index was being opened")
@@ -524,7 +577,7 @@ class Index:
         take = min(max(0, cache_nodes), n)
         order: list[int] = []
         queued = set()
-        todo = deque()
+        todo: deque[int] = deque()
         for e in self.entry_points.tolist():
             if e not in queued:
                 queued.add(e)
@@ -590,22 +643,20 @@ class Index:
         reads = np.zeros(nq, np.int64)
         cmps = np.zeros(nq, np.int64)
         ns = np.zeros(nq, np.int64)
-        budget = int(io_budget) if io_budget else 0
-        base_addr = self._r8.ctypes.data
+        par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch))
+        out = Results(ids, scores, reads, cmps, ns)
 
         def run(lo: int, hi: int) -> None:
-            slot = self._direct.borrow(self.interleave * beam_width) if self._direct else None
-            aio, b16, b32 = slot.kernel_args() if slot else _NO_AIO
+            direct = self._direct
+            slot = direct.borrow(self.interleave * beam_width) if direct else None
             try:
-                _search_range(lo, hi, self.interleave, Q, self._qtransform, self._centroids, self.codes, self._r16, self._r32,
-                              base_addr, self._cache_ids, self._c16, self._c32, self._lay, self.entry_points, L,
-                              int(beam_width), budget, self.prefetch, aio, b16, b32, ids, scores, reads, cmps, ns)
+                _search_range(lo, hi, self.interleave, Q, self._view, par, slot.view() if slot else _NO_AIO, out)
             except BaseException:
-                if slot:
-                    self._direct.discard(slot)  # waits for any read still in flight
+                if direct and slot:
+                    direct.discard(slot)  # waits for any read still in flight
                 raise
-            if slot:
-                self._direct.give_back(slot)
+            if direct and slot:
+                direct.give_back(slot)
 
         chunk = self.interleave * max(1, min(32 // self.interleave, nq // (4 * self.threads * self.interleave)))
         starts = list(range(0, nq, chunk))
@@ -673,7 +724,7 @@ class Index:
             self._direct.close()
             self._direct = None
         if self._mm is not None:
-            self._r8 = self._r16 = self._r32 = None
+            self._view = self._r8 = self._r16 = self._r32 = None  # type: ignore[assignment]  # unusable after close
             try:
                 self._mm.close()
             except BufferError:

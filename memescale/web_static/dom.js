@@ -1,5 +1,5 @@
 // DOM helpers shared by the search page (serve/static/app.js) and the labelling page
-// (memescale/label_static/label.js), loaded before either. Untrusted strings reach a page
+// (memescale/quality/static/label.js), loaded before either. Untrusted strings reach a page
 // only through textContent or attributes set with setAttribute after a scheme check
 // (safeUrl): never through innerHTML.
 "use strict";

@@ -1,0 +1,119 @@
+"""The curate job on Ray: collect -> decide on the driver -> one Ray Data pass that applies the
+decisions and scores every row with the quality heads, writing one curated file per input
+file (same name) into OUT.
+
+    collect_corpus (driver, streaming)     WORK/vectors.npy + meta.parquet (DECIDE_FIELDS)
+    decide (driver)                        placeholders, NSFW probe, duplicate clusters
+    Ray Data: files -> CurateFiles actors  OUT/part-*.parquet (temp name, then renamed)
+    OUT/curate_summary.json                counts, probe precision/recall, dedup figures
+
+The decisions (11 bytes per row) go to the object store once and every actor maps them
+zero-copy; each actor loads the heads once. A rerun recomputes everything and replaces OUT's
+shards (stale ones from an earlier run are removed first), so a crashed run leaves no mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from memescale.config import Config
+from memescale.curate.decide import DECIDE_FIELDS, DROP_REASONS, Decisions, curate_table, decide, file_offsets
+from memescale.curate.screens import reference_embeddings
+from memescale.metrics import record
+from memescale.shards.corpus import collect_corpus
+from memescale.shards.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "curate_summary.json"
+
+
+class CurateFiles:
+    """Ray Data actor: curates whole input files (batches of {path, first_row}) into OUT."""
+
+    def __init__(self, decisions: dict, heads_path: str, embeddings: str, out: str):
+        from memescale.quality.heads import QualityHeads
+
+        self.decisions = Decisions(**{k: ray.get(v) for k, v in decisions.items()})
+        self.heads = QualityHeads.load(heads_path) if heads_path else None
+        self.in_fs = ShardStore(embeddings).fs
+        self.store = ShardStore(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        written = np.zeros(len(batch["path"]), np.int64)
+        for i, (path, first) in enumerate(zip(batch["path"], batch["first_row"])):
+            t0 = time.perf_counter()
+            table = pq.read_table(path, filesystem=self.in_fs)
+            out = curate_table(table, int(first), self.decisions, self.heads)
+            name = PurePosixPath(path).name
+            tmp = f"{self.store.root}/.{name}.tmp"
+            pq.write_table(out, tmp, filesystem=self.store.fs, compression="zstd")
+            self.store.fs.move(tmp, f"{self.store.root}/{name}")
+            written[i] = out.num_rows
+            record("memescale_curate_file_seconds", time.perf_counter() - t0)
+            record("memescale_curate_rows_written", out.num_rows)
+        return {"path": batch["path"], "written": written}
+
+
+def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) -> dict:
+    """Curate the shards of `embeddings` into `out`; returns the summary (also written)."""
+    t0 = time.perf_counter()
+    work_dir = Path(work or f"{out.rstrip('/')}.work")
+    paths, offsets, total = file_offsets(embeddings)
+    for stale in ("vectors.npy", "meta.parquet"):  # never decide on another input's corpus
+        (work_dir / stale).unlink(missing_ok=True)
+    corpus = collect_corpus(embeddings, work_dir, fields=DECIDE_FIELDS, skip_duplicates=False)
+    if len(corpus) != total:
+        raise RuntimeError(f"collected {len(corpus)} rows, the shard footers say {total}")
+    references = reference_embeddings(cfg, cfg.curate.placeholder_images)
+    t_collect = time.perf_counter()
+    decisions, report = decide(cfg, corpus, references)
+    t_decide = time.perf_counter()
+    for outcome, n in report["counts"].items():
+        if outcome != "rows":
+            record("memescale_curate_rows", n, outcome=outcome)
+    probe = report.get("nsfw_probe", {})
+    log.info("nsfw probe", extra={"probe": probe})
+    print(f"nsfw probe: {_probe_line(probe)}", flush=True)
+
+    store = ShardStore(out)
+    store.fs.create_dir(store.root, recursive=True)
+    for stale in store.shard_paths():
+        store.fs.delete_file(stale)
+    refs = {k: ray.put(v) for k, v in asdict(decisions).items()}
+    ds = ray.data.from_items([{"path": p, "first_row": o} for p, o in zip(paths, offsets)],
+                             override_num_blocks=max(1, min(len(paths), 64)))
+    done = ds.map_batches(CurateFiles, batch_size=1, concurrency=max(1, cfg.curate.score_actors),
+                          fn_constructor_kwargs={"decisions": refs, "heads_path": cfg.curate.quality_heads,
+                                                 "embeddings": embeddings, "out": out}).take_all()
+    written = int(sum(r["written"] for r in done))
+    expected = report["counts"]["kept"]
+    if written != expected:
+        raise RuntimeError(f"wrote {written} rows, decided to keep {expected}")
+    summary = {
+        "input": embeddings, "output": out, "files": len(paths), "rows_written": written,
+        "drop_reasons": list(DROP_REASONS), "quality_heads": cfg.curate.quality_heads or None,
+        "placeholder_references": len(references), **report,
+        "seconds": {"collect": round(t_collect - t0, 2), "decide": round(t_decide - t_collect, 2),
+                    "write": round(time.perf_counter() - t_decide, 2)},
+    }
+    with store.fs.open_output_stream(f"{store.root}/{SUMMARY_FILE}") as f:
+        f.write(json.dumps(summary, indent=1, default=float).encode())
+    return summary
+
+
+def _probe_line(p: dict) -> str:
+    if not p:
+        return "off"
+    if not p.get("trained"):
+        return f"not trained ({p.get('reason')})"
+    return (f"precision {p['precision']:.3f} recall {p['recall']:.3f} AUC {p['auc']:.3f} at threshold "
+            f"{p['threshold']} on {p['test_rows']} held-out rows ({p['positives']} over_18 rows)")

@@ -1,0 +1,185 @@
+"""open_clip image and text towers: pixels or texts -> L2-normalised float16 vectors.
+
+Weights come from a pretrained tag (`model.pretrained = "webli"`, fetched by open_clip from
+the Hugging Face hub or found in its cache), a local checkpoint file, or -- for the project's
+tiny test architecture only -- seeded random initialisation. When weights cannot be had the
+constructor raises `WeightsUnavailableError` whose message says how to provide them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from memescale.config import ModelConfig
+from memescale.embed.torchvision_shim import ensure_torchvision
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The configured model weights (or tokenizer files) could not be loaded."""
+
+
+def _how_to_provide(cfg: ModelConfig, cause: BaseException) -> str:
+    return (
+        f"cannot load weights for model {cfg.name!r} (pretrained={cfg.pretrained!r}): "
+        f"{type(cause).__name__}: {str(cause)[:300]}\n"
+        "Provide them in one of these ways:\n"
+        f"  1. on a machine with internet access run `python -c \"import open_clip; "
+        f"open_clip.create_model('{cfg.name}', pretrained='{cfg.pretrained}')\"` and copy its "
+        "Hugging Face cache (~/.cache/huggingface) to this machine (or set HF_HOME to it);\n"
+        "  2. download the checkpoint file (open_clip_model.safetensors or "
+        "open_clip_pytorch_model.bin) and set `model.pretrained` to its local path, e.g. "
+        "`--set model.pretrained=\"/models/siglip/open_clip_model.safetensors\"`;\n"
+        "  3. for plumbing tests only, use configs/tiny.toml (random weights)."
+    )
+
+
+class ImageTextEncoder:
+    """A loaded open_clip model on one device.
+
+    Attributes: `image_size` (square input side in pixels), `dim` (embedding width),
+    `model_tag` ("name/pretrained" recorded next to every vector).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        ensure_torchvision()
+        import open_clip
+        import torch
+
+        self.cfg = cfg
+        if cfg.config_file:
+            open_clip.add_model_config(cfg.config_file)
+        if cfg.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = cfg.device
+        precision = cfg.precision if self.device.startswith("cuda") else "fp32"
+        self.model = self._create(open_clip, torch, precision)
+        self.model.eval()
+        self._torch = torch
+        self._tokenizer = None
+        visual = self.model.visual
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        pre = getattr(visual, "preprocess_cfg", {}) or {}
+        mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pre.get("std", open_clip.OPENAI_DATASET_STD)
+        dtype = self._dtype()
+        self._mean = torch.tensor(mean, dtype=dtype, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(std, dtype=dtype, device=self.device).view(1, 3, 1, 1) * 255
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=dtype, device=self.device)
+            self.dim = int(self.model.encode_image(probe).shape[-1])
+        self.model_tag = f"{cfg.name}/{cfg.pretrained or f'random-seed{cfg.seed}'}"
+        log.info("encoder %s on %s (%s), %d px -> %d-d", self.model_tag, self.device, precision,
+                 self.image_size, self.dim)
+
+    def _create(self, open_clip, torch, precision: str):
+        cfg = self.cfg
+        if not cfg.pretrained:
+            if not cfg.random_weights:
+                raise WeightsUnavailableError(_how_to_provide(cfg, ValueError("model.pretrained is empty")))
+            torch.manual_seed(cfg.seed)
+            return open_clip.create_model(cfg.name, pretrained=None, precision=precision, device=self.device)
+        if _is_path(cfg.pretrained) and not Path(cfg.pretrained).is_file():
+            raise WeightsUnavailableError(_how_to_provide(cfg, FileNotFoundError(cfg.pretrained)))
+        try:
+            return open_clip.create_model(
+                cfg.name, pretrained=cfg.pretrained, precision=precision, device=self.device,
+                require_pretrained=True,
+            )
+        except Exception as e:  # hub/network/format errors all mean "no usable weights"
+            raise WeightsUnavailableError(_how_to_provide(cfg, e)) from e
+
+    def _dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use (SigLIP's needs the Hugging Face cache)."""
+        if self._tokenizer is None:
+            import open_clip
+
+            try:
+                self._tokenizer = open_clip.get_tokenizer(self.cfg.name)
+            except Exception as e:
+                raise WeightsUnavailableError(_how_to_provide(self.cfg, e)) from e
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 RGB at S = image_size -> (B, dim) float16, L2-normalised.
+
+        Normalisation (mean/std) happens on the device; cost is one forward pass.
+        """
+        torch = self._torch
+        if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected (B, {self.image_size}, {self.image_size}, 3) uint8, got {pixels.shape}")
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            x = x.permute(0, 3, 1, 2).to(self._dtype())
+            x = (x - self._mean) / self._std
+            v = self.model.encode_image(x).float()
+            v = torch.nn.functional.normalize(v, dim=-1)
+        return v.cpu().numpy().astype(np.float16)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (B, dim) float16, L2-normalised (tokens past the context length are cut)."""
+        torch = self._torch
+        with torch.no_grad():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            v = self.model.encode_text(tokens).float()
+            v = torch.nn.functional.normalize(v, dim=-1)
+        return v.cpu().numpy().astype(np.float16)
+
+
+def model_image_size(cfg: ModelConfig) -> int:
+    """The model's square input side, read from its open_clip config without building it."""
+    ensure_torchvision()
+    import open_clip
+
+    if cfg.config_file:
+        open_clip.add_model_config(cfg.config_file)
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {cfg.name!r}")
+    size = model_cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Fail fast, before a pipeline starts, when the configured weights cannot be had.
+
+    Random weights: fine. A local path: must be a file. A pretrained tag: open_clip's download
+    (a no-op when cached) must succeed; this fills the cache that local workers then read.
+    """
+    if not cfg.pretrained:
+        if not cfg.random_weights:
+            raise WeightsUnavailableError(_how_to_provide(cfg, ValueError("model.pretrained is empty")))
+        return
+    if _is_path(cfg.pretrained):
+        if not Path(cfg.pretrained).is_file():
+            raise WeightsUnavailableError(_how_to_provide(cfg, FileNotFoundError(cfg.pretrained)))
+        return
+    ensure_torchvision()
+    import open_clip
+
+    pcfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
+    if not pcfg:
+        raise WeightsUnavailableError(_how_to_provide(cfg, KeyError(f"no pretrained tag {cfg.pretrained!r}")))
+    try:
+        open_clip.download_pretrained(pcfg)
+    except Exception as e:
+        raise WeightsUnavailableError(_how_to_provide(cfg, e)) from e
+
+
+def _is_path(pretrained: str) -> bool:
+    return os.sep in pretrained or Path(pretrained).suffix in {".bin", ".pt", ".pth", ".safetensors"}

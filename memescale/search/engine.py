@@ -1,0 +1,295 @@
+"""The search logic behind the HTTP API, free of Ray: filters, dedup and paging over one
+opened index. Request models and input checks are in `requests`, cursors in `cursor`;
+`serve/app.py` wires them into Ray Serve deployments.
+
+    req = SearchRequest.model_validate(json_body)          # pydantic: types and ranges
+    offset = decode_cursor(req.cursor, query_hash(req))     # page position (0 without a cursor)
+    q = embedding_vector(req.embedding, dim)                # or the encoder's output
+    engine = SearchEngine(index, weighting, serve_cfg)      # once per index replica
+    page = engine.search(q, req.weights.as_dict(), parse_filters(req.filters), req.dedup,
+                         offset, req.k)
+
+Ranking: the index ranks by the inner product of the weight-extended vectors (see
+`memescale.index.weighting`); `similarity` in a result is the plain cosine of the base parts.
+Filters (NSFW, time range, subreddits) post-filter the index's candidates: a first pass asks
+for a few more than the page needs; when too few survive it searches again with
+``L * filter_L_multiplier`` and takes every candidate (`stats.deepened`). Dedup drops a result
+whose base vector is within `dedup_threshold` (cosine) of a better-ranked kept result.
+A page is the slice [offset, offset + k) of the ranked, filtered, deduplicated list; the
+cursor carries the offset and a hash of the query, so it cannot be replayed on another query.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from memescale.config import ServeConfig
+from memescale.index.weighting import Weighting
+from memescale.search.requests import Filters, SearchInputError, TimeBound
+
+REDDIT = "https://www.reddit.com"
+FIRST_PASS_SLACK = 1.25  # first pass of a filtered/deduplicated search: need x this (+ 8)
+
+
+# -- filters -------------------------------------------------------------------------------
+
+_SUBREDDIT = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def _parse_time(value: TimeBound | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            d = date.fromisoformat(text)
+            return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp())
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SearchInputError(f"filters.{name}: {value!r} is neither unix seconds nor an ISO 8601 date") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp())
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """Normalised hard filters; `active` when any of them can drop a result."""
+
+    nsfw: bool = False
+    after: int | None = None
+    before: int | None = None
+    subreddits: frozenset[str] | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self.nsfw or self.after is not None or self.before is not None or self.subreddits is not None
+
+    def keep(self, meta: Mapping[str, Any]) -> bool:
+        if not self.nsfw and (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))):
+            return False
+        if self.after is not None or self.before is not None:
+            t = _as_int(meta.get("created_utc"))
+            if t is None or (self.after is not None and t < self.after) or (
+                    self.before is not None and t >= self.before):
+                return False
+        if self.subreddits is not None and str(meta.get("subreddit", "")).lower() not in self.subreddits:
+            return False
+        return True
+
+
+def parse_filters(f: Filters) -> FilterSpec:
+    """Filters -> FilterSpec. SearchInputError for bad dates, names or an empty time range."""
+    after, before = _parse_time(f.after, "after"), _parse_time(f.before, "before")
+    if after is not None and before is not None and after >= before:
+        raise SearchInputError("filters.after must be earlier than filters.before")
+    subs = None
+    if f.subreddits is not None:
+        names = [s.strip().removeprefix("r/").removeprefix("/r/") for s in f.subreddits]
+        bad = [s for s in names if not _SUBREDDIT.match(s)]
+        if bad:
+            raise SearchInputError(f"filters.subreddits: not a subreddit name: {bad[0][:80]!r}")
+        subs = frozenset(s.lower() for s in names) or None
+    return FilterSpec(f.nsfw, after, before, subs)
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or v == 1 or (isinstance(v, str) and v.lower() in ("true", "1", "yes"))
+
+
+def _as_int(v: Any) -> int | None:
+    """An int from an int, a numeric string or a float (exact for 64-bit ints); else None."""
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        pass
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if math.isfinite(f) else None
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+class IndexLike(Protocol):
+    """What the engine needs of `memescale.index.Index`."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    # the third item: per-query stats indexable by name (`SearchStats`, or a dict of arrays)
+    def search(self, queries: np.ndarray, k: int, L: int, beam_width: int = 4,
+               io_budget: int | None = None) -> tuple[np.ndarray, np.ndarray, Any]: ...
+
+    def metadata(self, ids: np.ndarray) -> list[dict]: ...
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+def result_fields(i: int, meta: Mapping[str, Any], similarity: float) -> dict[str, Any]:
+    """One response result from an index record's metadata."""
+    permalink = str(meta.get("permalink") or "")
+    if permalink.startswith("/"):
+        permalink = REDDIT + permalink
+    return {
+        "id": int(i),
+        "image_id": None if _as_int(meta.get("image_id")) is None else str(_as_int(meta.get("image_id"))),
+        "url": str(meta.get("url") or meta.get("final_url") or ""),
+        "title": str(meta.get("title") or ""),
+        "subreddit": str(meta.get("subreddit") or ""),
+        "permalink": permalink,
+        "created_utc": _as_int(meta.get("created_utc")),
+        "width": _as_int(meta.get("width")),
+        "height": _as_int(meta.get("height")),
+        "score": _as_int(meta.get("score")),
+        "nsfw": (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))),
+        "similarity": round(float(similarity), 6),
+    }
+
+
+def dedup_order(vectors: np.ndarray, threshold: float, limit: int) -> tuple[np.ndarray, int]:
+    """Greedy near-duplicate removal in rank order.
+
+    vectors: (n, d) float32 unit rows, best first. Keeps row i unless its cosine with a kept
+    row is >= threshold; stops once `limit` rows are kept. Returns (kept row indices int64,
+    rows examined). O(examined x kept x d).
+    """
+    n = vectors.shape[0]
+    kept: list[int] = []
+    kept_mat = np.empty((min(n, limit), vectors.shape[1]), np.float32)
+    i = 0
+    while i < n and len(kept) < limit:
+        if kept and float(np.max(kept_mat[: len(kept)] @ vectors[i])) >= threshold:
+            i += 1
+            continue
+        kept_mat[len(kept)] = vectors[i]
+        kept.append(i)
+        i += 1
+    return np.asarray(kept, np.int64), i
+
+
+class SearchEngine:
+    """Runs searches against one opened index. Thread-safe if the index is (a shared Index's
+    search is called concurrently from the Searcher's threads)."""
+
+    def __init__(self, index: IndexLike, weighting: Weighting, cfg: ServeConfig):
+        if weighting.dim != index.dim:
+            raise ValueError(f"index vectors have {index.dim} dims, its weighting says {weighting.dim}")
+        self.index = index
+        self.weighting = weighting
+        self.cfg = cfg
+        self.size = len(index)
+
+    def _run(self, q: np.ndarray, k: int, L: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        k = max(1, min(k, self.size))
+        L = max(L, k)
+        budget = self.cfg.io_budget or None
+        ids, scores, st = self.index.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
+        ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
+        ok = ids >= 0
+        stats = {}
+        for key in ("reads", "pq_comparisons", "ms"):
+            try:
+                stats[key] = float(np.asarray(st[key]).reshape(-1)[0])
+            except (KeyError, AttributeError, IndexError):
+                pass
+        return ids[ok], scores[ok], stats
+
+    def _base_vectors(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size == 0:
+            return np.zeros((0, self.weighting.base_dim), np.float32)
+        v = np.asarray(self.index.vectors(ids), np.float32)[:, : self.weighting.base_dim]
+        n = np.linalg.norm(v, axis=1, keepdims=True)
+        return v / np.maximum(n, 1e-12)
+
+    def search(self, query: np.ndarray, weights: Mapping[str, float] | None, filters: FilterSpec,
+               dedup: bool, offset: int, k: int) -> dict[str, Any]:
+        """One page: results [offset, offset + k) of the ranked list, plus stats.
+
+        query: (base_dim,) float32, L2-normalised. Returns {"results": [...], "stats": {...},
+        "more": bool}. Raises WeightError for weights the index cannot honour.
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        q = self.weighting.extend_queries(np.asarray(query, np.float32)[None, :], weights, cfg.extra_dim_scale)
+        need = min(offset + k, cfg.max_depth) + 1  # one more: is there a next page?
+        base_L = max(cfg.search_L, 1)
+        post = filters.active or dedup
+        k1 = math.ceil(need * FIRST_PASS_SLACK) + 8 if post else need
+        totals = {"reads": 0.0, "pq_comparisons": 0.0, "ms": 0.0}
+        passes, deepened = 0, False
+        meta_ms = 0.0
+        L = max(base_L, k1)
+        while True:
+            ids, scores, st = self._run(q, k1, L)
+            passes += 1
+            for key in totals:
+                totals[key] += st.get(key, 0.0)
+            exhausted = ids.size < min(k1, self.size)
+            tm = time.perf_counter()
+            metas: list[dict] | None = None
+            keep = np.ones(ids.size, bool)
+            if filters.active and ids.size:
+                metas = self.index.metadata(ids)
+                keep = np.fromiter((filters.keep(m) for m in metas), bool, ids.size)
+            cand = np.flatnonzero(keep)
+            vecs = None
+            if dedup and cand.size:
+                vecs = self._base_vectors(ids[cand])
+                order, examined = dedup_order(vecs, cfg.dedup_threshold, need)
+            else:
+                order = np.arange(min(cand.size, need))
+                examined = order.size
+            meta_ms += (time.perf_counter() - tm) * 1000
+            if order.size >= need or exhausted or not post or deepened or ids.size >= self.size:
+                break
+            # Too few survived the filters/dedup: search again, deeper, and take everything.
+            deepened = True
+            L = max(L, base_L) * max(cfg.filter_L_multiplier, 1)
+            k1 = L
+        tm = time.perf_counter()
+        page_rows = order[offset: offset + k]
+        rows = cand[page_rows]
+        page_ids = ids[rows]
+        page_vecs = vecs[page_rows] if vecs is not None else self._base_vectors(page_ids)
+        sims = page_vecs @ np.asarray(query, np.float32)
+        if metas is None:
+            page_meta = self.index.metadata(page_ids) if page_ids.size else []
+        else:
+            page_meta = [metas[r] for r in rows]
+        results = [result_fields(int(i), m, s) for i, m, s in zip(page_ids, page_meta, sims)]
+        meta_ms += (time.perf_counter() - tm) * 1000
+        stats = {
+            "reads": int(totals["reads"]), "pq_comparisons": int(totals["pq_comparisons"]),
+            "ms": round(totals["ms"], 3), "filtered": filters.active, "deepened": deepened,
+            "candidates": int(ids.size), "dropped_filter": int(ids.size - cand.size),
+            "dropped_dedup": int(examined - order.size), "L": int(L), "passes": passes,
+            "search_ms": round((time.perf_counter() - t0) * 1000 - meta_ms, 3),
+            "metadata_ms": round(meta_ms, 3),
+        }
+        more = order.size > offset + k and offset + k < cfg.max_depth
+        return {"results": results, "stats": stats, "more": bool(more)}
+
+    def vector_of(self, item: int) -> np.ndarray:
+        """The base vector of indexed item `item` (a result's `id`): (base_dim,) float32."""
+        if not (0 <= item < self.size):
+            raise SearchInputError(f"like: no item {item} in this index (0..{self.size - 1})")
+        return self._base_vectors(np.asarray([item], np.int64))[0]
