@@ -114,8 +114,8 @@ def print_comparison(cmp: dict) -> None:
         for sh in c["shards"]:
             if not sh["skipped"]:
                 print(f"   shard {sh['shard']}: {sh['size']} vectors, {sh['seconds']:.1f} s, peak RSS "
-                      f"{sh['peak_rss'] / 2**20:.0f} MB <= declared {sh['declared_memory'] / 2**20:.0f} MB: "
-                      f"{sh['peak_rss'] <= sh['declared_memory']}")
+                      f"{sh['peak_rss_anon'] / 2**20:.0f} MB <= declared {sh['declared_memory'] / 2**20:.0f} MB: "
+                      f"{sh['peak_rss_anon'] <= sh['declared_memory']}")
     print("partition:", json.dumps(cmp[keys[-1]]["partition"]))
 
 
@@ -132,7 +132,7 @@ def scaling(a, work: Path, sizes: list[int], rows: list[dict], save) -> list[dic
         s = build_from_shards(cfg_for(shards, a), str(d / "emb"), str(d / "idx"), query_sample=False)
         rows[:] = sorted([r for r in rows if r["n"] != n] + [{
             "n": n, "shards": shards, "build_s": time.perf_counter() - t, "seconds": s["seconds"],
-            "max_peak_rss_mb": max(x["peak_rss"] for x in s["shards"]) / 2**20,
+            "max_peak_rss_mb": max(x["peak_rss_anon"] for x in s["shards"]) / 2**20,
             "declared_mb": max(x["declared_memory"] for x in s["shards"]) / 2**20}], key=lambda r: r["n"])
         save(rows)
         print(f"N={n:>7}  shards={shards}  build {time.perf_counter() - t:7.1f} s  "

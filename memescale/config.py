@@ -120,7 +120,13 @@ class IndexConfig:
     L: int = 100
     alpha: float = 1.2
     pq_bytes: int = 48
-    shards: int = 1
+    # RAM the whole build may use on a node (driver plus the shard tasks running at once), in
+    # bytes; a file or override may give a size such as "48GiB", "512MiB" or "64GB". 0 (or ""):
+    # not set, the build plan (memescale/build/plan.py) takes the node's total RAM minus a margin.
+    build_memory: int = 0
+    # Number of shard graphs; 0: derived from build_memory by the build plan (the smallest
+    # number whose largest shard fits next to the driver). Set it to override the plan.
+    shards: int = 0
     shard_overlap: int = 2
     # A sharded build's refinement pass over the merged graph (memescale/build/stages.py): its
     # search list size (0: no pass) and the share of nodes, those nearest a shard border, it
@@ -223,6 +229,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any, name: str = "value") -> int:
+    """A size in bytes from an int (>= 0) or a string such as "48GiB", "1.5GiB", "512MiB",
+    "64GB" or "1073741824" (binary units KiB..TiB, decimal KB..TB, case-insensitive; "" is 0).
+    Raises ConfigError naming `name` and the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{name}: expected a size >= 0, got {value!r}")
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            return 0
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ConfigError(f'{name}: expected a size in bytes (an int, or a string such as "48GiB", "512MiB", '
+                      f'"64GB"), got {value!r}')
+
+
+# Fields given as sizes ("48GiB"), stored as int bytes.
+SIZES: tuple[str, ...] = ("index.build_memory",)
+
+
 def _is_choice(value: Any, allowed: tuple[str, ...]) -> bool:
     if value in allowed:
         return True
@@ -234,6 +266,8 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"unknown config key {section}.{key}")
+        if f"{section}.{key}" in SIZES:
+            value = parse_bytes(value, f"{section}.{key}")
         value = _check_type(f"{section}.{key}", value, hints[key])
         allowed = CHOICES.get(f"{section}.{key}")
         if allowed and not _is_choice(value, allowed):
@@ -249,7 +283,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load `path` (TOML) over the defaults, then apply ``section.key=value`` overrides.
 
     Raises ConfigError for unknown keys, wrong types, a value outside a field's CHOICES
-    (naming the field, the value and the allowed values) or an unreadable file.
+    (naming the field, the value and the allowed values), a size field (`SIZES`) that is not a
+    size, or an unreadable file. Size fields are stored as int bytes.
     """
     cfg = Config()
     sections = _sections(cfg)

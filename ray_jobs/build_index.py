@@ -2,6 +2,15 @@
 
     python ray_jobs/build_index.py --config configs/tiny.toml --embeddings DIR --out DIR
     ray job submit --working-dir . -- python ray_jobs/build_index.py --config ... --embeddings ... --out ...
+    python ray_jobs/build_index.py --config configs/gpu.toml --plan-only --assume-vectors 230000000 \
+        --assume-dim 1152 --set ray.num_cpus=12
+
+`--plan-only` prints the build plan (memescale/build/plan.py: shards, tasks at once, memory
+per task and of the driver within `index.build_memory`, scratch and index disk, estimated
+time) as a table and one JSON line, and exits without building. N and d come from the
+embeddings' Parquet footers and schema (no data is read), or from --assume-vectors and
+--assume-dim for a corpus not yet ingested. A build whose plan does not fit exits with
+status 2 before starting Ray.
 
 Rerunning after a crash reuses the collected corpus, the partition and every shard graph whose
 checksum is valid. `--work` (default OUT.work) must be on storage all nodes see on a cluster.
@@ -14,6 +23,7 @@ import json
 import logging
 import sys
 
+from memescale.build.plan import BuildPlanError, format_plan, plan_for_config
 from memescale.config import ConfigError, load_config
 from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
@@ -23,32 +33,66 @@ from memescale.shards.corpus import shard_dataset
 log = logging.getLogger("memescale.build")
 
 
+def corpus_shape(embeddings: str | None, assume_vectors: int | None = None,
+                 assume_dim: int | None = None) -> tuple[int, int]:
+    """(N, d) of the corpus: the given values, else the embeddings' row count from the
+    Parquet footers (all rows: duplicates a curate step marked are counted, so N is an upper
+    bound) and the embedding column's width from the schema. Reads no data."""
+    n, d = assume_vectors, assume_dim
+    if n is None or d is None:
+        if embeddings is None:
+            raise FileNotFoundError("no --embeddings to read the corpus size from")
+        ds = shard_dataset(embeddings)
+        if n is None:
+            n = ds.count_rows()
+        if d is None:
+            d = ds.schema.field("embedding").type.list_size
+    if n < 1 or d < 1:
+        raise ConfigError(f"the corpus must have >= 1 vector of >= 1 dimension (got N={n}, d={d})")
+    return int(n), int(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--embeddings", required=True, help="directory or URI of part-*.parquet shards")
-    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--embeddings", help="directory or URI of part-*.parquet shards (required unless "
+                   "--assume-vectors and --assume-dim are both given)")
+    p.add_argument("--out", help="index directory to write (required unless --plan-only)")
     p.add_argument("--work", default=None, help="scratch directory (default: OUT.work)")
     p.add_argument("--shards", type=int, default=None, help="number of shards (default: config index.shards)")
-    p.add_argument("--threads-per-task", type=int, default=1)
+    p.add_argument("--threads-per-task", type=int, default=0,
+                   help="threads of each shard task (default 0: all threads over the tasks that fit at once)")
     p.add_argument("--no-query-sample", action="store_true", help="plain PQ instead of query-aware PQ")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--plan-only", action="store_true", help="print the build plan and exit without building")
+    p.add_argument("--assume-vectors", type=int, default=None, metavar="N", help="plan for N vectors")
+    p.add_argument("--assume-dim", type=int, default=None, metavar="D", help="plan for D-dimensional embeddings")
     args = p.parse_args(argv)
+    if args.embeddings is None and (args.assume_vectors is None or args.assume_dim is None):
+        p.error("--embeddings is required unless --assume-vectors and --assume-dim are both given")
+    if args.out is None and not args.plan_only:
+        p.error("--out is required unless --plan-only")
     setup_logging()
     try:
         cfg = load_config(args.config, args.set)
         if args.shards is not None:
             cfg.index.shards = args.shards
-        if not args.no_query_sample:
+        if not args.no_query_sample and not args.plan_only:
             check_weights(cfg.model)
-        shard_dataset(args.embeddings)
-    except (ConfigError, WeightsUnavailableError, FileNotFoundError) as e:
+        n, d = corpus_shape(args.embeddings, args.assume_vectors, args.assume_dim)
+        plan = plan_for_config(cfg, n, d, args.threads_per_task)
+    except (ConfigError, WeightsUnavailableError, FileNotFoundError, BuildPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan_only:
+        print(format_plan(plan))
+        print(json.dumps(plan.to_dict()))
+        return 0
+    log.info("build plan", extra={"plan": plan.to_dict()})
     init_ray(cfg.ray)
     from memescale.build.pipeline import build_from_shards
 
-    summary = build_from_shards(cfg, args.embeddings, args.out, args.work, args.threads_per_task,
+    summary = build_from_shards(cfg, args.embeddings, args.out, args.work, plan.threads_per_task,
                                 query_sample=not args.no_query_sample)
     log.info("build finished", extra={"summary": summary})
     print(json.dumps(summary, indent=1))

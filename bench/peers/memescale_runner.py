@@ -69,7 +69,7 @@ def parse_args(argv=None):
 
 
 def make_metadata(dataset: Path, n: int, kind: str) -> list[dict] | None:
-    """Per-vector metadata of the size a real result carries (see DESIGN.md)."""
+    """Per-vector metadata of the size a real result carries (url, title, subreddit, time, score)."""
     if kind == "none":
         return None
     titles_path = dataset / "base.txt"

@@ -1,18 +1,21 @@
 """The sharded index build on Ray: the steps of `memescale.build.stages`, run by a driver
-with one Ray task per shard graph.
+with one memory-bounded Ray task per shard graph, every phase out-of-core.
 
-    collect_corpus, weight columns (driver)      WORK/vectors.npy, meta.parquet, index_vectors.npy
-    balanced partition (driver, on a sample)     WORK/partition.npz
-    build_shard x k (Ray tasks, memory=...)      WORK/shard-XXXX.npz (+ .sha256)
-    merge + re-prune, border refinement (driver)
-    text-query sample, PQ training and codes (driver)
-    write                                        OUT/
+    corpus, weight columns (driver)              WORK/corpus/, WORK/index_vectors/
+    plan (driver)                                shards and tasks at once from index.build_memory
+    balanced partition (driver, streamed)        WORK/partition/
+    build_shard x k (Ray tasks, memory=...)      WORK/graphs/shard-XXXX.*
+    merge + re-prune, border refinement (driver) WORK/graph/
+    text-query sample, PQ training and codes     WORK/pq/
+    write (records streamed, metadata from Parquet)  OUT/
 
-A rerun reuses the collected corpus, the index vectors, the partition and every shard graph
-whose checksum is valid. Each shard task declares `memory=` from its size
-(`stages.shard_memory_bytes`), so Ray runs only as many at once as fit on a node; its
-measured peak RSS is returned and reported. WORK must be on storage every node sees (a
-shared filesystem) when running on a cluster.
+Each phase folder is keyed by a fingerprint of its inputs and parameters (`fingerprint.Phase`):
+a rerun reuses the phases whose fingerprint matches (and every shard graph whose checksums
+are valid), redoes the others, and the summary lists what was reused. Each shard task
+declares `memory=` from its size (`stages.shard_memory_bytes`) and at most the plan's
+`tasks_at_once` run together, so driver plus tasks stay within `index.build_memory`; the
+driver's and each task's peak anonymous memory are measured (sampled from /proc) and
+reported. WORK must be on storage every node sees (a shared filesystem) on a cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,12 @@ import numpy as np
 import ray
 
 from memescale.build import stages
+from memescale.build.fingerprint import Phase, phase_fingerprint
+from memescale.build.plan import BuildPlan, plan_for_config
 from memescale.config import Config, IndexConfig
 from memescale.index.build import IndexParams
-from memescale.index.partition import Partition
+from memescale.index.partition import DiskPartition
+from memescale.memwatch import PeakRssAnon, release_free_memory
 from memescale.metrics import record
 
 log = logging.getLogger(__name__)
@@ -42,39 +47,45 @@ class ShardResult:
     shard: int
     size: int
     seconds: float
-    peak_rss: int
+    peak_rss_anon: int
     declared_memory: int
     node: str
     skipped: bool
 
 
-@ray.remote(max_calls=1)  # a fresh worker per shard: its peak RSS is this shard's alone
-def build_shard(work_dir: str, vectors_path: str, shard: int, R: int, L: int, alpha: float, seed: int,
-                threads: int, declared: int) -> ShardResult:
-    """`stages.build_shard_graph` in a Ray worker, reporting its time and peak RSS."""
+@ray.remote(max_calls=1)  # a fresh worker per shard: its peak memory is this shard's alone
+def build_shard(graphs: str, partition: str, vectors_path: str, shard: int, R: int, L: int, alpha: float,
+                seed: int, threads: int, declared: int) -> ShardResult:
+    """`stages.build_shard_graph` in a Ray worker, reporting its time and peak RssAnon."""
     t0 = time.perf_counter()
-    size = stages.build_shard_graph(work_dir, vectors_path, shard, R, L, alpha, seed, threads)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return ShardResult(shard, size, time.perf_counter() - t0, peak, declared,
+    with PeakRssAnon() as peak:
+        size = stages.build_shard_graph(graphs, partition, vectors_path, shard, R, L, alpha, seed, threads)
+    return ShardResult(shard, size, time.perf_counter() - t0, peak.peak_bytes, declared,
                        ray.get_runtime_context().get_node_id(), False)
 
 
-def build_shard_graphs(work: Path, vectors_path: str, part: Partition, d: int, ic: IndexConfig,
-                       threads_per_task: int) -> list[ShardResult]:
-    """One `build_shard` task per shard whose graph in WORK is not valid yet (the others are
-    reported as skipped), each declaring `stages.shard_memory_bytes`; waits for all of them."""
+def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: int, ic: IndexConfig,
+                       threads_per_task: int, at_once: int) -> list[ShardResult]:
+    """One `build_shard` task per shard whose graph in `graphs` is not valid yet (the others
+    are reported as skipped), each declaring `stages.shard_memory_bytes`, at most `at_once`
+    in flight; waits for all of them."""
     from tqdm import tqdm
 
-    refs, results = [], []
-    for s, ids in enumerate(part.shards):
-        mem = stages.shard_memory_bytes(len(ids), d, ic.R, threads_per_task)
-        if stages.shard_is_built(stages.shard_path(work, s)):
-            results.append(ShardResult(s, len(ids), 0.0, 0, mem, "", True))
-            continue
-        refs.append(build_shard.options(memory=mem, num_cpus=threads_per_task).remote(
-            str(work), vectors_path, s, ic.R, ic.L, ic.alpha, ic.seed, threads_per_task, mem))
-    with tqdm(total=len(part.shards), initial=len(results), desc="shard graphs", unit="shard") as bar:
-        while refs:
+    todo, results = [], []
+    for s, size in enumerate(part.sizes().tolist()):
+        mem = stages.shard_memory_bytes(size, d, ic.R, threads_per_task)
+        if stages.shard_is_built(graphs, s):
+            results.append(ShardResult(s, size, 0.0, 0, mem, "", True))
+        else:
+            todo.append((s, mem))
+    refs: list = []
+    with tqdm(total=part.k, initial=len(results), desc="shard graphs", unit="shard") as bar:
+        while todo or refs:
+            while todo and len(refs) < max(1, at_once):
+                s, mem = todo.pop(0)
+                refs.append(build_shard.options(memory=mem, num_cpus=threads_per_task).remote(
+                    str(graphs), str(part.folder), vectors_path, s, ic.R, ic.L, ic.alpha, ic.seed, threads_per_task,
+                    mem))
             ready, refs = ray.wait(refs, num_returns=1)
             r: ShardResult = ray.get(ready[0])
             results.append(r)
@@ -85,87 +96,145 @@ def build_shard_graphs(work: Path, vectors_path: str, part: Partition, d: int, i
 
 
 class _Phases:
-    """Wall-clock seconds per named phase, each from the end of the previous one."""
+    """Wall-clock seconds per named phase, each from the end of the previous one, and which
+    phases were reused from WORK."""
 
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
 
-    def done(self, name: str) -> None:
+    def done(self, name: str, reused: bool = False) -> None:
+        release_free_memory()  # this phase's temporaries are not kept resident through the next
         now = time.perf_counter()
         self.seconds[name] = now - self.last
         self.last = now
+        if reused:
+            self.reused.append(name)
 
     def with_total(self) -> dict[str, float]:
         return {**self.seconds, "total": self.last - self.start}
 
 
 def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None = None,
-                      threads_per_task: int = 1, query_sample: bool = True) -> dict:
+                      threads_per_task: int = 0, query_sample: bool = True) -> dict:
     """Build the index of every vector under `embeddings` into `out_dir`; returns the summary
-    also written to OUT/build_summary.json (vectors, dim, weights, partition, shards,
+    also written to OUT/build_summary.json (vectors, dim, weights, plan, partition, shards,
     refine_L, refine_fraction, refined_nodes, mean_degree, max_degree, seconds per phase,
-    bytes_written).
+    reused phases, driver_peak_rss_anon, bytes_written).
 
-    Parameters come from `cfg.index`; WORK is `work_dir` or OUT.work. With several shards
-    the merged graph gets the refinement pass of `stages.refine_borders` (`index.refine_L`,
-    `index.refine_fraction`). `query_sample`: train query-aware PQ on the text tower's
+    Parameters come from `cfg.index`; WORK is `work_dir` or OUT.work. The number of shards
+    and how many shard tasks run at once come from the plan (`plan.plan_for_config`:
+    `index.build_memory`, `index.shards` as an override); threads_per_task <= 0: chosen by
+    the plan. With several shards the merged graph gets the refinement pass of
+    `stages.refine_borders`. `query_sample`: train query-aware PQ on the text tower's
     encodings of post titles (False: plain PQ). The index vectors are checked as
     `build_index` checks its input (`stages.check_build_inputs`) before any shard is built.
+    Raises `plan.BuildPlanError` when the budget cannot hold the build.
     """
+    with PeakRssAnon() as driver:
+        summary = _build(cfg, embeddings, out_dir, work_dir, threads_per_task, query_sample)
+    summary["driver_peak_rss_anon"] = driver.peak_bytes
+    summary["driver_rss_anon_growth"] = driver.growth_bytes
+    (Path(out_dir) / "build_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, threads_per_task: int,
+           query_sample: bool) -> dict:
     ic = cfg.index
-    params = IndexParams.from_config(ic)
     work = stages.default_work_dir(out_dir, work_dir)
     phase = _Phases()
 
-    corpus = stages.collect_corpus(embeddings, work)  # reused when WORK holds a complete one
+    corpus = stages.collect_corpus(embeddings, work)
+    phase.done("corpus", corpus.reused)
     weighting = stages.fit_weights(corpus, ic.weight_beta, ic.seed)
-    vectors = corpus.vectors
+    vectors, vectors_fp = corpus.vectors, corpus.fingerprint
+    vectors_path = corpus.work_dir / "corpus" / "vectors.npy"
     if ic.weight_beta > 0:
-        path = work / stages.INDEX_VECTORS
-        vectors = np.load(path, mmap_mode="r") if path.exists() else stages.write_index_vectors(corpus, weighting, path)
-    stages.check_build_inputs(vectors, corpus.meta)
+        iv = Phase(work, "index_vectors", phase_fingerprint(corpus.fingerprint, weight_beta=ic.weight_beta,
+                                                            seed=ic.seed))
+        reused = iv.is_complete()
+        vectors, vectors_fp = stages.write_index_vectors(corpus, weighting, iv), iv.fingerprint
+        vectors_path = iv.dir / stages.INDEX_VECTORS
+        phase.done("index_vectors", reused)
+    stages.check_build_inputs(vectors, corpus, block=stages.block_rows(vectors.shape[1]))
     n, d = vectors.shape
-    phase.done("corpus")
+    plan: BuildPlan = plan_for_config(cfg, n, corpus.vectors.shape[1], threads_per_task)
+    log.info("build plan", extra={"plan": plan.to_dict()})
 
-    part = stages.load_partition(work)
-    if part is None:
-        part = stages.partition_corpus(vectors, work, ic.shards, ic.shard_overlap, ic.seed)
+    pp = Phase(work, "partition", phase_fingerprint(vectors_fp, shards=plan.shards, overlap=ic.shard_overlap,
+                                                    seed=ic.seed))
+    reused = pp.is_complete()
+    part = stages.partition_corpus(vectors, pp, plan.shards, ic.shard_overlap, ic.seed)
     report = stages.partition_report(vectors, part, ic.seed)
     log.info("partition", extra={"partition": report})
-    phase.done("partition")
+    phase.done("partition", reused)
 
-    assert isinstance(vectors, np.memmap)  # the shard tasks map the vectors file by name
-    results = build_shard_graphs(work, str(vectors.filename), part, d, ic, threads_per_task)
-    phase.done("graphs")
+    gp = Phase(work, "graphs", phase_fingerprint(pp.fingerprint, R=ic.R, L=ic.L, alpha=ic.alpha, seed=ic.seed))
+    reused = gp.is_complete()
+    if not reused:
+        gp.resume()  # keeps the shard graphs an interrupted run of the same fingerprint finished
+    results = build_shard_graphs(gp.dir, part, str(vectors_path), d, ic, plan.threads_per_task,
+                                 plan.tasks_at_once)
+    if not reused:
+        gp.finish(shards=part.k)
+    phase.done("graphs", reused)
 
-    X = np.asarray(vectors)
-    neighbours, degrees, entry_points = stages.merge_shards(work, X, part, ic.R, ic.alpha)
-    phase.done("merge")
-
-    refined, refine_L, refine_fraction = stages.refine_borders(X, (neighbours, degrees), part, ic.refine_L,
-                                                               ic.refine_fraction, ic.alpha, ic.seed)
-    phase.done("refine")
+    mp = Phase(work, "graph", phase_fingerprint(gp.fingerprint, R=ic.R, alpha=ic.alpha, refine_L=ic.refine_L,
+                                                refine_fraction=ic.refine_fraction, seed=ic.seed))
+    if mp.is_complete():
+        neighbours = np.load(mp.dir / "neighbours.npy", mmap_mode="r")
+        degrees = np.load(mp.dir / "degrees.npy", mmap_mode="r")
+        entry_points = np.load(mp.dir / "entry_points.npy")
+        info = mp.info()
+        refined, refine_L, refine_fraction = info["refined"], info["refine_L"], info["refine_fraction"]
+        phase.done("merge", True)
+        phase.done("refine", True)
+    else:
+        mp.start()
+        neighbours, degrees, entry_points = stages.merge_shards(gp.dir, vectors, part, ic.R, ic.alpha, mp.dir)
+        phase.done("merge")
+        refined, refine_L, refine_fraction = stages.refine_borders(
+            vectors, (neighbours, degrees), part, ic.refine_L, ic.refine_fraction, ic.alpha, ic.seed,
+            mp.dir / "refine.tmp.npy")
+        neighbours.flush()
+        degrees.flush()
+        np.save(mp.dir / "entry_points.npy", entry_points)
+        mp.finish(refined=refined, refine_L=refine_L, refine_fraction=refine_fraction)
+        phase.done("refine")
 
     queries = stages.query_sample(cfg.model, corpus, weighting, seed=ic.seed) if query_sample else None
-    params = dataclasses.replace(params, queries=queries)
-    codec, codes = stages.train_codec(X, params)
-    phase.done("pq")
+    params = dataclasses.replace(IndexParams.from_config(ic), queries=queries)
+    qp = Phase(work, "pq", phase_fingerprint(vectors_fp, pq_bytes=ic.pq_bytes, seed=ic.seed,
+                                             queries=cfg.model.name if query_sample else None))
+    reused = qp.is_complete()
+    codec, codes = stages.train_pq_codes(vectors, params, qp)
+    phase.done("pq", reused)
 
-    info = {"shards": len(part.shards), "model": cfg.model.name}
+    info = {"shards": part.k, "model": cfg.model.name}
     if refine_L:
         info.update(refine_L=refine_L, refine_fraction=refine_fraction)
-    ws = stages.write_output(out_dir, X, (neighbours, degrees), codec, codes, corpus.metadata(), entry_points,
+    ws = stages.write_output(out_dir, vectors, (neighbours, degrees), codec, codes, corpus.meta_path, entry_points,
                              params, weighting, **info)
     phase.done("write")
 
-    summary = {
-        "vectors": n, "dim": d, "weights": list(weighting.names), "partition": report,
+    deg_mean, deg_max = _degree_stats(degrees)
+    return {
+        "vectors": n, "dim": d, "weights": list(weighting.names), "plan": plan.to_dict(), "partition": report,
         "shards": [r.__dict__ for r in results],
         "refine_L": refine_L, "refine_fraction": refine_fraction, "refined_nodes": refined,
-        "mean_degree": float(degrees.mean()), "max_degree": int(degrees.max()),
-        "seconds": phase.with_total(),
+        "mean_degree": deg_mean, "max_degree": deg_max,
+        "seconds": phase.with_total(), "reused": phase.reused,
         "bytes_written": ws.bytes_written,
     }
-    (Path(out_dir) / "build_summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+
+
+def _degree_stats(degrees: np.ndarray, block: int = 1 << 20) -> tuple[float, int]:
+    """Mean and max of an (N,) degree array, read `block` entries at a time."""
+    total, top = 0, 0
+    for lo in range(0, len(degrees), block):
+        part = np.asarray(degrees[lo:lo + block], np.int64)
+        total += int(part.sum())
+        top = max(top, int(part.max(initial=0)))
+    return total / max(1, len(degrees)), top

@@ -54,8 +54,8 @@ class Decisions:
         return out
 
 
-def _bool_column(meta: pa.Table, name: str) -> np.ndarray:
-    return pc.fill_null(meta.column(name), False).to_numpy(zero_copy_only=False).astype(bool)
+def _bool_column(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(column, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def decide(cfg: Config, corpus: Corpus, references: np.ndarray) -> tuple[Decisions, dict]:
@@ -63,13 +63,13 @@ def decide(cfg: Config, corpus: Corpus, references: np.ndarray) -> tuple[Decisio
     (counts, the probe's held-out precision/recall, the dedup figures). Cost: the filters are
     O(N d); dedup as in memescale/curate/dedup.py."""
     cc = cfg.curate
-    meta, vectors = corpus.meta, corpus.vectors
+    vectors = corpus.vectors
     n = len(corpus)
-    by_hash, by_emb = placeholder_masks(meta.column("content_hash").to_numpy(zero_copy_only=False),
+    by_hash, by_emb = placeholder_masks(corpus.column("content_hash").to_numpy(),
                                         vectors, cfg.ingest.placeholder_hashes, references,
                                         cc.placeholder_cosine)
     placeholder = by_hash | by_emb
-    over_18 = _bool_column(meta, "over_18")
+    over_18 = _bool_column(corpus.column("over_18"))
     probe_flag = np.zeros(n, bool)
     report: dict = {}
     if cc.nsfw_probe:
@@ -88,7 +88,7 @@ def decide(cfg: Config, corpus: Corpus, references: np.ndarray) -> tuple[Decisio
     drop[by_hash] = 1 + DROP_REASONS.index("placeholder_hash")
 
     rows = np.flatnonzero(drop == 0)
-    kept = meta.take(pa.array(rows))
+    kept = corpus.rows(rows, ["url", "content_hash", "image_id", "score", "created_utc"])
     parent, dedup_report = cluster(
         vectors, rows, {"url": dictionary_codes(kept.column("url")),
                         "content_hash": dictionary_codes(kept.column("content_hash"))},

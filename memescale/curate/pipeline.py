@@ -68,8 +68,6 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
     t0 = time.perf_counter()
     work_dir = Path(work or f"{out.rstrip('/')}.work")
     paths, offsets, total = file_offsets(embeddings)
-    for stale in ("vectors.npy", "meta.parquet"):  # never decide on another input's corpus
-        (work_dir / stale).unlink(missing_ok=True)
     corpus = collect_corpus(embeddings, work_dir, fields=DECIDE_FIELDS, skip_duplicates=False)
     if len(corpus) != total:
         raise RuntimeError(f"collected {len(corpus)} rows, the shard footers say {total}")

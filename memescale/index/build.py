@@ -12,11 +12,12 @@ import os
 import time
 from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..config import IndexConfig
-from .disk import WriteStats, write_index
+from .disk import MetadataSource, WriteStats, write_index
 from .kernels import as_fp16, resolve_threads
 from .pq import QUERY_EPS, PQCodec, train_pq
 from .vamana import build_vamana
@@ -104,12 +105,16 @@ def check_build_inputs(vectors: np.ndarray, metadata: Sized | None = None, queri
     _check_query_sample(queries, d)
 
 
-def train_codec(vectors: np.ndarray, params: IndexParams) -> tuple[PQCodec, np.ndarray]:
-    """Train the PQ codec on `vectors` (N, d) float16 (query-aware when `params.queries`)
-    and encode every vector. M = min(params.pq_bytes, d) bytes per vector.
+def train_codec(vectors: np.ndarray, params: IndexParams, codes_path: str | os.PathLike | None = None
+                ) -> tuple[PQCodec, np.ndarray]:
+    """Train the PQ codec on a sample of `vectors` (N, d) float16, in memory or memory-mapped
+    (query-aware when `params.queries`), and encode every vector block by block.
+    M = min(params.pq_bytes, d) bytes per vector.
 
-    Returns (codec, codes (N, M) uint8). Deterministic for params.seed at any thread count.
-    Time O(train * 256 * d * opq_iters) + O(N * 256 * d) for the codes; memory: the codes.
+    Returns (codec, codes (N, M) uint8): in memory, or with `codes_path` a read-only memmap
+    of the .npy written there (through a temporary file, renamed when complete).
+    Deterministic for params.seed at any thread count. Time O(train * 256 * d * opq_iters)
+    + O(N * 256 * d) for the codes; memory O(train * d) plus the codes unless `codes_path`.
     """
     d = vectors.shape[1]
     _check_query_sample(params.queries, d)
@@ -117,7 +122,17 @@ def train_codec(vectors: np.ndarray, params: IndexParams) -> tuple[PQCodec, np.n
     codec = train_pq(vectors, min(params.pq_bytes, d), queries=params.queries, eps=params.pq_eps,
                      opq_iters=params.opq_iters, train_size=params.pq_train_size, seed=params.seed, threads=threads,
                      progress=params.progress)
-    return codec, codec.encode(vectors, threads=threads)
+    block = max(1024, (16 << 20) // (8 * codec.M * codec.dsub))  # 16 MiB of transformed rows (Y, Z)
+    if codes_path is None:
+        return codec, codec.encode(vectors, threads=threads, block=block)
+    path = Path(codes_path)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(vectors), codec.M))
+    codec.encode(vectors, threads=threads, block=block, out=out)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return codec, np.load(path, mmap_mode="r")
 
 
 def build_info(params: IndexParams, codec: PQCodec, **extra) -> dict:
@@ -128,12 +143,13 @@ def build_info(params: IndexParams, codec: PQCodec, **extra) -> dict:
 
 
 def write_built_index(out_dir: str | os.PathLike, vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray],
-                      codec: PQCodec, codes: np.ndarray, metadata: list[dict] | None, entry_points: np.ndarray,
+                      codec: PQCodec, codes: np.ndarray, metadata: MetadataSource, entry_points: np.ndarray,
                       params: IndexParams, **extra) -> WriteStats:
     """Write the index folder (`disk.write_index`) with `build_info(params, codec, **extra)`.
 
     vectors: (N, d) float16; graph: (neighbours (N, R) int32, degrees (N,) int32); codes:
-    (N, M) uint8; metadata: N dicts or None; entry_points: (E,) node ids. O(N record_size) I/O.
+    (N, M) uint8 (any of them memory-mapped); metadata: what `disk.write_index` takes (N dicts,
+    a Parquet path, record batches) or None; entry_points: (E,) node ids. O(N record_size) I/O.
     """
     return write_index(out_dir, vectors, graph, codec, codes, metadata, np.asarray(entry_points, np.int64),
                        build_info(params, codec, **extra))

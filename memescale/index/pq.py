@@ -265,13 +265,17 @@ class PQCodec:
         return matmul_rows(x, T, pool)
 
     def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536,
-               eta: float = SCORE_AWARE_ETA) -> np.ndarray:
-        """PQ codes (N, M) uint8 of vectors (N, d) float16/float32, score-aware with weight
-        `eta` along each vector's predicted query direction (module doc; 1: nearest
-        centroid). O(N * K * D * (1 + 2 * sweeps))."""
+               eta: float = SCORE_AWARE_ETA, out: np.ndarray | None = None) -> np.ndarray:
+        """PQ codes (N, M) uint8 of vectors (N, d) float16/float32 (a memmap is read `block`
+        rows at a time), score-aware with weight `eta` along each vector's predicted query
+        direction (module doc; 1: nearest centroid). `out`: an (N, M) uint8 array (e.g. a
+        memmap) the codes are written into and returned as; None: a new array.
+        Time O(N * K * D * (1 + 2 * sweeps)); memory O(block * (d + D)) besides the codes."""
         threads = resolve_threads(threads)
         n = vectors.shape[0]
-        codes = np.empty((n, self.M), np.uint8)
+        if out is not None and (out.shape != (n, self.M) or out.dtype != np.uint8):
+            raise ValueError(f"out must be ({n}, {self.M}) uint8, got {out.shape} {out.dtype}")
+        codes = np.empty((n, self.M), np.uint8) if out is None else out
         cent = np.ascontiguousarray(self.centroids, np.float32)
         with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
             for lo in range(0, n, block):

@@ -60,6 +60,7 @@ from .disk import (
 )
 from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
 from .pq import PQCodec, adc_score
+from .weighting import WEIGHTING_FILE, Weighting
 
 # Layout vector fields (disk.RecordLayout.as_array).
 _REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R = range(10)
@@ -526,6 +527,13 @@ class Index:
         self.overflow = read_small_file(path / OVERFLOW_FILE, MAGIC_OVERFLOW)[0]
         if self.codec.dim != self.layout.dim:
             raise IndexFormatError(path / ARRAYS_FILE, f"codec dim {self.codec.dim} != record dim {self.layout.dim}")
+        try:  # the extra weight dimensions (none without weighting.json)
+            self.weighting = Weighting.load(path, base_dim=self.layout.dim)
+        except (ValueError, KeyError, TypeError) as e:
+            raise IndexFormatError(path / WEIGHTING_FILE, f"unreadable weighting: {e}") from None
+        if self.weighting.dim != self.layout.dim:
+            raise IndexFormatError(path / WEIGHTING_FILE, f"describes {self.weighting.dim}-d vectors, the records "
+                                                          f"hold {self.layout.dim}-d")
         n = self.layout.count
         if self.entry_points.size == 0 or self.entry_points.min() < 0 or self.entry_points.max() >= n:
             raise IndexFormatError(path / ARRAYS_FILE, "entry points out of range")
@@ -627,13 +635,14 @@ class Index:
     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product for queries (nq, d) float: ids (nq, k) int64, scores
         (nq, k) float32 (exact, from the records), best first, and per-query `SearchStats`.
+        On an index with extra weight dimensions (weighting.json), queries may also be
+        plain model embeddings (nq, base_dim): they get neutral weights
+        (`Weighting.index_queries`), so their scores are the plain inner products.
 
         L: candidate list size (raised to k if smaller); beam_width: sectors read per step;
         io_budget: max sector reads per query (None: unlimited).
         """
-        Q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, np.float32)))
-        if Q.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {Q.shape[1]}, the index has {self.dim}")
+        Q = np.ascontiguousarray(self.weighting.index_queries(queries))
         if k < 1 or beam_width < 1:
             raise ValueError("k and beam_width must be >= 1")
         nq = Q.shape[0]

@@ -19,13 +19,16 @@ applied target by target, each target by exactly one thread. Nothing depends on 
 scheduling, so a seed gives the same graph for any thread count.
 
 Memory: vectors + the graph (N x ceil(slack * R) int32 while building, like the reference
-implementation's slack before re-pruning) + per-thread O(N) visit stamps. Nothing quadratic.
+implementation's slack before re-pruning) + N float32 norms + per thread a small visited set
+(`_vs_add`: a hash table of the nodes one search touches, sized by them, not by N). Nothing
+quadratic. `refine_graph` can keep its working graph in a memory-mapped file.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +40,125 @@ from .kernels import as_fp16, dot_hf, parallel_for, prefetch_bytes, resolve_thre
 log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 750  # robust_prune considers at most this many closest candidates
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
+_TAG_LIMIT = 2**31 - 2  # visited-set epochs are int32 values in the entries' high word
+VISIT_TABLE = 4096  # initial entries of a thread's visited set (grown on demand)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _vs_add(vis, u, tag):
+    """Add node u (>= 0) to the visited set of epoch `tag` (>= 1) held in `vis`; True when it
+    was not in it yet. vis: power-of-two int64 hash table (linear probing), entries
+    (tag << 32) | u; an entry of another epoch counts as empty, so a new epoch starts with no
+    clearing. The caller keeps the table at most half full (`_vs_reserve`)."""
+    mask = np.uint64(vis.shape[0] - 1)
+    want = (np.int64(tag) << 32) | np.int64(u)
+    i = ((np.uint64(u) * _GOLDEN) >> np.uint64(32)) & mask
+    while True:
+        e = vis[i]
+        if e == want:
+            return False
+        if (e >> 32) != tag:
+            vis[i] = want
+            return True
+        i = (i + np.uint64(1)) & mask
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _vs_has(vis, u, tag):
+    """Whether node u is in the visited set of epoch `tag` (see `_vs_add`)."""
+    mask = np.uint64(vis.shape[0] - 1)
+    want = (np.int64(tag) << 32) | np.int64(u)
+    i = ((np.uint64(u) * _GOLDEN) >> np.uint64(32)) & mask
+    while True:
+        e = vis[i]
+        if e == want:
+            return True
+        if (e >> 32) != tag:
+            return False
+        i = (i + np.uint64(1)) & mask
+
+
+@njit(nogil=True, cache=True)
+def _vs_reserve(vis, used, more, tag):
+    """`vis` when it holds `used` + `more` entries at most half full, else a table large
+    enough holding epoch `tag`'s entries (the other epochs' are dropped)."""
+    need = 2 * (used + more)
+    if need <= vis.shape[0]:
+        return vis
+    size = vis.shape[0]
+    while size < need:
+        size *= 2
+    out = np.zeros(size, np.int64)
+    for e in vis:
+        if (e >> 32) == tag:
+            _vs_add(out, np.int64(e & 0xFFFFFFFF), tag)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _greedy_search_vs(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
+    """`greedy_search` with the visited set of epoch `tag` in hash table `vis` instead of N
+    stamps: same result. Returns (visited ids, their distances, the table, possibly grown)."""
+    cand_id = np.empty(L + 1, np.int32)
+    cand_d = np.empty(L + 1, np.float32)
+    done = np.zeros(L + 1, np.bool_)
+    fresh = np.empty(graph.shape[1], np.int32)
+    vis_id = np.empty(2 * L + 8, np.int32)
+    vis_d = np.empty(2 * L + 8, np.float32)
+    n_vis = 0
+    rowbytes = X.shape[1] * 2
+    base = X.ctypes.data
+
+    vis = _vs_reserve(vis, 0, 1 + graph.shape[1], tag)
+    _vs_add(vis, start, tag)
+    marked = 1
+    cand_id[0] = start
+    cand_d[0] = _distance_to(X, norms, qf, qnorm, start)
+    n = 1
+    cur = 0
+    while cur < n:
+        p = cand_id[cur]
+        done[cur] = True
+        if n_vis == vis_id.shape[0]:
+            vis_id = np.concatenate((vis_id, np.empty_like(vis_id)))
+            vis_d = np.concatenate((vis_d, np.empty_like(vis_d)))
+        vis_id[n_vis] = p
+        vis_d[n_vis] = cand_d[cur]
+        n_vis += 1
+        vis = _vs_reserve(vis, marked, degrees[p], tag)
+        m = 0
+        for t in range(degrees[p]):
+            u = graph[p, t]
+            if _vs_add(vis, u, tag):
+                fresh[m] = u
+                m += 1
+        marked += m
+        for t in range(m):
+            prefetch_bytes(base + np.int64(fresh[t]) * rowbytes, rowbytes)
+        nxt = n
+        for t in range(m):
+            u = fresh[t]
+            d = _distance_to(X, norms, qf, qnorm, u)
+            if n == L and d >= cand_d[n - 1]:
+                continue
+            pos = n if n < L else L - 1
+            while pos > 0 and cand_d[pos - 1] > d:
+                cand_id[pos] = cand_id[pos - 1]
+                cand_d[pos] = cand_d[pos - 1]
+                done[pos] = done[pos - 1]
+                pos -= 1
+            cand_id[pos] = u
+            cand_d[pos] = d
+            done[pos] = False
+            if n < L:
+                n += 1
+            if pos < nxt:
+                nxt = pos
+        cur = nxt if nxt < cur else cur
+        while cur < n and done[cur]:
+            cur += 1
+    return vis_id[:n_vis], vis_d[:n_vis], vis
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -148,67 +270,68 @@ def robust_prune(X, norms, cand_ids, cand_d, alpha, R, out):
 
 
 @njit(nogil=True, cache=True)
-def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha, R, stamps, stamp0, out, out_deg):
+def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha, R, vis, tag0, out, out_deg):
     """For points[lo:hi]: V = greedy_search from the medoid, then robust_prune(V + N_out(p)).
 
-    Writes out[b, :out_deg[b]] for b in [lo, hi); reads the graph only. Uses stamp values
-    stamp0 + 2 * (b - lo) and + 1 for that point.
+    Writes out[b, :out_deg[b]] for b in [lo, hi); reads the graph only. Uses visited-set
+    epochs tag0 + 2 * (b - lo) and + 1 for that point. Returns the table (possibly grown).
     """
     qf = np.empty(X.shape[1], np.float32)
     for b in range(lo, hi):
         p = points[b]
         widen(X[p], qf)
-        stamp = stamp0 + 2 * (b - lo)
-        vis_id, vis_d = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, stamps, stamp)
-        stamp += 1
-        stamps[p] = stamp
+        tag = tag0 + 2 * (b - lo)
+        vis_id, vis_d, vis = _greedy_search_vs(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag)
+        tag += 1
         deg = degrees[p]
+        vis = _vs_reserve(vis, 0, 1 + vis_id.shape[0] + deg, tag)
+        _vs_add(vis, p, tag)
         ids = np.empty(vis_id.shape[0] + deg, np.int32)
         ds = np.empty(vis_id.shape[0] + deg, np.float32)
         n = 0
         for t in range(vis_id.shape[0]):
             u = vis_id[t]
-            if stamps[u] != stamp:
-                stamps[u] = stamp
+            if _vs_add(vis, u, tag):
                 ids[n] = u
                 ds[n] = vis_d[t]
                 n += 1
         for t in range(deg):
             u = graph[p, t]
-            if stamps[u] != stamp:
-                stamps[u] = stamp
+            if _vs_add(vis, u, tag):
                 ids[n] = u
                 ds[n] = _distance_to(X, norms, qf, norms[p], u)
                 n += 1
         out_deg[b] = robust_prune(X, norms, ids[:n], ds[:n], alpha, R, out[b])
+    return vis
 
 
 @njit(nogil=True, cache=True)
-def _add_reverse_edges(X, norms, graph, degrees, targets, starts, sources, glo, ghi, alpha, R, stamps, stamp0):
+def _add_reverse_edges(X, norms, graph, degrees, targets, starts, sources, glo, ghi, alpha, R, vis, tag0):
     """Add edges source -> ... reversed: for groups g in [glo, ghi), target j = targets[g]
     gets sources[starts[g]:starts[g+1]] appended to its out-list; when that would exceed the
-    list width, the union is robust_pruned to R instead. Each group touches only graph[j]."""
+    list width, the union is robust_pruned to R instead. Each group touches only graph[j].
+    Uses visited-set epoch tag0 + (g - glo) for group g; returns the table (possibly grown)."""
     width = graph.shape[1]
     pf = np.empty(X.shape[1], np.float32)
     for g in range(glo, ghi):
         j = targets[g]
-        stamp = stamp0 + (g - glo)
+        tag = tag0 + (g - glo)
         deg = degrees[j]
-        for t in range(deg):
-            stamps[graph[j, t]] = stamp
-        stamps[j] = stamp
         s0, s1 = starts[g], starts[g + 1]
+        vis = _vs_reserve(vis, 0, deg + 1 + (s1 - s0), tag)
+        for t in range(deg):
+            _vs_add(vis, graph[j, t], tag)
+        _vs_add(vis, j, tag)
         n_new = 0
         for t in range(s0, s1):
-            if stamps[sources[t]] != stamp:
+            if not _vs_has(vis, sources[t], tag):
                 n_new += 1
         if n_new == 0:
             continue
         if deg + n_new <= width:
             for t in range(s0, s1):
                 u = sources[t]
-                if stamps[u] != stamp:
-                    stamps[u] = stamp
+                if _vs_add(vis, u, tag):
                     graph[j, deg] = u
                     deg += 1
             degrees[j] = deg
@@ -222,43 +345,65 @@ def _add_reverse_edges(X, norms, graph, degrees, targets, starts, sources, glo, 
             n += 1
         for t in range(s0, s1):
             u = sources[t]
-            if stamps[u] != stamp:
-                stamps[u] = stamp
+            if _vs_add(vis, u, tag):
                 ids[n] = u
                 n += 1
         for t in range(n):
             ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
         degrees[j] = robust_prune(X, norms, ids, ds, alpha, R, graph[j])
+    return vis
 
 
 @njit(nogil=True, cache=True)
-def _prune_rows(X, norms, lists, lo, hi, alpha, R, out, out_deg):
-    """For rows j in [lo, hi): the distinct ids >= 0 of lists[j] other than j, kept as they
-    are when at most R, else robust_pruned to R. Writes out[j] (-1 padded) and out_deg[j]."""
+def _prune_rows(X, norms, lists, counts, row0, lo, hi, alpha, R, out, out_deg):
+    """For rows i in [lo, hi) (node j = row0 + i): the distinct ids >= 0 of lists[i, :counts[i]]
+    other than j, in order of first occurrence, kept as they are when at most R, else
+    robust_pruned to R. Writes out[i] (-1 padded) and out_deg[i]. Memory O(lists' width)."""
     pf = np.empty(X.shape[1], np.float32)
-    stamps = np.zeros(X.shape[0], np.int32)
-    ids = np.empty(lists.shape[1], np.int32)
-    for j in range(lo, hi):
-        stamp = j - lo + 1
-        stamps[j] = stamp
+    W = lists.shape[1]
+    size = 16
+    while size < 2 * (W + 1):
+        size *= 2
+    vis = np.zeros(size, np.int64)
+    ids = np.empty(W, np.int32)
+    for i in range(lo, hi):
+        j = row0 + i
+        tag = i - lo + 1
+        _vs_add(vis, j, tag)
         n = 0
-        for t in range(lists.shape[1]):
-            u = lists[j, t]
-            if u >= 0 and stamps[u] != stamp:
-                stamps[u] = stamp
+        for t in range(min(counts[i], W)):
+            u = lists[i, t]
+            if u >= 0 and _vs_add(vis, u, tag):
                 ids[n] = u
                 n += 1
         if n <= R:
-            out[j, :n] = ids[:n]
+            out[i, :n] = ids[:n]
             deg = n
         else:
             widen(X[j], pf)
             ds = np.empty(n, np.float32)
             for t in range(n):
                 ds[t] = _distance_to(X, norms, pf, norms[j], ids[t])
-            deg = robust_prune(X, norms, ids[:n], ds, alpha, R, out[j])
-        out[j, deg:] = -1
-        out_deg[j] = deg
+            deg = robust_prune(X, norms, ids[:n], ds, alpha, R, out[i])
+        out[i, deg:] = -1
+        out_deg[i] = deg
+
+
+def vector_norms(X: np.ndarray, threads: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """(N,) float32 squared norms of X ((N, d) uint16 fp16 bits, may be memory-mapped). 4 B/vector."""
+    norms = np.empty(X.shape[0], np.float32)
+    parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), X.shape[0], threads, pool)
+    return norms
+
+
+def prune_rows(X: np.ndarray, norms: np.ndarray, lists: np.ndarray, counts: np.ndarray, row0: int, R: int,
+               alpha: float, out: np.ndarray, out_deg: np.ndarray, threads: int,
+               pool: ThreadPoolExecutor | None = None) -> None:
+    """`prune_lists` for a block of rows: lists (B, W) int32 are the lists of nodes row0 ..
+    row0 + B - 1 (the first counts[i] entries of row i count); X (N, d) uint16 fp16 bits and
+    norms (N,) float32 of all nodes. Writes out (B, R) int32 (-1 padded) and out_deg (B,)."""
+    parallel_for(lambda lo, hi: _prune_rows(X, norms, lists, counts, int(row0), lo, hi, float(alpha), R, out, out_deg),
+                 lists.shape[0], threads, pool)
 
 
 def prune_lists(
@@ -278,12 +423,12 @@ def prune_lists(
     if lists.shape[0] != N or (lists >= N).any():
         raise ValueError("lists must have one row per vector and ids < N")
     threads = resolve_threads(threads)
-    norms = np.empty(N, np.float32)
     out = np.empty((N, R), np.int32)
     degrees = np.empty(N, np.int32)
+    counts = np.full(N, lists.shape[1], np.int32)
     with ThreadPoolExecutor(threads) as pool:
-        parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
-        parallel_for(lambda lo, hi: _prune_rows(X, norms, lists, lo, hi, float(alpha), R, out, degrees), N, threads, pool)
+        norms = vector_norms(X, threads, pool)
+        prune_rows(X, norms, lists, counts, 0, R, alpha, out, degrees, threads, pool)
     return out, degrees
 
 
@@ -325,24 +470,25 @@ def _batches(n: int, max_batch: int, grow: bool) -> list[tuple[int, int]]:
     return out
 
 
-def _stamp_allocator(threads: int, N: int):
-    """Per-thread O(N) visit stamps and `take(t, count)`: the first of `count` fresh stamp
-    values of thread t (the thread's row is cleared when the int32 range would run out)."""
-    stamps = np.zeros((threads, N), np.int32)
-    stamp_next = np.ones(threads, np.int64)
+def _visit_sets(threads: int):
+    """Per-thread visited sets (hash tables of VISIT_TABLE entries, grown by the kernels) and
+    `take(t, count)`: the first of `count` fresh epochs of thread t (its table is cleared when
+    the int32 range would run out). Memory O(threads * nodes one search touches), not O(N)."""
+    tables = [np.zeros(VISIT_TABLE, np.int64) for _ in range(threads)]
+    tag_next = np.ones(threads, np.int64)
 
     def take(t: int, count: int) -> int:
-        if stamp_next[t] + count >= 2**31 - 1:
-            stamps[t].fill(0)
-            stamp_next[t] = 1
-        s = int(stamp_next[t])
-        stamp_next[t] += count
+        if tag_next[t] + count >= _TAG_LIMIT:
+            tables[t].fill(0)
+            tag_next[t] = 1
+        s = int(tag_next[t])
+        tag_next[t] += count
         return s
 
-    return stamps, take
+    return tables, take
 
 
-def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches, L, alpha, R, stamps, take_stamps,
+def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches, L, alpha, R, tables, take_tags,
                  desc: str, progress: bool | None) -> None:
     """One pass of Algorithm 3 over order[lo:hi] for each (lo, hi) in `batches`: every point's
     greedy_search from `start` + robust_prune against the graph frozen at the batch start, then
@@ -358,8 +504,9 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
 
         def search_slice(t: int, points=points, out=out, out_deg=out_deg, slices=slices) -> None:
             s0, s1 = int(slices[t]), int(slices[t + 1])
-            stamp0 = take_stamps(t, 2 * (s1 - s0) + 2)
-            _search_and_prune(X, norms, graph, degrees, start, points, s0, s1, L, alpha, R, stamps[t], stamp0, out, out_deg)
+            tag0 = take_tags(t, 2 * (s1 - s0) + 2)
+            tables[t] = _search_and_prune(X, norms, graph, degrees, start, points, s0, s1, L, alpha, R, tables[t], tag0,
+                                          out, out_deg)
 
         # every point's greedy_search + robust_prune against the frozen graph
         list(pool.map(search_slice, range(len(slices) - 1)))
@@ -373,8 +520,9 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
 
         def reverse_slice(t: int, targets=targets, starts=starts, src=src, gsl=gsl) -> None:
             g0, g1 = int(gsl[t]), int(gsl[t + 1])
-            stamp0 = take_stamps(t, g1 - g0 + 1)
-            _add_reverse_edges(X, norms, graph, degrees, targets, starts, src, g0, g1, alpha, R, stamps[t], stamp0)
+            tag0 = take_tags(t, g1 - g0 + 1)
+            tables[t] = _add_reverse_edges(X, norms, graph, degrees, targets, starts, src, g0, g1, alpha, R, tables[t],
+                                           tag0)
 
         list(pool.map(reverse_slice, range(len(gsl) - 1)))
         bar.update(B)
@@ -382,9 +530,9 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
 
 
 def _prune_back(pool, threads, X, norms, graph, degrees, alpha, R, out, out_deg) -> None:
-    """Lists grown past R by reverse edges are pruned back to R: out (N, R), out_deg (N,)."""
-    graph[np.arange(graph.shape[1])[None, :] >= degrees[:, None]] = -1
-    parallel_for(lambda lo, hi: _prune_rows(X, norms, graph, lo, hi, float(alpha), R, out, out_deg), X.shape[0], threads, pool)
+    """Lists grown past R by reverse edges are pruned back to R: out (N, R), out_deg (N,)
+    (the first degrees[i] entries of graph[i] count)."""
+    prune_rows(X, norms, graph, degrees, 0, R, alpha, out, out_deg, threads, pool)
 
 
 def build_vamana(
@@ -427,14 +575,14 @@ def build_vamana(
     graph = np.full((N, width), -1, np.int32)
     degrees = np.zeros(N, np.int32)
     order = np.random.default_rng(seed).permutation(N).astype(np.int32)
-    stamps, take_stamps = _stamp_allocator(threads, N)
+    tables, take_tags = _visit_sets(threads)
 
     with ThreadPoolExecutor(threads) as pool:
         parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
         for pass_no, a in enumerate((1.0, float(alpha))):
             batches = _batches(N, max_batch, grow=pass_no == 0)
             log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches", pass_no + 1, a, N, len(batches))
-            _vamana_pass(pool, threads, X, norms, graph, degrees, medoid, order, batches, L, a, R, stamps, take_stamps,
+            _vamana_pass(pool, threads, X, norms, graph, degrees, medoid, order, batches, L, a, R, tables, take_tags,
                          f"vamana pass {pass_no + 1}/2", progress)
         neighbours = np.empty((N, R), np.int32)
         final = np.empty(N, np.int32)
@@ -456,6 +604,8 @@ def refine_graph(
     progress: bool | None = None,
     overwrite: bool = False,
     points: np.ndarray | None = None,
+    work_graph: str | os.PathLike | None = None,
+    block: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One more Vamana pass (Algorithm 3's second pass) over an existing graph: for every
     point (or every one of `points`), in a seeded random order and in batches as in
@@ -466,29 +616,40 @@ def refine_graph(
     gain the cross-shard edges that no single shard graph could hold. A small L (16-32) is
     enough, since every point starts from a good out-list.
 
-    vectors: (N, d) float16/float32; neighbours: (N, R) int32 padded with -1 (first
-    degrees[i] valid); degrees: (N,) int; start: search start (the medoid of all vectors);
-    points: distinct node ids to re-search (None: all; the others gain reverse edges only).
-    Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32), identical for a
-    seed at any thread count; with overwrite=True they are written into the arrays passed
-    in (neighbours int32 C-contiguous, degrees int32), saving N * R * 4 bytes.
-    Time O(P * (L + R) * R * d) for P points; memory vectors + N * ceil(slack * R) * 4 +
-    threads * N * 4 bytes.
+    vectors: (N, d) float16/float32 (a float16 memmap is used in place); neighbours: (N, R)
+    int32 padded with -1 (first degrees[i] valid); degrees: (N,) int; start: search start
+    (the medoid of all vectors); points: distinct node ids to re-search (None: all; the
+    others gain reverse edges only). Returns (neighbours (N, R) int32 padded with -1, degrees
+    (N,) int32), identical for a seed at any thread count; with overwrite=True they are
+    written into the arrays passed in (neighbours int32 C-contiguous, e.g. a writable memmap,
+    degrees int32), saving N * R * 4 bytes. work_graph: a file path for the (N, ceil(slack *
+    R)) int32 working graph (memory-mapped there and deleted at the end) instead of memory.
+    Time O(P * (L + R) * R * d) for P points. Memory besides vectors, the inputs and outputs:
+    the working graph N * ceil(slack * R) * 4 bytes (none with work_graph) + norms and a
+    degree copy 8 B/vector + 8 B per point + per thread a visited set of the nodes one search
+    touches; every pass over the N rows goes in blocks of `block` rows.
     """
     X16 = as_fp16(vectors)
     N = X16.shape[0]
-    nbrs = np.asarray(neighbours)
+    nbrs = neighbours if isinstance(neighbours, np.ndarray) else np.asarray(neighbours)
     R = nbrs.shape[1] if nbrs.ndim == 2 else 0
-    deg_in = np.asarray(degrees)
+    deg_in = degrees if isinstance(degrees, np.ndarray) else np.asarray(degrees)
     if nbrs.shape != (N, R) or deg_in.shape != (N,) or R < 1:
         raise ValueError(f"neighbours must be (N, R) and degrees (N,) for N={N} vectors")
     if L < 1 or alpha < 1.0 or not 0 <= int(start) < N:
         raise ValueError(f"need L >= 1, alpha >= 1 and 0 <= start < N (got L={L}, alpha={alpha}, start={start})")
-    if (deg_in < 0).any() or (deg_in > R).any() or (nbrs >= N).any():
-        raise ValueError("degrees must be in [0, R] and neighbour ids < N")
+    for lo in range(0, N, block):
+        d = deg_in[lo:lo + block]
+        if (d < 0).any() or (d > R).any() or (nbrs[lo:lo + block] >= N).any():
+            raise ValueError("degrees must be in [0, R] and neighbour ids < N")
     pts = np.arange(N, dtype=np.int32) if points is None else np.asarray(points).astype(np.int32)
-    if pts.ndim != 1 or (pts.size and (pts.min() < 0 or pts.max() >= N)) or np.unique(pts).size != pts.size:
+    if pts.ndim != 1 or (pts.size and (pts.min() < 0 or pts.max() >= N)):
         raise ValueError("points must be distinct node ids in [0, N)")
+    if pts.size > 1:
+        check = np.sort(pts)
+        if not (check[1:] > check[:-1]).all():
+            raise ValueError("points must be distinct node ids in [0, N)")
+        del check
     if overwrite and not (nbrs.dtype == np.int32 and nbrs.flags.c_contiguous and deg_in.dtype == np.int32):
         raise ValueError("overwrite needs int32 C-contiguous neighbours and int32 degrees")
     X = X16.view(np.uint16)
@@ -496,20 +657,33 @@ def refine_graph(
     width = max(R, int(math.ceil(slack * R)))
     max_batch = max_batch or max(1000, N // 50)
 
-    norms = np.empty(N, np.float32)
-    graph = np.full((N, width), -1, np.int32)
-    graph[:, :R] = nbrs
-    deg = deg_in.astype(np.int32)  # a copy: with overwrite, deg_in receives the pruned result
-    order = pts[np.random.default_rng(seed).permutation(pts.size)]
-    stamps, take_stamps = _stamp_allocator(threads, N)
+    if work_graph is None:
+        graph = np.empty((N, width), np.int32)
+    else:
+        graph = np.lib.format.open_memmap(work_graph, mode="w+", dtype=np.int32, shape=(N, width))
+    for lo in range(0, N, block):
+        graph[lo:lo + block, :R] = nbrs[lo:lo + block]
+        graph[lo:lo + block, R:] = -1
+    deg = np.array(deg_in, dtype=np.int32)  # a copy: with overwrite, deg_in receives the pruned result
+    # order = pts[permutation(P)], shuffled in place (Generator.permutation(P) is arange(P) shuffled)
+    order = pts  # a copy of `points` (astype copies)
+    np.random.default_rng(seed).shuffle(order)
+    tables, take_tags = _visit_sets(threads)
     out, out_deg = (nbrs, deg_in) if overwrite else (np.empty((N, R), np.int32), np.empty(N, np.int32))
 
-    with ThreadPoolExecutor(threads) as pool:
-        parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
-        batches = _batches(pts.size, max_batch, grow=False)
-        log.info("vamana refinement pass (L=%d, alpha=%.3f): %d of %d points in %d batches", L, alpha, pts.size, N,
-                 len(batches))
-        _vamana_pass(pool, threads, X, norms, graph, deg, int(start), order, batches, int(L), float(alpha), R, stamps,
-                     take_stamps, "vamana refinement", progress)
-        _prune_back(pool, threads, X, norms, graph, deg, alpha, R, out, out_deg)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            norms = vector_norms(X, threads, pool)
+            batches = _batches(pts.size, max_batch, grow=False)
+            log.info("vamana refinement pass (L=%d, alpha=%.3f): %d of %d points in %d batches", L, alpha, pts.size,
+                     N, len(batches))
+            _vamana_pass(pool, threads, X, norms, graph, deg, int(start), order, batches, int(L), float(alpha), R,
+                         tables, take_tags, "vamana refinement", progress)
+            for lo in range(0, N, block):
+                hi = min(N, lo + block)
+                prune_rows(X, norms, graph[lo:hi], deg[lo:hi], lo, R, alpha, out[lo:hi], out_deg[lo:hi], threads, pool)
+    finally:
+        if work_graph is not None:
+            del graph
+            os.remove(work_graph)
     return out, out_deg

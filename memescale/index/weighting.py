@@ -194,6 +194,19 @@ class Weighting:
             extra[:, j] = self.beta * scale * w.get(name, 0.0)
         return np.concatenate([q, extra], axis=1)
 
+    def index_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Queries at the index width: (nq, dim) as given, or (nq, base_dim) plain model
+        embeddings extended with neutral (zero) weights by `extend_queries`, so their scores
+        are the plain inner products. (nq, dim) float32; ValueError for any other width."""
+        q = np.atleast_2d(np.asarray(queries, np.float32))
+        if q.ndim == 2 and q.shape[1] == self.dim:
+            return q
+        if q.ndim == 2 and q.shape[1] == self.base_dim:
+            return self.extend_queries(q)
+        width = q.shape[1] if q.ndim == 2 else q.shape
+        plain = f" (or {self.base_dim}: model embeddings, extended with neutral weights)" if self.extra_dims else ""
+        raise ValueError(f"queries have dimension {width}, the index has {self.dim}{plain}")
+
     # -- persistence -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -412,16 +414,9 @@ class SharedDownloader:
     after that raises RuntimeError. Same settings and failure contract as `Downloader`.
     """
 
-    def __init__(
-        self,
-        cfg: IngestConfig,
-        policy: AddressPolicy | None = None,
-        *,
-        dns_cache_ttl_s: int = 300,
-    ) -> None:
-        self._cfg = cfg
-        self._policy = policy
-        self._dns_cache_ttl_s = dns_cache_ttl_s
+    def __init__(self, cfg: IngestConfig, policy: AddressPolicy | None = None, **options: Any) -> None:
+        """`cfg`, `policy` and keyword `options` (dns_cache_ttl_s) as `Downloader` takes them."""
+        self._make = functools.partial(Downloader, cfg, policy, **options)
         self._stack: contextlib.AsyncExitStack | None = None
         self._downloader: Downloader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -453,7 +448,7 @@ class SharedDownloader:
                 if self._downloader is None:
                     stack = contextlib.AsyncExitStack()
                     d = await stack.enter_async_context(
-                        Downloader(self._cfg, self._policy, dns_cache_ttl_s=self._dns_cache_ttl_s))
+                        self._make())
                     self._stack, self._downloader = stack, d
                     self._loop = asyncio.get_running_loop()
         elif asyncio.get_running_loop() is not self._loop:

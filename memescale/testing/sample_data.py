@@ -149,15 +149,19 @@ def write_sample_dump(path: str | Path, records: list[dict], bad_line_every: int
 
 
 def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 5000,
-                        overrides: dict[str, np.ndarray] | None = None) -> None:
+                        overrides: dict[str, np.ndarray] | None = None, first_row: int = 0) -> None:
     """Ingest-style Parquet shards of `vectors` with synthetic post metadata (row i: 'post i',
-    its own URL and content hash); `overrides` replaces whole columns (arrays of N values)."""
+    its own URL and content hash); `overrides` replaces whole columns (arrays of N values).
+    `first_row`: row number of vectors[0], so that a large set can be written block by block
+    (call after call, first_row a multiple of per_file) without clashing ids or files."""
     store = ShardStore(str(out))
     n = len(vectors)
     overrides = overrides or {}
-    for f, lo in enumerate(range(0, n, per_file)):
+    if first_row % per_file:
+        raise ValueError(f"first_row {first_row} is not a multiple of per_file {per_file}")
+    for f, lo in enumerate(range(0, n, per_file), start=first_row // per_file):
         hi = min(n, lo + per_file)
-        ids = np.arange(lo, hi)
+        ids = np.arange(lo, hi) + first_row
         cols = {
             "image_id": ids + 10**12, "post_id": np.array([f"p{i}" for i in ids], dtype=object),
             "image_index": np.zeros(hi - lo, np.int32), "url": np.array([f"https://i.redd.it/{i}.jpg" for i in ids], dtype=object),
@@ -171,7 +175,8 @@ def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 50
             "embedding": vectors[lo:hi], "model": np.array(["m"] * (hi - lo), dtype=object),
         }
         cols.update({k: np.asarray(v)[lo:hi] for k, v in overrides.items()})
-        store.write_chunk(ChunkResult(dump="RS_test.zst", index=f, first_line=lo, lines=hi - lo), rows_to_shard_table(cols))
+        chunk = ChunkResult(dump="RS_test.zst", index=f, first_line=lo + first_row, lines=hi - lo)
+        store.write_chunk(chunk, rows_to_shard_table(cols))
 
 
 REENCODE_KINDS = ("jpeg_q50", "resized", "cropped")

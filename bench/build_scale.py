@@ -1,0 +1,238 @@
+"""Out-of-core build at several times the memory budget: time, measured memory, recall.
+
+    .venv/bin/python bench/build_scale.py                       # 1M, 2M, 4M x 384 and 200k x 1152
+    .venv/bin/python bench/build_scale.py --sets 1000000x384    # one set
+
+For each set: clustered synthetic vectors written block by block as ingest-schema Parquet
+shards (titles, subreddits, times), then built through `ray_jobs/build_index.py` with
+`index.build_memory` = --budget, exactly as a user runs it. Measured, never estimated:
+- the driver's anonymous memory (RssAnon of the build process, sampled from /proc every
+  5 ms by this script) and every shard task's (sampled inside the task, in the summary);
+- wall seconds per phase (the build's summary), scratch and index bytes (files on disk);
+- recall@10 at each --Ls on --queries held-out queries (drawn from the same clusters, not
+  in the index) against exact ground truth computed blockwise over the corpus vectors.
+Then the per-vector costs of each phase are fitted on the measured sets and the build of
+230M x 1152 on the seed machine (--target-threads cores, --target-budget) is extrapolated
+with `memescale.build.plan` (time and peak RAM).
+
+Outputs bench/results/build_scale.json, build_scale.md (the table) and build_scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from memescale.index import Index
+from memescale.index.eval import exact_ground_truth, recall_at_k
+from memescale.memwatch import PeakRssAnon
+from memescale.testing.sample_data import write_vector_shards
+
+SUBREDDITS = np.array(["memes", "dankmemes", "me_irl", "funny", "pics", "wholesomememes", "ProgrammerHumor",
+                       "gaming", "aww", "AdviceAnimals"], dtype=object)
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 1000, spread: float = 0.35, block: int = 100_000):
+    """Blocks of unit float32 vectors around `clusters` fixed random centres (same centres for
+    every seed's stream of a given d); yields (first_row, block)."""
+    centres = np.random.default_rng(12345 + d).standard_normal((clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n, block):
+        m = min(block, n - lo)
+        x = centres[rng.integers(0, clusters, m)] + spread * rng.standard_normal((m, d)).astype(np.float32) / math.sqrt(d)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield lo, x
+
+
+def write_set(folder: Path, n: int, d: int, per_file: int = 20_000) -> None:
+    """Ingest-schema shards of the n x d set under folder/embeddings (skipped when complete)."""
+    done = folder / "embeddings.done"
+    if done.exists():
+        return
+    shutil.rmtree(folder / "embeddings", ignore_errors=True)
+    for lo, x in clustered(n, d, seed=1):
+        rows = np.arange(lo, lo + len(x))
+        write_vector_shards(folder / "embeddings", x, per_file=per_file, first_row=lo, overrides={
+            "subreddit": SUBREDDITS[rows % len(SUBREDDITS)],
+            "title": np.char.add("a meme about topic ", (rows % 9973).astype(str)).astype(object),
+            "created_utc": 1_400_000_000 + rows * 37,
+        })
+    done.write_text(str(n))
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def build(folder: Path, config: str, budget: str, threads_per_task: int, extra: list[str]) -> dict:
+    """Run the build job (a fresh OUT); returns its summary plus the driver's measured peak."""
+    out, work = folder / "index", folder / "index.work"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "ray_jobs" / "build_index.py"), "--config", config,
+           "--embeddings", str(folder / "embeddings"), "--out", str(out), "--work", str(work),
+           "--threads-per-task", str(threads_per_task), "--no-query-sample",
+           "--set", f'index.build_memory="{budget}"'] + [a for s in extra for a in ("--set", s)]
+    t0 = time.perf_counter()
+    log = open(folder / "build.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    with PeakRssAnon(proc.pid) as peak:
+        rc = proc.wait()
+    log.close()
+    if rc != 0:
+        raise SystemExit(f"build failed ({rc}); see {folder / 'build.log'}")
+    summary = json.loads((out / "build_summary.json").read_text())
+    summary["driver_peak_rss_anon_external"] = peak.peak_bytes
+    summary["wall_seconds"] = time.perf_counter() - t0
+    summary["scratch_bytes"] = du(work)
+    summary["index_bytes"] = du(out)
+    return summary
+
+
+def evaluate(folder: Path, n: int, d: int, nq: int, Ls: list[int], k: int = 10) -> dict:
+    """recall@k at each L on nq held-out queries, against blockwise exact ground truth over the
+    corpus's own vectors file (node order)."""
+    queries = next(clustered(nq, d, seed=2, block=nq))[1]
+    vec_files = sorted((folder / "index.work").rglob("vectors.npy"))
+    base = np.load(vec_files[0], mmap_mode="r")[:, :d]
+    gt, _ = exact_ground_truth(base, queries, k)
+    out = {}
+    with Index.open(folder / "index", threads=2) as index:
+        for L in Ls:
+            ids, _, _ = index.search(queries, k, L)
+            out[f"recall@{k}_L{L}"] = round(recall_at_k(ids, gt, k), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sets", default="1000000x384,2000000x384,4000000x384,200000x1152")
+    ap.add_argument("--budget", default="1GiB")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "cpu.toml"))
+    ap.add_argument("--set", action="append", default=["index.R=32", "index.L=64", "index.weight_beta=0.0"],
+                    metavar="SECTION.KEY=VALUE", help="config overrides for every build")
+    ap.add_argument("--threads-per-task", type=int, default=2)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--Ls", default="50,100")
+    ap.add_argument("--data", default="/tmp/memescale-build-scale", help="where sets and indexes go (tens of GB)")
+    ap.add_argument("--target-vectors", type=int, default=230_000_000)
+    ap.add_argument("--target-dim", type=int, default=1152)
+    ap.add_argument("--target-budget", default="64GiB")
+    ap.add_argument("--target-threads", type=int, default=6)
+    ap.add_argument("--target-config", default=str(ROOT / "configs" / "gpu.toml"), help="R and L of the target build")
+    a = ap.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Ls = [int(x) for x in a.Ls.split(",")]
+    rows = []
+    for spec in a.sets.split(","):
+        n, d = (int(x) for x in spec.lower().split("x"))
+        folder = Path(a.data) / f"{n}x{d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        write_set(folder, n, d)
+        print(f"[{n}x{d}] data ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        s = build(folder, a.config, a.budget, a.threads_per_task, a.set)
+        s.update(evaluate(folder, n, d, a.queries, Ls))
+        s.update(n=n, d=d, budget=a.budget, loadavg=os.getloadavg())
+        rows.append(s)
+        print(json.dumps({k: s[k] for k in ("n", "d", "wall_seconds", "driver_peak_rss_anon_external", "seconds")
+                          if k in s}), flush=True)
+        (RESULTS / "build_scale.json").write_text(json.dumps(rows, indent=1, default=str))
+    report(rows, a)
+    return 0
+
+
+def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128) -> dict:
+    """The plan of an n x d build on `threads` cores within `budget`, priced with the costs
+    fitted on the largest measured set (`plan.fitted_costs`: each phase's measured seconds
+    over the seconds its own plan predicted), next to the plan's own default costs."""
+    from memescale.build.plan import fitted_costs, plan_build
+    from memescale.config import parse_bytes
+
+    ref = max(rows, key=lambda s: s["n"] * s["d"])
+    costs = fitted_costs(ref["plan"]["seconds"], ref["seconds"])
+    kw = dict(R=R, L=L, overlap=2, pq_bytes=48, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
+              threads_per_task=threads)
+    fitted, default = plan_build(n, d, costs=costs, **kw), plan_build(n, d, **kw)
+    hours = fitted.seconds["total"] / 3600
+    text = (f"{hours:.0f} h ({hours / 24:.1f} days; the plan's default costs say "
+            f"{default.seconds['total'] / 3600:.0f} h), peak RAM {fitted.peak_memory_bytes / 2**30:.1f} GiB "
+            f"(driver {fitted.driver_memory_bytes / 2**30:.1f} GiB + {fitted.tasks_at_once} x "
+            f"{fitted.task_memory_bytes / 2**30:.1f} GiB shard tasks), {fitted.shards} shards, R={R} L={L}; "
+            f"costs fitted on the {ref['n']:,} x {ref['d']} build. Hours per phase: "
+            + ", ".join(f"{k} {v / 3600:.1f}" for k, v in fitted.seconds.items() if k != "total"))
+    return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs}
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.0f}"
+
+
+def report(rows: list[dict], a: argparse.Namespace) -> None:
+    """The markdown table, the extrapolation and the plot."""
+    lines = ["| set | shards | tasks at once | driver peak RssAnon MiB (B/vector) | task peak / declared MiB | "
+             "scratch GiB | index GiB | wall s | per phase s | " + " | ".join(f"recall@10 L={L}" for L in a.Ls.split(","))
+             + " |", "|" + "---|" * (9 + len(a.Ls.split(",")))]
+    for s in rows:
+        n = s["n"]
+        drv = s["driver_peak_rss_anon_external"]
+        tasks = [t for t in s.get("shards", []) if not t.get("skipped")]
+        tpeak = max((t.get("peak_rss_anon", t.get("peak_rss", 0)) for t in tasks), default=0)
+        tdecl = max((t.get("declared_memory", 0) for t in tasks), default=0)
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in s.get("seconds", {}).items() if k != "total")
+        lines.append(f"| {n:,} x {s['d']} | {len(s.get('shards', []))} | {s.get('plan', {}).get('tasks_at_once', '')} | "
+                     f"{_mib(drv)} ({drv / n:.1f}) | {_mib(tpeak)} / {_mib(tdecl)} | {s['scratch_bytes'] / 2**30:.2f} | "
+                     f"{s['index_bytes'] / 2**30:.2f} | {s['wall_seconds']:.0f} | {phases} | "
+                     + " | ".join(str(s.get(f"recall@10_L{L}", "")) for L in a.Ls.split(",")) + " |")
+    from memescale.config import load_config
+
+    target = load_config(a.target_config).index
+    ext = extrapolate(rows, a.target_vectors, a.target_dim, a.target_budget, a.target_threads, target.R, target.L)
+    lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
+              f"{a.target_budget}: " + ext["text"]]
+    same_d = sorted((s for s in rows if s["d"] == rows[0]["d"]), key=lambda s: s["n"])
+    if len(same_d) >= 2:
+        lo, hi = same_d[0], same_d[-1]
+        b = math.log(hi["wall_seconds"] / lo["wall_seconds"]) / math.log(hi["n"] / lo["n"])
+        lines.append(f"Build time grows as N^{b:.2f} from {lo['n']:,} to {hi['n']:,} vectors (target: <= N^1.15).")
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / "build_scale.md").write_text(text + "\n")
+    (RESULTS / "build_scale.json").write_text(json.dumps({"sets": rows, "extrapolation": ext}, indent=1,
+                                                         default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for d in sorted({s["d"] for s in rows}):
+        ss = sorted((s for s in rows if s["d"] == d), key=lambda s: s["n"])
+        ax1.plot([s["n"] for s in ss], [s["wall_seconds"] for s in ss], "o-", label=f"d={d}")
+        ax2.plot([s["n"] for s in ss], [s["driver_peak_rss_anon_external"] / 2**20 for s in ss], "o-", label=f"d={d}")
+    ax1.set(xlabel="vectors", ylabel="build wall seconds", xscale="log", yscale="log")
+    ax2.set(xlabel="vectors", ylabel="driver peak RssAnon (MiB)", xscale="log")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "build_scale.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
