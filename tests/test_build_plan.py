@@ -29,8 +29,11 @@ BIG = dict(R=64, L=128, overlap=2, pq_bytes=64, threads=12)
 
 
 def _fits(plan) -> None:
-    assert plan.driver_memory_bytes + plan.tasks_at_once * plan.task_memory_bytes <= plan.budget_bytes
-    assert plan.peak_memory_bytes == plan.driver_memory_bytes + plan.tasks_at_once * plan.task_memory_bytes
+    assert plan.driver_memory_bytes <= plan.budget_bytes
+    assert plan.driver_idle_bytes + plan.tasks_at_once * plan.task_memory_bytes <= plan.budget_bytes
+    assert plan.peak_memory_bytes == max(plan.driver_memory_bytes,
+                                         plan.driver_idle_bytes + plan.tasks_at_once * plan.task_memory_bytes)
+    assert plan.driver_idle_bytes <= plan.driver_memory_bytes
     assert plan.driver_memory_bytes <= plan.driver_fixed_bytes + 24 * plan.n
     assert plan.tasks_at_once >= 1
 
@@ -48,7 +51,7 @@ def test_230m_by_1152_fits_64_gib_on_12_threads(threads_per_task):
     assert plan.task_memory_bytes == stages.shard_memory_bytes(plan.shard_vectors, 1157, 64, threads_per_task)
     # the smallest shard count that fits: one fewer would not
     fewer = stages.shard_memory_bytes(shard_vectors(n, plan.shards - 1, 2), 1157, 64, threads_per_task)
-    assert plan.driver_memory_bytes + fewer > plan.budget_bytes
+    assert plan.driver_idle_bytes + fewer > plan.budget_bytes
     assert plan.tasks_at_once <= 12 // threads_per_task
     assert plan.scratch["vectors_fp16"] == n * 1152 * 2 and plan.scratch["pq_codes"] == n * 64
     assert plan.index_disk["records"] >= n * (1157 * 2 + 64 * 4) and plan.index_disk["codes"] >= n * 64
@@ -113,7 +116,7 @@ def test_plan_only_prints_the_plan_and_builds_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     plan = json.loads(printed[-1])
     assert (plan["n"], plan["d"], plan["budget_bytes"], plan["threads"]) == (230_000_000, 1152, 48 * GiB, 12)
-    assert plan["driver_memory_bytes"] + plan["tasks_at_once"] * plan["task_memory_bytes"] <= 48 * GiB
+    assert plan["driver_idle_bytes"] + plan["tasks_at_once"] * plan["task_memory_bytes"] <= 48 * GiB
     assert any(line.startswith("tasks at once") for line in printed)
     assert not out.exists() and not (tmp_path / "index.work").exists()
     # a budget too small: status 2 and the smallest budget that works

@@ -16,7 +16,7 @@ from memescale.index import Index, IndexParams, build_index, build_vamana, exact
 from memescale.index.disk import ARRAYS_FILE, MAGIC_ARRAYS, read_small_file, unpack_arrays
 from memescale.index.eval import recall_at_k
 from memescale.index.merge import border_nodes, member_from_shards, merge_shard_graphs
-from memescale.index.vamana import refine_graph
+from memescale.index.vamana import VISIT_TABLE, refine_graph
 from memescale.testing.sample_data import write_vector_shards
 
 pytestmark = pytest.mark.slow  # Ray jobs end to end
@@ -142,11 +142,11 @@ def test_refine_graph_is_deterministic_and_bounded():
     norms = np.einsum("ij,ij->i", X16.astype(np.float32), X16.astype(np.float32)).astype(np.float32)
 
     def hits(graph, degrees):
-        stamps = np.zeros(3000, np.int32)
+        vis = np.zeros(VISIT_TABLE, np.int64)
         found = 0
         for t, qv in enumerate(q):
-            ids, ds = greedy_search(X16.view(np.uint16), norms, graph, degrees, start, qv, np.float32(qv @ qv), 8,
-                                    stamps, t + 1)
+            ids, ds, vis = greedy_search(X16.view(np.uint16), norms, graph, degrees, start, qv, np.float32(qv @ qv), 8,
+                                         vis, t + 1)
             found += int(ids[np.argmin(ds)] == truth[t])
         return found
 

@@ -198,34 +198,18 @@ def test_query_sample_reads_only_drawn_titles(tmp_path, monkeypatch):
 
 
 MEMORY_CHILD = r"""
-import json, sys, threading
+import json, sys
 from memescale.build import stages
 from memescale.build.fingerprint import Phase, phase_fingerprint
-
-def rss_anon():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-peak = [0]
-done = threading.Event()
-def sample():
-    while not done.wait(0.002):
-        peak[0] = max(peak[0], rss_anon())
+from memescale.memwatch import PeakRssAnon
 
 emb, work = sys.argv[1], sys.argv[2]
-base = rss_anon()
-t = threading.Thread(target=sample)
-t.start()
-corpus = stages.collect_corpus(emb, work)
-weighting = stages.fit_weights(corpus, 0.2, 0)
-phase = Phase(work, "index_vectors", phase_fingerprint(corpus.fingerprint, weight_beta=0.2, seed=0))
-out = stages.write_index_vectors(corpus, weighting, phase)
-peak[0] = max(peak[0], rss_anon())
-done.set()
-t.join()
-print(json.dumps({"growth": peak[0] - base, "n": len(corpus), "dim": out.shape[1]}))
+with PeakRssAnon(interval_s=0.002) as peak:
+    corpus = stages.collect_corpus(emb, work)
+    weighting = stages.fit_weights(corpus, 0.2, 0)
+    phase = Phase(work, "index_vectors", phase_fingerprint(corpus.fingerprint, weight_beta=0.2, seed=0))
+    out = stages.write_index_vectors(corpus, weighting, phase)
+print(json.dumps({"growth": peak.growth_bytes, "n": len(corpus), "dim": out.shape[1]}))
 """
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from memescale.index import build_vamana, exact_topk, greedy_search, prune_lists, robust_prune
 from memescale.index.kernels import dot_hf, squared_norms
+from memescale.index.vamana import VISIT_TABLE
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -71,9 +72,9 @@ def test_greedy_search_with_L_at_least_N_is_exact():
     Q = unit_vectors(20, 16, seed=8).astype(np.float32)
     gt, _ = exact_topk(Q, X, 10)
     norms = (X.astype(np.float32) ** 2).sum(1)
-    stamps = np.zeros(300, np.int32)
+    vis = np.zeros(VISIT_TABLE, np.int64)
     for i, q in enumerate(Q):
-        ids, d = greedy_search(X.view(np.uint16), norms, nb, deg, medoid, q, np.float32(q @ q), 300, stamps, i + 1)
+        ids, d, vis = greedy_search(X.view(np.uint16), norms, nb, deg, medoid, q, np.float32(q @ q), 300, vis, i + 1)
         assert len(ids) == 300
         top = ids[np.argsort(d, kind="stable")[:10]]
         assert set(top.tolist()) == set(gt[i].tolist())

@@ -256,9 +256,10 @@ def test_streamed_metadata_must_match_the_node_count(tmp_path):
 
 
 MEMORY_CHILD = r"""
-import json, sys, threading
+import json, sys
 import numpy as np
 from memescale.index import PQCodec, write_index
+from memescale.memwatch import PeakRssAnon
 
 work = sys.argv[1]
 X = np.load(work + "/vectors.npy", mmap_mode="r")
@@ -266,27 +267,9 @@ nb = np.load(work + "/neighbours.npy", mmap_mode="r")
 deg = np.load(work + "/degrees.npy", mmap_mode="r")
 codes = np.load(work + "/codes.npy", mmap_mode="r")
 codec = PQCodec.from_arrays(dict(np.load(work + "/codec.npz")))
-
-def rss_anon():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-peak = [0]
-done = threading.Event()
-def sample():
-    while not done.wait(0.002):
-        peak[0] = max(peak[0], rss_anon())
-
-base = rss_anon()
-t = threading.Thread(target=sample)
-t.start()
-stats = write_index(work + "/index", X, (nb, deg), codec, codes, work + "/meta.parquet", np.array([0]))
-peak[0] = max(peak[0], rss_anon())
-done.set()
-t.join()
-print(json.dumps({"growth": peak[0] - base, "spilled": stats.meta_spilled}))
+with PeakRssAnon(interval_s=0.002) as peak:
+    stats = write_index(work + "/index", X, (nb, deg), codec, codes, work + "/meta.parquet", np.array([0]))
+print(json.dumps({"growth": peak.growth_bytes, "spilled": stats.meta_spilled}))
 """
 
 

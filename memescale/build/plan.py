@@ -3,8 +3,8 @@
 `plan_build` derives, from the budget the user sets (`index.build_memory`, bytes of RAM the
 whole build may use on a node):
 
-- shards k: unless given, the smallest k for which the driver plus ONE shard task fits the
-  budget. A shard holds at most ``ceil(overlap * N / k * (1 + SHARD_SLACK))`` vectors (the
+- shards k: unless given, the smallest k for which the idle driver plus ONE shard task fits
+  the budget. A shard holds at most ``ceil(overlap * N / k * (1 + SHARD_SLACK))`` vectors (the
   partition's hard cap, `memescale.index.partition.assign_shards`); with k = 1 it holds all N
   once. Fewer shards mean fewer border edges to repair and less merge work, so the smallest
   k that fits is the best one.
@@ -17,12 +17,14 @@ whole build may use on a node):
   samples the partition and PQ are trained on, one block of a blockwise pass and its
   temporaries); the per-vector part is the contract of the out-of-core driver (at most 24
   bytes per vector: e.g. shard membership counts and per-node degrees, never a vector or
-  a graph row).
+  a graph row). That is the driver's peak, in its own phases; while the shard tasks run it
+  is idle and holds `driver_idle_bytes` (DRIVER_BASE_BYTES + the per-vector part), so the
+  budget must hold max(driver peak, idle driver + tasks at once x task memory).
 - scratch disk bytes (WORK) and index disk bytes (OUT), per file.
 - estimated seconds per phase from `COSTS`.
 
-It raises `BuildPlanError` (a ValueError) when the budget cannot hold the driver plus one
-shard of the smallest useful size (at least MIN_SHARD_PER_OVERLAP x overlap vectors, and at
+It raises `BuildPlanError` (a ValueError) when the budget cannot hold the driver's peak, or
+the idle driver plus one shard of the smallest useful size (at least MIN_SHARD_PER_OVERLAP x overlap vectors, and at
 most MAX_SHARDS shards), naming the smallest budget that works.
 
 Every figure is a closed form in N, d, R, L, k: planning 230M vectors costs microseconds and
@@ -45,7 +47,7 @@ from memescale.index.weighting import WEIGHT_NAMES
 
 __all__ = [
     "COSTS", "DRIVER_BASE_BYTES", "DRIVER_BYTES_PER_VECTOR", "DRIVER_ROWS_IN_FLIGHT", "MAX_SHARDS",
-    "MIN_SHARD_PER_OVERLAP", "BuildPlan", "BuildPlanError", "driver_fixed_bytes", "driver_memory_bytes",
+    "MIN_SHARD_PER_OVERLAP", "BuildPlan", "BuildPlanError", "driver_fixed_bytes", "driver_idle_bytes", "driver_memory_bytes",
     "fitted_costs", "format_plan", "machine_budget", "plan_build", "plan_for_config", "shard_vectors",
 ]
 
@@ -128,8 +130,9 @@ class BuildPlan:
     task_memory_bytes: int  # declared per shard task (stages.shard_memory_bytes)
     driver_fixed_bytes: int
     driver_bytes_per_vector: int
-    driver_memory_bytes: int
-    peak_memory_bytes: int  # driver + tasks_at_once x task_memory_bytes
+    driver_memory_bytes: int  # the driver's peak, in its own phases (samples and blocks in flight)
+    driver_idle_bytes: int  # the driver while the shard tasks run: DRIVER_BASE_BYTES + per vector
+    peak_memory_bytes: int  # max(driver peak, driver idle + tasks_at_once x task_memory_bytes)
     scratch: dict[str, int] = field(default_factory=dict)
     index_disk: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -141,6 +144,12 @@ class BuildPlan:
 def driver_fixed_bytes(index_dim: int) -> int:
     """The driver's memory independent of N for index vectors of width `index_dim`."""
     return DRIVER_BASE_BYTES + DRIVER_ROWS_IN_FLIGHT * 4 * index_dim
+
+
+def driver_idle_bytes(n: int) -> int:
+    """The driver while shard tasks run (it holds no sample or block then): DRIVER_BASE_BYTES
+    + DRIVER_BYTES_PER_VECTOR x n."""
+    return DRIVER_BASE_BYTES + DRIVER_BYTES_PER_VECTOR * n
 
 
 def driver_memory_bytes(n: int, index_dim: int) -> int:
@@ -225,32 +234,41 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
     dx = d + max(0, int(extra_dims))
     tpt = min(threads_per_task, threads)
     driver = driver_memory_bytes(n, dx)
+    idle = driver_idle_bytes(n)
+    if driver > budget:
+        k_min = int(shards) if shards else _valid_shards(n, overlap)[-1]
+        need = max(driver, idle + shard_memory_bytes(shard_vectors(n, k_min, overlap), dx, R, tpt))
+        raise BuildPlanError(
+            f"build memory {_fmt_bytes(budget)} cannot hold the driver's own phases ({_fmt_bytes(driver)} for "
+            f"{n:,} vectors of width {dx}); the smallest budget that works is {_fmt_bytes(need)} "
+            f"({need} bytes): set index.build_memory to at least that")
 
     def task(k: int) -> int:
         return shard_memory_bytes(shard_vectors(n, k, overlap), dx, R, tpt)
 
     if shards:
         k, derived = int(shards), False
-        if driver + task(k) > budget:
+        if idle + task(k) > budget:
             raise BuildPlanError(
-                f"index.shards={k}: the driver ({_fmt_bytes(driver)}) plus one shard task of "
+                f"index.shards={k}: the driver ({_fmt_bytes(idle)} while shards build) plus one shard task of "
                 f"{shard_vectors(n, k, overlap):,} vectors ({_fmt_bytes(task(k))}) exceed the build memory "
                 f"{_fmt_bytes(budget)}; the smallest budget that works with {k} shards is "
-                f"{_fmt_bytes(driver + task(k))} ({driver + task(k)} bytes), or leave index.shards at 0 "
+                f"{_fmt_bytes(max(driver, idle + task(k)))} ({max(driver, idle + task(k))} bytes), or leave "
+                f"index.shards at 0 "
                 f"to derive the shard count")
     else:
         ks = _valid_shards(n, overlap)
-        fits = [k for k in ks if driver + task(k) <= budget]
+        fits = [k for k in ks if idle + task(k) <= budget]
         if not fits:
-            need = driver + task(ks[-1])
+            need = max(driver, idle + task(ks[-1]))
             raise BuildPlanError(
-                f"build memory {_fmt_bytes(budget)} cannot hold the driver ({_fmt_bytes(driver)} for "
+                f"build memory {_fmt_bytes(budget)} cannot hold the driver ({_fmt_bytes(idle)} for "
                 f"{n:,} vectors) plus one shard task of the smallest useful size ({shard_vectors(n, ks[-1], overlap):,} "
                 f"vectors in {ks[-1]} shards: {_fmt_bytes(task(ks[-1]))}); the smallest budget that works is "
                 f"{_fmt_bytes(need)} ({need} bytes): set index.build_memory to at least that")
         k, derived = fits[0], True
     mem = task(k)
-    at_once = max(1, min(k, (budget - driver) // mem, max(1, threads // tpt)))
+    at_once = max(1, min(k, (budget - idle) // mem, max(1, threads // tpt)))
     m = shard_vectors(n, k, overlap)
     M = min(pq_bytes, dx)
     members = n if k <= 1 else overlap * n
@@ -289,7 +307,8 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
                      budget_source=source, threads=threads, threads_per_task=tpt, shards=k, shards_derived=derived,
                      shard_vectors=m, tasks_at_once=int(at_once), task_memory_bytes=mem,
                      driver_fixed_bytes=driver_fixed_bytes(dx), driver_bytes_per_vector=DRIVER_BYTES_PER_VECTOR,
-                     driver_memory_bytes=driver, peak_memory_bytes=driver + int(at_once) * mem,
+                     driver_memory_bytes=driver, driver_idle_bytes=idle,
+                     peak_memory_bytes=max(driver, idle + int(at_once) * mem),
                      scratch=scratch, index_disk=index_disk, seconds={p: round(s, 3) for p, s in seconds.items()})
 
 

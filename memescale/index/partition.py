@@ -300,6 +300,17 @@ def greedy_thresholds(sample: np.ndarray, centroids: np.ndarray, overlap: int, s
     return thr
 
 
+@numba.njit(cache=True, inline="always")
+def _surplus(load, cap, m, need):
+    """Room the other m points still to place can spare: the room each centroid can still
+    give them (at most m each, one pick per point and centroid) minus the `need` picks they
+    must make. A row may take a centroid whose room the rest need only within it."""
+    surplus = -need
+    for c in range(load.shape[0]):
+        surplus += min(cap - load[c], m)
+    return surplus
+
+
 @numba.njit(cache=True)
 def _assign_by_thresholds(sims, thr, overlap, cap, load, out, todo):
     """Each row of sims (B, k) takes its `overlap` most similar centroids c with
@@ -313,9 +324,7 @@ def _assign_by_thresholds(sims, thr, overlap, cap, load, out, todo):
     picked = np.empty(overlap, np.int64)
     for i in range(sims.shape[0]):
         m, need = todo[0] - 1, todo[1] - overlap
-        surplus = -need
-        for c in range(k):
-            surplus += min(cap - load[c], m)
+        surplus = _surplus(load, cap, m, need)
         order = np.argsort(-sims[i], kind="mergesort")
         f = 0
         tight = 0
@@ -357,9 +366,7 @@ def _fill_short(sims, cap, load, out, todo):
         if f == overlap:
             continue
         m, need = todo[0] - 1, todo[1] - (overlap - f)
-        surplus = -need
-        for c in range(k):
-            surplus += min(cap - load[c], m)
+        surplus = _surplus(load, cap, m, need)
         order = np.argsort(-sims[i], kind="mergesort")
         tight = 0
         for t in range(k):
@@ -398,9 +405,7 @@ def _assign_in_one_pass(sims, thr, overlap, cap, load, todo, out):
     picked = np.empty(overlap, np.int64)
     for i in range(sims.shape[0]):
         m, need = todo[0] - 1, todo[1] - overlap
-        surplus = -need
-        for c in range(k):
-            surplus += min(cap - load[c], m)
+        surplus = _surplus(load, cap, m, need)
         order = np.argsort(-sims[i], kind="mergesort")
         f = 0
         tight = 0

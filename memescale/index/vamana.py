@@ -97,9 +97,18 @@ def _vs_reserve(vis, used, more, tag):
 
 
 @njit(nogil=True, cache=True)
-def _greedy_search_vs(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
-    """`greedy_search` with the visited set of epoch `tag` in hash table `vis` instead of N
-    stamps: same result. Returns (visited ids, their distances, the table, possibly grown)."""
+def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
+    """Algorithm 1: greedy search from `start` for query `qf` with search list size L.
+
+    X: (N, d) uint16 fp16 bits; norms: (N,) float32 squared norms; graph: (N, W) int32 out-
+    lists (first degrees[i] valid); qf: (d,) float32 query, qnorm its squared norm; vis: this
+    thread's visited set, a power-of-two int64 hash table (`_vs_add`; np.zeros(VISIT_TABLE)
+    to start), `tag` (>= 1) an epoch not used before in it: no clearing between searches,
+    and its memory follows the nodes one search touches, not N.
+    Returns (visited ids int32, their squared distances float32, the table, possibly
+    grown): the expanded set V, in expansion order. Each expansion costs degree-many
+    distance evaluations: O(|V| * R * d).
+    """
     cand_id = np.empty(L + 1, np.int32)
     cand_d = np.empty(L + 1, np.float32)
     done = np.zeros(L + 1, np.bool_)
@@ -167,74 +176,6 @@ def _distance_to(X, norms, qf, qnorm, j):
     return d if d > 0.0 else np.float32(0.0)
 
 
-@njit(nogil=True, cache=True)
-def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, stamps, stamp):
-    """Algorithm 1: greedy search from `start` for query `qf` with search list size L.
-
-    X: (N, d) uint16 fp16 bits; norms: (N,) float32 squared norms; graph: (N, W) int32 out-
-    lists (first degrees[i] valid); qf: (d,) float32 query; stamps: (N,) int32 visit marks of
-    this thread, `stamp` a value not used before in `stamps`.
-    Returns (visited ids int32, their squared distances float32): the expanded set V, in
-    expansion order. Each expansion costs degree-many distance evaluations: O(|V| * R * d).
-    """
-    cand_id = np.empty(L + 1, np.int32)
-    cand_d = np.empty(L + 1, np.float32)
-    done = np.zeros(L + 1, np.bool_)
-    fresh = np.empty(graph.shape[1], np.int32)
-    vis_id = np.empty(2 * L + 8, np.int32)
-    vis_d = np.empty(2 * L + 8, np.float32)
-    n_vis = 0
-    rowbytes = X.shape[1] * 2
-    base = X.ctypes.data
-
-    stamps[start] = stamp
-    cand_id[0] = start
-    cand_d[0] = _distance_to(X, norms, qf, qnorm, start)
-    n = 1
-    cur = 0
-    while cur < n:
-        p = cand_id[cur]
-        done[cur] = True
-        if n_vis == vis_id.shape[0]:
-            vis_id = np.concatenate((vis_id, np.empty_like(vis_id)))
-            vis_d = np.concatenate((vis_d, np.empty_like(vis_d)))
-        vis_id[n_vis] = p
-        vis_d[n_vis] = cand_d[cur]
-        n_vis += 1
-        m = 0
-        for t in range(degrees[p]):
-            u = graph[p, t]
-            if stamps[u] != stamp:
-                stamps[u] = stamp
-                fresh[m] = u
-                m += 1
-        for t in range(m):
-            prefetch_bytes(base + np.int64(fresh[t]) * rowbytes, rowbytes)
-        nxt = n
-        for t in range(m):
-            u = fresh[t]
-            d = _distance_to(X, norms, qf, qnorm, u)
-            if n == L and d >= cand_d[n - 1]:
-                continue
-            pos = n if n < L else L - 1
-            while pos > 0 and cand_d[pos - 1] > d:
-                cand_id[pos] = cand_id[pos - 1]
-                cand_d[pos] = cand_d[pos - 1]
-                done[pos] = done[pos - 1]
-                pos -= 1
-            cand_id[pos] = u
-            cand_d[pos] = d
-            done[pos] = False
-            if n < L:
-                n += 1
-            if pos < nxt:
-                nxt = pos
-        cur = nxt if nxt < cur else cur
-        while cur < n and done[cur]:
-            cur += 1
-    return vis_id[:n_vis], vis_d[:n_vis]
-
-
 @njit(nogil=True, cache=True, fastmath=True)
 def robust_prune(X, norms, cand_ids, cand_d, alpha, R, out):
     """Algorithm 2: choose at most R out-neighbours of a point p from its candidates.
@@ -281,7 +222,7 @@ def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha
         p = points[b]
         widen(X[p], qf)
         tag = tag0 + 2 * (b - lo)
-        vis_id, vis_d, vis = _greedy_search_vs(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag)
+        vis_id, vis_d, vis = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag)
         tag += 1
         deg = degrees[p]
         vis = _vs_reserve(vis, 0, 1 + vis_id.shape[0] + deg, tag)
