@@ -98,7 +98,7 @@ from memescale.config import load_config
 from memescale.memwatch import PeakRssAnon
 
 tmp, root = sys.argv[1], sys.argv[2]
-cfg = load_config(root + "/configs/tiny.toml", ["index.shards=4", "index.R=12", "index.L=16", "index.pq_bytes=8",
+cfg = load_config(root + "/configs/tiny.toml", ["index.shards=4", "index.R=8", "index.L=12", "index.pq_bytes=8",
                                                 "index.weight_beta=0.2", "index.refine_fraction=0.3"])
 start_local_ray()
 # warm-up: Ray's driver, every numba kernel and pyarrow's readers, on a small set
@@ -111,12 +111,12 @@ print(json.dumps({"growth": peak.growth_bytes, "n": summary["vectors"], "refined
 
 
 def test_driver_memory_is_a_fixed_amount_plus_a_few_bytes_per_vector(tmp_path):
-    """The whole sharded build of N = 500k x 16-d in a subprocess: the driver's RssAnon
+    """The whole sharded build of N = 400k x 16-d in a subprocess: the driver's RssAnon
     growth, after a warm-up build, stays under 64 MiB + 24 B per vector. Each of a float32
     copy of the index vectors, the merged graph or the merge's lists in RAM, or one dict per
     metadata row would exceed it (the phases' fixed working sets scale with d, kept small
     here, the mistakes with N)."""
-    n, d = 500_000, 16
+    n, d = 400_000, 16
     rng = np.random.default_rng(0)
     for lo in range(0, n, 100_000):
         x = rng.standard_normal((100_000, d)).astype(np.float32)

@@ -13,7 +13,8 @@ Each phase folder is keyed by a fingerprint of its inputs and parameters (`finge
 a rerun reuses the phases whose fingerprint matches (and every shard graph whose checksums
 are valid), redoes the others, and the summary lists what was reused. Each shard task
 declares `memory=` from its size (`stages.shard_memory_bytes`) and at most the plan's
-`tasks_at_once` run together, so driver plus tasks stay within `index.build_memory`; the
+`tasks_at_once` per node run together, so driver plus tasks stay within `index.build_memory`
+on every node (Ray places each task where its declared memory fits); the
 driver's and each task's peak anonymous memory are measured (sampled from /proc) and
 reported. WORK must be on storage every node sees (a shared filesystem) on a cluster.
 """
@@ -175,8 +176,9 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
     reused = gp.is_complete()
     if not reused:
         gp.resume()  # keeps the shard graphs an interrupted run of the same fingerprint finished
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))  # the plan is per node
     results = build_shard_graphs(gp.dir, part, str(vectors_path), d, ic, plan.threads_per_task,
-                                 plan.tasks_at_once)
+                                 plan.tasks_at_once * max(1, nodes))
     if not reused:
         gp.finish(shards=part.k)
     phase.done("graphs", reused)
