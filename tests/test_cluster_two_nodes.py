@@ -72,10 +72,10 @@ def cluster():
 
 def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path):
     dashboard, env = cluster
-    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:6000]
-    write_vector_shards(tmp_path / "emb", base, per_file=2000)
+    base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:4000]
+    write_vector_shards(tmp_path / "emb", base, per_file=1000)
     args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "4",
-            "--no-query-sample"]
+            "--no-query-sample", "--set", "index.R=16", "--set", "index.L=32"]
     deadline = time.monotonic() + 90
     while True:  # the head's job agent takes a few seconds to come up after `ray start`
         sub = subprocess.run(
