@@ -312,35 +312,46 @@ def _surplus(load, cap, m, need):
 
 
 @numba.njit(cache=True)
-def _assign_by_thresholds(sims, thr, overlap, cap, load, out, todo):
+def _assign_rows(sims, thr, overlap, cap, load, todo, out, fill):
     """Each row of sims (B, k) takes its `overlap` most similar centroids c with
-    sims >= thr[c] and room (load[c] < cap): out[i] in increasing centroid order, -1 padded
-    (rows left short are filled by `_fill_short` once every row had its pass). Updates load.
-    todo = [points not yet placed in full, picks still to make] over the corpus, updated;
-    a centroid whose room the rest may need is taken only within the surplus (`_fill_short`).
-    Returns the number of picks missing."""
+    sims >= thr[c] and room (load[c] < cap), and with `fill` then the most similar ones with
+    room it lacks: out[i] in increasing centroid order, -1 padded. Updates load. todo =
+    [points not yet placed in full, picks still to make] over the corpus, updated (without
+    `fill`, a row left short stays counted for `_fill_short`); a centroid whose room the rest
+    may need is taken only within the surplus (`_surplus`). Returns the picks missing.
+
+    Without `fill`: the streaming pass of `assign_shards_to_disk`; with it, its fallback, where
+    each point takes all its shards at once."""
     k = sims.shape[1]
     missing = 0
     picked = np.empty(overlap, np.int64)
     for i in range(sims.shape[0]):
-        m, need = todo[0] - 1, todo[1] - overlap
-        surplus = _surplus(load, cap, m, need)
+        m = todo[0] - 1
+        surplus = _surplus(load, cap, m, todo[1] - overlap)
         order = np.argsort(-sims[i], kind="mergesort")
         f = 0
         tight = 0
-        for t in range(k):
-            c = order[t]
-            room = cap - load[c]
-            if sims[i, c] >= thr[c] and room > 0 and (room > m or tight < surplus):
+        for pass_no in range(2 if fill else 1):
+            for t in range(k):
+                if f == overlap:
+                    break
+                c = order[t]
+                room = cap - load[c]
+                if room <= 0 or (pass_no == 0 and sims[i, c] < thr[c]) or (room <= m and tight >= surplus):
+                    continue
+                dup = False
+                for q in range(f):
+                    if picked[q] == c:
+                        dup = True
+                if dup:
+                    continue
                 picked[f] = c
                 load[c] += 1
                 f += 1
                 if room <= m:
                     tight += 1
-                if f == overlap:
-                    break
         todo[1] -= f
-        if f == overlap:
+        if fill or f == overlap:
             todo[0] -= 1
         srt = np.sort(picked[:f])
         for q in range(overlap):
@@ -394,49 +405,6 @@ def _fill_short(sims, cap, load, out, todo):
     return left
 
 
-@numba.njit(cache=True)
-def _assign_in_one_pass(sims, thr, overlap, cap, load, todo, out):
-    """Fallback of `assign_shards_to_disk` when its second pass leaves picks missing: each row
-    takes its most similar centroids it clears (sims >= thr[c]), then the most similar with
-    room, all at once, within the surplus that keeps the rest placeable (todo = [points
-    still to place, their picks], updated); out[i] increasing, -1 padded. Returns picks missing."""
-    k = sims.shape[1]
-    left = 0
-    picked = np.empty(overlap, np.int64)
-    for i in range(sims.shape[0]):
-        m, need = todo[0] - 1, todo[1] - overlap
-        surplus = _surplus(load, cap, m, need)
-        order = np.argsort(-sims[i], kind="mergesort")
-        f = 0
-        tight = 0
-        for pass_no in range(2):
-            for t in range(k):
-                if f == overlap:
-                    break
-                c = order[t]
-                room = cap - load[c]
-                if room <= 0 or (pass_no == 0 and sims[i, c] < thr[c]) or (room <= m and tight >= surplus):
-                    continue
-                dup = False
-                for q in range(f):
-                    if picked[q] == c:
-                        dup = True
-                if dup:
-                    continue
-                picked[f] = c
-                load[c] += 1
-                f += 1
-                if room <= m:
-                    tight += 1
-        todo[0] -= 1
-        todo[1] = need + (overlap - f)
-        srt = np.sort(picked[:f])
-        for q in range(overlap):
-            out[i, q] = srt[q] if q < f else -1
-        left += overlap - f
-    return left
-
-
 def assign_shards_to_disk(vectors: np.ndarray, centroids: np.ndarray, folder: str | os.PathLike, overlap: int = 2,
                           slack: float = 0.05, sample: np.ndarray | None = None, sample_size: int = 100_000,
                           seed: int = 0, block: int = 32768) -> DiskPartition:
@@ -473,8 +441,8 @@ def assign_shards_to_disk(vectors: np.ndarray, centroids: np.ndarray, folder: st
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = np.empty((hi - lo, overlap), np.int32)
-        missing += _assign_by_thresholds(_normalise(vectors[lo:hi]) @ cent.T, thr, overlap, first_cap, load, out,
-                                         todo)
+        missing += _assign_rows(_normalise(vectors[lo:hi]) @ cent.T, thr, overlap, first_cap, load, todo, out,
+                                False)
         member[lo:hi] = out
     left = 0
     for lo in range(0, n if missing else 0, block):
@@ -491,7 +459,7 @@ def assign_shards_to_disk(vectors: np.ndarray, centroids: np.ndarray, folder: st
         for lo in range(0, n, block):
             hi = min(n, lo + block)
             out = np.empty((hi - lo, overlap), np.int32)
-            left += _assign_in_one_pass(_normalise(vectors[lo:hi]) @ cent.T, thr, overlap, cap, load, todo, out)
+            left += _assign_rows(_normalise(vectors[lo:hi]) @ cent.T, thr, overlap, cap, load, todo, out, True)
             member[lo:hi] = out
     member.flush()
     try:

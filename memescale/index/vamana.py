@@ -46,37 +46,34 @@ VISIT_TABLE = 4096  # initial entries of a thread's visited set (grown on demand
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _vs_add(vis, u, tag):
-    """Add node u (>= 0) to the visited set of epoch `tag` (>= 1) held in `vis`; True when it
-    was not in it yet. vis: power-of-two int64 hash table (linear probing), entries
-    (tag << 32) | u; an entry of another epoch counts as empty, so a new epoch starts with no
-    clearing. The caller keeps the table at most half full (`_vs_reserve`)."""
+def _vs_slot(vis, u, tag):
+    """The slot of node u (>= 0) in the visited set of epoch `tag` (>= 1) held in `vis`: where
+    its entry is, or the free slot it would take. vis: power-of-two int64 hash table (linear
+    probing), entries (tag << 32) | u; an entry of another epoch counts as free, so a new
+    epoch starts with no clearing. The caller keeps the table at most half full (`_vs_reserve`)."""
     mask = np.uint64(vis.shape[0] - 1)
     want = (np.int64(tag) << 32) | np.int64(u)
     i = ((np.uint64(u) * _GOLDEN) >> np.uint64(32)) & mask
-    while True:
-        e = vis[i]
-        if e == want:
-            return False
-        if (e >> 32) != tag:
-            vis[i] = want
-            return True
+    while vis[i] != want and (vis[i] >> 32) == tag:
         i = (i + np.uint64(1)) & mask
+    return i
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _vs_add(vis, u, tag):
+    """Add node u to the visited set of epoch `tag` (see `_vs_slot`); True when it was not in it yet."""
+    i = _vs_slot(vis, u, tag)
+    want = (np.int64(tag) << 32) | np.int64(u)
+    if vis[i] == want:
+        return False
+    vis[i] = want
+    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _vs_has(vis, u, tag):
-    """Whether node u is in the visited set of epoch `tag` (see `_vs_add`)."""
-    mask = np.uint64(vis.shape[0] - 1)
-    want = (np.int64(tag) << 32) | np.int64(u)
-    i = ((np.uint64(u) * _GOLDEN) >> np.uint64(32)) & mask
-    while True:
-        e = vis[i]
-        if e == want:
-            return True
-        if (e >> 32) != tag:
-            return False
-        i = (i + np.uint64(1)) & mask
+    """Whether node u is in the visited set of epoch `tag` (see `_vs_slot`)."""
+    return vis[_vs_slot(vis, u, tag)] == ((np.int64(tag) << 32) | np.int64(u))
 
 
 @njit(nogil=True, cache=True)
