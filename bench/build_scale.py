@@ -3,7 +3,7 @@
     .venv/bin/python bench/build_scale.py                       # 1M, 2M, 4M x 384 and 200k x 1152
     .venv/bin/python bench/build_scale.py --sets 1000000x384    # one set
 
-For each set: clustered synthetic vectors written block by block as ingest-schema Parquet
+For each set: clustered synthetic vectors (bench/ann.py's mixture) written block by block as ingest-schema Parquet
 shards (titles, subreddits, times), then built through `ray_jobs/build_index.py` with
 `index.build_memory` = --budget, exactly as a user runs it. Measured, never estimated:
 - the driver's anonymous memory (RssAnon of the build process, sampled from /proc every
@@ -45,15 +45,27 @@ SUBREDDITS = np.array(["memes", "dankmemes", "me_irl", "funny", "pics", "wholeso
                        "gaming", "aww", "AdviceAnimals"], dtype=object)
 
 
-def clustered(n: int, d: int, seed: int, clusters: int = 1000, spread: float = 0.35, block: int = 100_000):
-    """Blocks of unit float32 vectors around `clusters` fixed random centres (same centres for
-    every seed's stream of a given d); yields (first_row, block)."""
-    centres = np.random.default_rng(12345 + d).standard_normal((clusters, d)).astype(np.float32)
+def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, block: int = 65_536):
+    """Blocks of a clustered, normalised Gaussian mixture shaped like text embeddings, as
+    bench/ann.py's `synthetic` draws it (a unit centre per cluster plus a rank-`rank` spread
+    and a little isotropic noise, Zipf-like cluster sizes; the mixture is fixed by d, the
+    draws by `seed`), generated block by block; yields (first_row, (m, d) float32 block)."""
+    mix = np.random.default_rng(12345 + d)
+    centres = mix.standard_normal((clusters, d)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    bases = mix.standard_normal((clusters, rank, d)).astype(np.float32) / math.sqrt(d)
+    weights = 1.0 / np.arange(1, clusters + 1) ** 0.5
+    weights /= weights.sum()
     rng = np.random.default_rng(seed)
     for lo in range(0, n, block):
         m = min(block, n - lo)
-        x = centres[rng.integers(0, clusters, m)] + spread * rng.standard_normal((m, d)).astype(np.float32) / math.sqrt(d)
+        x = np.empty((m, d), np.float32)
+        for a in range(0, m, 4096):  # (4096, rank, d) float32 gathers
+            b = min(m, a + 4096)
+            c = rng.choice(clusters, size=b - a, p=weights)
+            z = rng.standard_normal((b - a, rank)).astype(np.float32) * 0.3
+            x[a:b] = centres[c] + np.einsum("mr,mrd->md", z, bases[c])
+            x[a:b] += rng.standard_normal((b - a, d)).astype(np.float32) * (0.12 / math.sqrt(d))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         yield lo, x
 

@@ -57,7 +57,7 @@ MiB = 2**20
 # Driver memory: interpreter + numpy/numba/pyarrow and their compiled kernels, plus this many
 # float32 rows of the index width in flight, plus the per-vector contract.
 DRIVER_BASE_BYTES = 192 * MiB
-DRIVER_ROWS_IN_FLIGHT = 131_072
+DRIVER_ROWS_IN_FLIGHT = 163_840
 DRIVER_BYTES_PER_VECTOR = 24
 
 SHARD_SLACK = 0.05  # the partition's cap over the mean shard size (partition.assign_shards' slack)

@@ -370,9 +370,11 @@ def prune_lists(
     return out, degrees
 
 
-def find_medoid(vectors: np.ndarray, block: int = 65536) -> int:
-    """Index of the point closest (Euclidean) to the mean of `vectors` ((N, d) float). O(N d)."""
+def find_medoid(vectors: np.ndarray, block: int | None = None) -> int:
+    """Index of the point closest (Euclidean) to the mean of `vectors` ((N, d) float), read
+    `block` rows at a time (default: 16 MiB of float64 rows). Time O(N d), memory O(block d)."""
     n = vectors.shape[0]
+    block = block or max(256, (16 << 20) // (8 * max(1, vectors.shape[1])))
     mean = np.zeros(vectors.shape[1], np.float64)
     for lo in range(0, n, block):
         mean += np.asarray(vectors[lo : lo + block], dtype=np.float64).sum(axis=0)
