@@ -45,7 +45,7 @@ SUBREDDITS = np.array(["memes", "dankmemes", "me_irl", "funny", "pics", "wholeso
                        "gaming", "aww", "AdviceAnimals"], dtype=object)
 
 
-def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, block: int = 65_536):
+def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, block: int = 100_000):
     """Blocks of a clustered, normalised Gaussian mixture shaped like text embeddings, as
     bench/ann.py's `synthetic` draws it (a unit centre per cluster plus a rank-`rank` spread
     and a little isotropic noise, Zipf-like cluster sizes; the mixture is fixed by d, the
