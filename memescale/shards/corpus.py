@@ -125,12 +125,6 @@ class Corpus:
             return pq.read_table(self.meta_path, columns=[name]).column(name)
         return self.rows(ids, [name]).column(name)
 
-    @property
-    def meta(self) -> pa.Table:
-        """The whole metadata table in RAM: O(N) memory, for small corpora (tests, curate's
-        decisions until they read columns with `column`). The build never uses it."""
-        return pq.read_table(self.meta_path)
-
 
 class RowDicts(Sequence[dict]):
     """The rows of a table or record batch as dicts, each made when it is accessed (the
