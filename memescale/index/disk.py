@@ -24,12 +24,24 @@ An index is a folder of four files, all little-endian:
 ``metadata_overflow.bin``
     64-byte header + concatenated msgpack blobs of the metadata too large for its record.
 
+``image_ids.bin``
+    64-byte header (rows = the nodes whose metadata has an integer ``image_id``) + those
+    image ids sorted ascending (int64) + the node id of each (int32): the stable-id map
+    that `like`, deletes and duplicate-free inserts look up (binary search on a memory
+    map, 12 bytes per node on disk, none in RAM).
+
 Metadata: each node's dict is msgpack-encoded. The per-record budget is chosen from the
 data at write time: the 99.9th percentile of encoded sizes (at least 8 bytes), then grown to
 use the padding the sector packing leaves anyway, and capped so that a record stays within
 one sector (search never needs more than one read per node). A blob larger than the budget
 is spilled whole to ``metadata_overflow.bin``: its record stores the length with the high
 bit set and the blob's uint64 offset in that file. Nothing is truncated.
+
+Generations: an index folder that has been updated (`memescale.index.live`) holds a
+``CURRENT`` file, JSON ``{"generation": g, "dir": "gen-00000g"}``, naming the subfolder
+with generation g's files (generation 0, as built, is the folder itself: ``"dir": "."``).
+`resolve_generation` follows it; it is replaced atomically (write, fsync, rename, fsync
+the folder), so a reader sees the old or the new generation, never a mix.
 
 Integrity: opening checks every header (magic, version, CRC) and sizes, and the CRC-32 of
 the three small files; the record file's payload CRC is checked by `verify_records` (a full
@@ -38,10 +50,11 @@ read). Any failure raises `IndexFormatError` naming the file and the problem.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +71,15 @@ RECORDS_FILE = "records.bin"
 CODES_FILE = "pq_codes.bin"
 ARRAYS_FILE = "arrays.bin"
 OVERFLOW_FILE = "metadata_overflow.bin"
-INDEX_FILES = (RECORDS_FILE, CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE)
+IDS_FILE = "image_ids.bin"
+INDEX_FILES = (RECORDS_FILE, CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE, IDS_FILE)
 
 MAGIC_RECORDS = b"MSIXREC\x00"
 MAGIC_CODES = b"MSIXPQC\x00"
 MAGIC_ARRAYS = b"MSIXARR\x00"
 MAGIC_OVERFLOW = b"MSIXMOV\x00"
 MAGIC_CODEC = b"MSIXCDC\x00"
+MAGIC_IDS = b"MSIXIDS\x00"
 
 DTYPE_FP16 = 1
 SPILL_BIT = 0x8000_0000
@@ -90,6 +105,52 @@ class IndexFormatError(Exception):
         super().__init__(f"{self.path}: {problem}")
 
 
+CURRENT_FILE = "CURRENT"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that the names created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: temp file, fsync, rename, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def current_generation(index_dir: str | os.PathLike) -> tuple[int, Path]:
+    """(generation number, folder of its files) of the index folder (module doc)."""
+    root = Path(index_dir)
+    try:
+        raw = (root / CURRENT_FILE).read_bytes()
+    except FileNotFoundError:
+        return 0, root
+    try:
+        obj = json.loads(raw)
+        gen, sub = int(obj["generation"]), str(obj["dir"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexFormatError(root / CURRENT_FILE, f"unreadable generation pointer: {e}") from None
+    if "/" in sub or sub in ("", ".."):
+        raise IndexFormatError(root / CURRENT_FILE, f"bad generation folder {sub!r}")
+    return gen, root / sub
+
+
+def resolve_generation(index_dir: str | os.PathLike) -> Path:
+    """The folder holding the current generation's files of the index folder `index_dir`."""
+    return current_generation(index_dir)[1]
+
+
 def _crc_file(f, start: int, length: int) -> int:
     crc = 0
     f.seek(start)
@@ -101,6 +162,18 @@ def _crc_file(f, start: int, length: int) -> int:
         crc = zlib.crc32(block, crc)
         left -= len(block)
     return crc
+
+
+def _read_head(path: Path, nbytes: int) -> tuple[bytes, int]:
+    """The first `nbytes` of the file (fewer if it is shorter) and its size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return f.read(nbytes), size
+    except FileNotFoundError:
+        raise IndexFormatError(path, "file is missing") from None
+    except OSError as e:
+        raise IndexFormatError(path, f"cannot read: {e}") from e
 
 
 def _check_magic(path: Path, magic: bytes, want: bytes) -> None:
@@ -182,6 +255,25 @@ def read_small_file(path: Path, magic: bytes) -> tuple[bytes, int, int]:
     if zlib.crc32(payload) != crc:
         raise IndexFormatError(path, "payload checksum mismatch: the data is corrupt")
     return payload, rows, cols
+
+
+def map_small_file(path: Path, magic: bytes) -> tuple[np.ndarray, int, int]:
+    """The payload of a `write_small_file` file as a read-only uint8 memory map (empty
+    array for an empty payload), with rows and cols. Checks the header and size, not the
+    payload CRC (`read_small_file` does, reading it all). Memory O(1)."""
+    raw, size = _read_head(path, _SMALL.size)
+    if len(raw) < _SMALL.size:
+        raise IndexFormatError(path, f"truncated: {size} bytes, shorter than the {SMALL_HEADER}-byte header")
+    got_magic, version, header_size, payload, rows, cols, _, head_crc = _SMALL.unpack(raw)
+    _check_magic(path, got_magic, magic)
+    if zlib.crc32(raw[: _SMALL.size - 4]) != head_crc:
+        raise IndexFormatError(path, "header checksum mismatch: the header is corrupt")
+    _check_version(path, version)
+    if size != header_size + payload:
+        raise IndexFormatError(path, f"size mismatch: header says {header_size + payload} bytes, file has {size}")
+    if payload == 0:
+        return np.zeros(0, np.uint8), rows, cols
+    return np.memmap(path, np.uint8, "r", offset=header_size, shape=(payload,)), rows, cols
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], info: dict[str, Any]) -> bytes:
@@ -290,14 +382,7 @@ class RecordLayout:
 
 def read_record_header(path: Path) -> tuple[RecordLayout, int]:
     """Parse and check the header of ``records.bin`` and the file size: (layout, payload CRC)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(_RECORD.size)
-    except FileNotFoundError:
-        raise IndexFormatError(path, "file is missing") from None
-    except OSError as e:
-        raise IndexFormatError(path, f"cannot read: {e}") from e
+    raw, size = _read_head(path, _RECORD.size)
     if len(raw) < _RECORD.size:
         raise IndexFormatError(path, f"truncated: {size} bytes, shorter than the header")
     (magic, version, header_size, sector, dim, dtype, R, record, nps, spn, vec_off, deg_off, nbr_off,
@@ -333,14 +418,14 @@ BLOCK_BYTES = 1 << 22  # records.bin bytes assembled per write (and pq codes byt
 META_BLOCK_ROWS = 8192  # metadata rows turned into dicts at a time
 
 MetadataSource: TypeAlias = (
-    list | tuple | str | os.PathLike | pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch | pa.Table] | None
+    Sequence | str | os.PathLike | pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch | pa.Table] | None
 )
 
 
 def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[list]:
     """Normalise a metadata source (see `write_index`) into blocks of at most META_BLOCK_ROWS
     row dicts in node order; only one block's dicts are alive at a time."""
-    if isinstance(metadata, (list, tuple)):
+    if isinstance(metadata, Sequence) and not isinstance(metadata, (str, bytes)):
         if len(metadata) != n:
             raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
         for lo in range(0, n, META_BLOCK_ROWS):
@@ -382,14 +467,23 @@ def _encode_block(rows: list, first: int, packer: msgpack.Packer) -> list[bytes]
     return out
 
 
-def _spool_metadata(metadata: MetadataSource, n: int, spool: Path) -> np.ndarray:
+def _image_id(m: Any) -> int:
+    v = m.get("image_id") if isinstance(m, dict) else None
+    return v if type(v) is int and 0 <= v < 2**63 else -1
+
+
+def _spool_metadata(metadata: MetadataSource, n: int, spool: Path, ids: np.ndarray) -> np.ndarray:
     """First pass: encode every row's metadata into `spool` (blobs concatenated in node
-    order) and return their sizes, (n,) uint32. Memory: one block + 4 bytes per node."""
+    order) and return their sizes, (n,) uint32; write each row's integer ``image_id`` (-1
+    when it has none) into `ids` (n,) int64 (a memory map). Memory: one block + 4 bytes
+    per node."""
     sizes = np.zeros(n, np.uint32)
     packer = msgpack.Packer(use_bin_type=True)
     row = 0
     with open(spool, "wb") as f:
         for rows in _row_blocks(metadata, n):
+            if row + len(rows) <= n:
+                ids[row : row + len(rows)] = np.fromiter(map(_image_id, rows), np.int64, len(rows))
             blobs = _encode_block(rows, row, packer)
             del rows
             k = len(blobs)
@@ -432,6 +526,61 @@ def _place_metadata(rec: np.ndarray, sizes: np.ndarray, buf: np.ndarray, layout:
     return int(spill.size)
 
 
+ID_SORT_ROWS = 1 << 23  # image ids sorted in RAM at a time by `write_id_map` (~16 B each)
+_ID_SCAN = 1 << 20  # image ids scanned per block
+
+
+def write_id_map(path: Path, ids: np.ndarray, sort_rows: int = ID_SORT_ROWS) -> int:
+    """Write ``image_ids.bin`` (module doc) for `ids` (N,) int64 in node order (-1: no id;
+    a memory map is read in blocks). Returns the number of ids mapped.
+
+    Sorted in value ranges of about `sort_rows` ids each (cut at quantiles of a sample),
+    one streamed pass over `ids` per range: memory O(sort_rows + a block), time
+    O(N log N + N * N / sort_rows) reads. Ties keep node order."""
+    path = Path(path)
+    n = int(ids.shape[0])
+    valid = 0
+    for lo in range(0, n, _ID_SCAN):
+        valid += int(np.count_nonzero(np.asarray(ids[lo : lo + _ID_SCAN]) >= 0))
+    ranges = max(1, -(-valid // max(1, sort_rows)))
+    if ranges > 1:
+        rng = np.random.default_rng(0)
+        sample = np.asarray(ids[np.sort(rng.integers(0, n, 65536))])
+        sample = np.sort(sample[sample >= 0])
+        cuts = np.unique(sample[(np.arange(1, ranges) * len(sample)) // ranges]) if len(sample) else np.zeros(0)
+    else:
+        cuts = np.zeros(0, np.int64)
+    bounds = [-1, *cuts.tolist(), 2**63 - 1]
+    out = _StreamedSmallFile(path, MAGIC_IDS, valid, 12)
+    node_tmp = path.with_name(path.name + ".nodes.tmp")
+    try:
+        with open(node_tmp, "w+b") as nodes_f:
+            for b in range(len(bounds) - 1):
+                keys, nodes = [], []
+                for lo in range(0, n, _ID_SCAN):
+                    v = np.asarray(ids[lo : lo + _ID_SCAN])
+                    hit = np.flatnonzero((v > bounds[b]) & (v <= bounds[b + 1]))
+                    keys.append(v[hit])
+                    nodes.append((hit + lo).astype(np.int32))
+                k = np.concatenate(keys)
+                order = np.argsort(k, kind="stable")
+                out.write(np.ascontiguousarray(k[order], "<i8"))
+                nodes_f.write(np.ascontiguousarray(np.concatenate(nodes)[order], "<i4").tobytes())
+                del keys, nodes, k, order
+            nodes_f.seek(0)
+            while block := nodes_f.read(_CHUNK):
+                out.write(block)
+        if out.size != 12 * valid:
+            raise AssertionError(f"id map of {out.size} bytes for {valid} ids")
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        node_tmp.unlink(missing_ok=True)
+    return valid
+
+
 @dataclass
 class WriteStats:
     """What `write_index` laid out."""
@@ -465,7 +614,8 @@ def write_index(
     there; info: JSON-like build information stored in ``arrays.bin``.
 
     metadata, one dict per node in node order (or None: no metadata), as any of
-      - a list of N dicts (None or {} for a node without metadata);
+      - a list (or any Sequence whose slices are lists) of N dicts (None or {} for a node
+        without metadata);
       - a Parquet file path (str or PathLike): its rows, all columns, read in record batches;
       - a pyarrow Table or RecordBatch, or an iterable of them (a RecordBatchReader, a
         generator), of N rows in total, blocks of any size.
@@ -488,11 +638,14 @@ def write_index(
     if neighbours.shape[0] != n or degrees.shape != (n,) or codes.shape[0] != n:
         raise ValueError("vectors, graph and codes disagree on the number of nodes")
     spool = out / (RECORDS_FILE + ".meta.tmp")
+    ids_tmp = out / (IDS_FILE + ".ids.tmp")
     rec_path = out / RECORDS_FILE
     tmp = rec_path.with_name(rec_path.name + ".tmp")
     overflow = codes_file = None
     try:
-        sizes = None if metadata is None else _spool_metadata(metadata, n, spool)
+        ids = np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int64, shape=(n,))
+        ids[:] = -1
+        sizes = None if metadata is None else _spool_metadata(metadata, n, spool, ids)
         # no metadata: every blob is empty, which plans the same budget as no sizes at all
         layout = RecordLayout.plan(dim, R, n, np.zeros(0, np.uint32) if sizes is None else sizes)
         nps, rs = layout.nodes_per_sector, layout.record_size
@@ -544,8 +697,11 @@ def write_index(
         codes_file = None
         overflow.close()
         overflow = None
+        write_id_map(out / IDS_FILE, ids)
+        del ids
     finally:
         spool.unlink(missing_ok=True)
+        ids_tmp.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         for w in (overflow, codes_file):
             if w is not None:

@@ -16,7 +16,8 @@ score; each step takes the best `beam_width` unexpanded ones, reads their record
 sector each; cached nodes cost no read), scores them exactly from the fp16 vector (the
 re-rank pool), and ADC-scores their not yet seen neighbours into the list. It stops when
 every listed node is expanded or the I/O budget is spent, and returns the top-k of the
-re-rank pool by exact inner product. Each worker thread runs `interleave` queries at once,
+re-rank pool by exact inner product; nodes in an exclusion bitmap (deleted, or not matching
+a filter) are traversed like any other but never enter the pool. Each worker thread runs `interleave` queries at once,
 each taking its next step as soon as its own reads are in, so one thread keeps up to
 interleave x beam_width reads in flight on a cold cache. Each query's visited set is a small
 hash table (memory follows the nodes it touches, not N).
@@ -45,16 +46,20 @@ from .aio import AioView, DirectIOUnavailable, DirectReader, reap, set_read, sub
 from .disk import (
     ARRAYS_FILE,
     CODES_FILE,
+    IDS_FILE,
     MAGIC_ARRAYS,
     MAGIC_CODES,
+    MAGIC_IDS,
     MAGIC_OVERFLOW,
     OVERFLOW_FILE,
     RECORDS_FILE,
     SPILL_BIT,
     IndexFormatError,
     decode_metadata,
+    map_small_file,
     read_record_header,
     read_small_file,
+    resolve_generation,
     unpack_arrays,
     verify_records,
 )
@@ -93,6 +98,8 @@ class SearchParams(NamedTuple):
     W: int  # beam width: records taken per step of one query
     io_budget: int  # max sector reads per query (<= 0: unlimited)
     prefetch: bool  # madvise(WILLNEED) each beam's sectors before reading them (mapped reads)
+    exclude: np.ndarray  # (ceil(N / 8),) uint8 bitmap (bit u % 8 of byte u // 8, little bit
+    # order) of nodes never returned, still traversed; (0,): none
 
 
 class Results(NamedTuple):
@@ -313,6 +320,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     """
     G = Q.shape[0]
     L, W = par.L, par.W
+    exclude = par.exclude
     codes, entry, lay = ix.codes, ix.entry, ix.lay
     r16, r32, c16, c32, b16, b32 = ix.r16, ix.r32, ix.c16, ix.c32, io.b16, io.b32
     reads, cmps = out.reads, out.cmps
@@ -370,9 +378,11 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                 if n_pool[g] == pool_id.shape[1]:
                     pool_id = _grow_rows(pool_id)
                     pool_s = _grow_rows(pool_s)
-                pool_id[g, n_pool[g]] = beam_id[g, b]
-                pool_s[g, n_pool[g]] = dot_hf(r16b[v0 : v0 + dim], Q[g])
-                n_pool[g] += 1
+                bu = beam_id[g, b]
+                if exclude.shape[0] == 0 or not (exclude[bu >> 3] >> (bu & 7)) & 1:
+                    pool_id[g, n_pool[g]] = bu
+                    pool_s[g, n_pool[g]] = dot_hf(r16b[v0 : v0 + dim], Q[g])
+                    n_pool[g] += 1
                 deg = r32b[(off + lay[_DEG]) >> 2]
                 if deg < 0 or deg > lay[_R]:
                     raise ValueError("corrupt record: degree out of range")
@@ -471,6 +481,21 @@ _NO_AIO = AioView(0, -1, np.zeros((1, 8), np.uint64), np.zeros(1, np.uint64), np
 _NO_AIO.b16.flags.writeable = _NO_AIO.b32.flags.writeable = False
 
 
+_NO_EXCLUDE = np.zeros(0, np.uint8)
+
+
+def exclusion_bitmap(n: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """(ceil(n / 8),) uint8 bitmap with the bits of node ids `ids` (int, in [0, n)) set, in
+    the bit order `Index.search(exclude=...)` reads. n / 8 bytes."""
+    bits = np.zeros((n + 7) // 8, np.uint8)
+    if ids is not None and len(ids):
+        a = np.asarray(ids, np.int64)
+        if a.min() < 0 or a.max() >= n:
+            raise IndexError(f"node ids must be in [0, {n})")
+        np.bitwise_or.at(bits, a >> 3, (1 << (a & 7)).astype(np.uint8))
+    return bits
+
+
 @dataclass
 class SearchStats:
     """Per-query cost of one `Index.search` call: arrays of shape (nq,)."""
@@ -497,7 +522,8 @@ class SearchStats:
 class Index:
     """A disk index opened for search; see the module doc. Use `Index.open(dir)`.
 
-    RAM: N x M bytes of PQ codes + small arrays + cache_nodes records.
+    RAM: N x M bytes of PQ codes + small arrays + cache_nodes records (the image-id map
+    is memory-mapped).
     """
 
     def __init__(self, path: Path, threads: int | None, cache_nodes: int, prefetch: bool, interleave: int | None,
@@ -525,6 +551,11 @@ class Index:
             )
         self.codes = np.frombuffer(payload, np.uint8).reshape(rows, cols)
         self.overflow = read_small_file(path / OVERFLOW_FILE, MAGIC_OVERFLOW)[0]
+        idmap, rows, cols = map_small_file(path / IDS_FILE, MAGIC_IDS)
+        if cols != 12 or len(idmap) != 12 * rows or rows > self.layout.count:
+            raise IndexFormatError(path / IDS_FILE, f"holds {rows} x {cols} bytes for {self.layout.count} nodes")
+        self._id_keys = idmap[: 8 * rows].view("<i8")
+        self._id_nodes = idmap[8 * rows :].view("<i4")
         if self.codec.dim != self.layout.dim:
             raise IndexFormatError(path / ARRAYS_FILE, f"codec dim {self.codec.dim} != record dim {self.layout.dim}")
         try:  # the extra weight dimensions (none without weighting.json)
@@ -577,8 +608,10 @@ class Index:
         beam_width sector reads are in flight per worker (results do not depend on it;
         default `INTERLEAVE[io]`); io: "mmap" or "direct" (see the module doc; "direct"
         raises aio.DirectIOUnavailable where the platform or filesystem cannot do it).
+        An updated index folder opens its current generation (`disk.resolve_generation`);
+        `memescale.index.live.LiveIndex` adds the updates made since.
         """
-        return cls(Path(path), threads, cache_nodes, prefetch, interleave, io)
+        return cls(resolve_generation(Path(path)), threads, cache_nodes, prefetch, interleave, io)
 
     def _build_cache(self, cache_nodes: int) -> None:
         n = self.layout.count
@@ -631,7 +664,8 @@ class Index:
         return int(self._cache_ids.size)
 
     def search(
-        self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH, io_budget: int | None = None
+        self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH, io_budget: int | None = None,
+        exclude: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product for queries (nq, d) float: ids (nq, k) int64, scores
         (nq, k) float32 (exact, from the records), best first, and per-query `SearchStats`.
@@ -640,7 +674,10 @@ class Index:
         (`Weighting.index_queries`), so their scores are the plain inner products.
 
         L: candidate list size (raised to k if smaller); beam_width: sectors read per step;
-        io_budget: max sector reads per query (None: unlimited).
+        io_budget: max sector reads per query (None: unlimited); exclude: a bitmap of nodes
+        never returned (`exclusion_bitmap`: (ceil(N / 8),) uint8, node u is bit u % 8 of byte
+        u // 8), traversed all the same, so the graph stays navigable through them; rows end
+        in -1 / -inf when fewer than k non-excluded nodes were reached.
         """
         Q = np.ascontiguousarray(self.weighting.index_queries(queries))
         if k < 1 or beam_width < 1:
@@ -652,7 +689,12 @@ class Index:
         reads = np.zeros(nq, np.int64)
         cmps = np.zeros(nq, np.int64)
         ns = np.zeros(nq, np.int64)
-        par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch))
+        if exclude is None:
+            exclude = _NO_EXCLUDE
+        elif exclude.dtype != np.uint8 or exclude.ndim != 1 or exclude.shape[0] < (len(self) + 7) // 8:
+            raise ValueError(f"exclude must be a (>= {(len(self) + 7) // 8},) uint8 bitmap")
+        par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch),
+                           np.ascontiguousarray(exclude))
         out = Results(ids, scores, reads, cmps, ns)
 
         def run(lo: int, hi: int) -> None:
@@ -690,6 +732,18 @@ class Index:
             raise IndexError(f"node ids must be in [0, {len(self)})")
         return a
 
+    def nodes_of(self, image_ids) -> np.ndarray:
+        """Node ids (n,) int64 of `image_ids` (n,) int (the metadata's ``image_id``); -1 for
+        an id not in this index (the lowest node where one is in it twice). O(n log N) reads of
+        the memory-mapped id map."""
+        q = np.asarray(image_ids, np.int64).ravel()
+        pos = np.searchsorted(self._id_keys, q)
+        out = np.full(q.shape[0], -1, np.int64)
+        ok = pos < self._id_keys.shape[0]
+        ok[ok] = self._id_keys[pos[ok]] == q[ok]
+        out[ok] = self._id_nodes[pos[ok]]
+        return out
+
     def vectors(self, ids) -> np.ndarray:
         """fp16 vectors (n, d) of node ids (n,) as stored in their records."""
         a = self._check_ids(ids)
@@ -723,6 +777,7 @@ class Index:
         read_small_file(self.path / CODES_FILE, MAGIC_CODES)
         read_small_file(self.path / ARRAYS_FILE, MAGIC_ARRAYS)
         read_small_file(self.path / OVERFLOW_FILE, MAGIC_OVERFLOW)
+        read_small_file(self.path / IDS_FILE, MAGIC_IDS)
 
     def close(self) -> None:
         """Release the memory map, file and threads (the object is unusable afterwards)."""
@@ -734,6 +789,7 @@ class Index:
             self._direct = None
         if self._mm is not None:
             self._view = self._r8 = self._r16 = self._r32 = None  # type: ignore[assignment]  # unusable after close
+            self._id_keys = self._id_nodes = None  # type: ignore[assignment]
             try:
                 self._mm.close()
             except BufferError:

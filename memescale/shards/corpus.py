@@ -203,6 +203,54 @@ def _open(phase: Phase, work: Path, reused: bool) -> Corpus:
                   phase.fingerprint, reused)
 
 
+def _shards_and_fields(embeddings: str, fields: list[str] | None) -> tuple[ShardStore, list, pa.Schema, list[str]]:
+    """(store, shard paths, the first shard's schema, the metadata fields: `fields` or the
+    default NODE_FIELDS plus the OPTIONAL_NODE_FIELDS that shard has)."""
+    store = ShardStore(embeddings)
+    paths = store.shard_paths()
+    if not paths:
+        raise FileNotFoundError(f"no part-*.parquet shards under {embeddings}")
+    first = pq.read_schema(paths[0], filesystem=store.fs)
+    if fields is None:
+        fields = NODE_FIELDS + [f for f in OPTIONAL_NODE_FIELDS if f in first.names]
+    return store, paths, first, list(fields)
+
+
+def node_batches(embeddings: str, batch_rows: int = 16384, fields: list[str] | None = None,
+                 skip_duplicates: bool = True) -> Iterator[pa.Schema | tuple[np.ndarray, pa.Table]]:
+    """Stream the shards' rows as the index takes them: first the metadata schema, then per
+    batch (vectors (m, d) float16, metadata Table of `fields` cast to that schema).
+
+    `fields` and `skip_duplicates` as in `collect_corpus`; shards in path order, rows in file
+    order, at most `batch_rows` per batch (input row groups of any size). Memory
+    O(batch_rows d), no per-row Python object."""
+    store, paths, first, fields = _shards_and_fields(embeddings, fields)
+    missing = [f for f in fields if f not in first.names]
+    if missing:
+        raise KeyError(f"fields {missing} are not in the shards' schema")
+    schema = pa.schema([first.field(f) for f in fields])
+    dim = first.field("embedding").type.list_size
+    skip = skip_duplicates and "dup_of" in first.names
+    yield schema
+    for path in paths:
+        pa.default_memory_pool().release_unused()  # the last file's freed buffers back to the OS
+        pf = pq.ParquetFile(path, filesystem=store.fs, buffer_size=READ_BUFFER, pre_buffer=False)
+        have = set(pf.schema_arrow.names)
+        read = ["embedding"] + [f for f in fields if f in have] + (["dup_of"] if skip and "dup_of" in have else [])
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(read)), use_threads=False):
+            if skip and "dup_of" in have:
+                batch = batch.filter(pc.is_null(batch.column("dup_of")))
+            m = batch.num_rows
+            if m == 0:
+                continue
+            vecs = _embedding_matrix(batch.column("embedding"), dim)
+            if vecs.dtype != np.float16:
+                vecs = vecs.astype(np.float16)
+            cols = [batch.column(f) if f in have else pa.nulls(m, schema.field(f).type) for f in fields]
+            cols = [c if c.type == schema.field(f).type else c.cast(schema.field(f).type) for f, c in zip(fields, cols)]
+            yield vecs, pa.Table.from_arrays(cols, schema=schema)
+
+
 def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 16384,
                    fields: list[str] | None = None, skip_duplicates: bool = True) -> Corpus:
     """Stream the shards into WORK/corpus/ (`work_dir` = WORK) and return the corpus.
@@ -216,14 +264,7 @@ def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 1638
     Time O(N d); memory O(batch_rows d + META_ROW_GROUP rows), no per-row Python object.
     """
     work = Path(work_dir)
-    store = ShardStore(embeddings)
-    paths = store.shard_paths()
-    if not paths:
-        raise FileNotFoundError(f"no part-*.parquet shards under {embeddings}")
-    first = pq.read_schema(paths[0], filesystem=store.fs)
-    if fields is None:
-        fields = NODE_FIELDS + [f for f in OPTIONAL_NODE_FIELDS if f in first.names]
-    fields = list(fields)
+    store, paths, first, fields = _shards_and_fields(embeddings, fields)
     skip = skip_duplicates and "dup_of" in first.names
     phase = Phase(work, CORPUS_PHASE, phase_fingerprint(input_fingerprint(embeddings), fields=fields,
                                                       skip_duplicates=skip, layout=CORPUS_LAYOUT))
@@ -232,45 +273,33 @@ def collect_corpus(embeddings: str, work_dir: str | Path, batch_rows: int = 1638
         log.info("corpus reused", extra={"n": len(corpus), "work_dir": str(work)})
         return corpus
 
-    missing = [f for f in fields if f not in first.names]
-    if missing:
-        raise KeyError(f"fields {missing} are not in the shards' schema")
-    schema = pa.schema([first.field(f) for f in fields])
     dim = first.field("embedding").type.list_size
     ds = pads.dataset(paths, format="parquet", filesystem=store.fs)
     n = ds.count_rows(filter=pads.field("dup_of").is_null()) if skip else ds.count_rows()
+    batches = node_batches(embeddings, batch_rows, fields, skip_duplicates)
+    schema = next(batches)  # checks the fields
+    assert isinstance(schema, pa.Schema)
     phase.start()
     vectors = np.lib.format.open_memmap(phase.dir / VECTORS_FILE, mode="w+", dtype=np.float16, shape=(n, dim))
     row = 0
     pending: list[pa.Table] = []
     pending_rows = 0
     with pq.ParquetWriter(phase.dir / META_FILE, schema, compression="zstd") as writer:
-        for path in paths:
-            pa.default_memory_pool().release_unused()  # the last file's freed buffers back to the OS
-            pf = pq.ParquetFile(path, filesystem=store.fs, buffer_size=READ_BUFFER, pre_buffer=False)
-            have = set(pf.schema_arrow.names)
-            read = ["embedding"] + [f for f in fields if f in have] + (["dup_of"] if skip and "dup_of" in have else [])
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(read)), use_threads=False):
-                if skip and "dup_of" in have:
-                    batch = batch.filter(pc.is_null(batch.column("dup_of")))
-                m = batch.num_rows
-                if m == 0:
-                    continue
-                if row + m > n:
-                    raise RuntimeError(f"the shards changed while being collected: more than {n} rows")
-                vectors[row:row + m] = _embedding_matrix(batch.column("embedding"), dim)
-                row += m
-                cols = [batch.column(f) if f in have else pa.nulls(m, schema.field(f).type) for f in fields]
-                cols = [c if c.type == schema.field(f).type else c.cast(schema.field(f).type) for f, c in zip(fields, cols)]
-                pending.append(pa.Table.from_arrays(cols, schema=schema))
-                pending_rows += m
-                while pending_rows >= META_ROW_GROUP:
-                    table = pa.concat_tables(pending)
-                    writer.write_table(table.slice(0, META_ROW_GROUP), row_group_size=META_ROW_GROUP)
-                    rest = table.slice(META_ROW_GROUP)
-                    pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-                    del table
-                    pa.default_memory_pool().release_unused()
+        for vecs, table in batches:
+            m = table.num_rows
+            if row + m > n:
+                raise RuntimeError(f"the shards changed while being collected: more than {n} rows")
+            vectors[row:row + m] = vecs
+            row += m
+            pending.append(table)
+            pending_rows += m
+            while pending_rows >= META_ROW_GROUP:
+                table = pa.concat_tables(pending)
+                writer.write_table(table.slice(0, META_ROW_GROUP), row_group_size=META_ROW_GROUP)
+                rest = table.slice(META_ROW_GROUP)
+                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+                del table
+                pa.default_memory_pool().release_unused()
         if pending_rows:
             writer.write_table(pa.concat_tables(pending), row_group_size=META_ROW_GROUP)
     if row != n:

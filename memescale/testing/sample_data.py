@@ -179,6 +179,20 @@ def write_vector_shards(out: str | Path, vectors: np.ndarray, per_file: int = 50
         store.write_chunk(chunk, rows_to_shard_table(cols))
 
 
+def read_node_rows(shards: str | Path) -> tuple[np.ndarray, list[dict]]:
+    """Every row of embedding shards as the index takes it (`shards.corpus.node_batches`):
+    (vectors (N, d) float32, N metadata dicts). In memory: for tests and benchmarks."""
+    from memescale.shards.corpus import node_batches
+
+    it = node_batches(str(shards))
+    next(it)
+    vs, md = [], []
+    for v, t in it:
+        vs.append(v)
+        md.extend(t.to_pylist())
+    return np.concatenate(vs).astype(np.float32), md
+
+
 REENCODE_KINDS = ("jpeg_q50", "resized", "cropped")
 
 
