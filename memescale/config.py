@@ -137,6 +137,11 @@ class IndexConfig:
     # search weights steer the traversal; `weight_beta` is their scale (0 disables them).
     weight_beta: float = 0.2
     seed: int = 0
+    # Live updates (ray_jobs/update_index.py, memescale/index/update.py): an insert or delete
+    # consolidates the index into a new generation once the live inserted rows exceed
+    # delta_max or the deleted ones tombstones_max (0: only on --consolidate).
+    delta_max: int = 1_000_000
+    tombstones_max: int = 1_000_000
 
 
 @dataclass
@@ -165,6 +170,8 @@ class ServeConfig:
     encode_batch_wait_s: float = 0.002
     search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
     index_io: str = "mmap"  # record reads: "mmap" (page cache) or "direct" (O_DIRECT + native AIO)
+    # How often a Searcher looks for committed index updates and new generations (seconds)
+    refresh_s: float = 1.0
     max_ongoing_requests: int = 64
     access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL

@@ -42,6 +42,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "memescale_build_shards_built": ("counter", "Shard graphs built by the index build", (), None),
     "memescale_build_shard_seconds": (
         "histogram", "Seconds per shard graph build", (), [1, 3, 10, 30, 100, 300, 1000, 3000]),
+    "memescale_update_rows": ("counter", "Index update rows, by outcome (inserted, skipped, deleted)",
+                              ("outcome",), None),
+    "memescale_update_seconds": (
+        "histogram", "Seconds per index update command, by operation", ("op",), [0.1, 0.3, 1, 3, 10, 30, 100, 300,
+                                                                                1000, 3000]),
+    "memescale_serve_index_refreshes": ("counter", "Committed index updates a Searcher took in", (), None),
 }
 
 _made: dict[str, Any] = {}

@@ -1,0 +1,29 @@
+"""Named points where a crash-safety test has the process killed with SIGKILL.
+
+``MEMESCALE_CRASH_AT=N``: the N-th point reached (1-based, counted per process) kills the
+process on the spot, as a power cut or the OOM killer would. ``MEMESCALE_CRASH_LOG=PATH``:
+each point reached appends its name to PATH (a test counts them, then picks seeded N).
+Neither set: `crash_point` is a no-op. Points sit between the steps of an operation whose
+durable state changes (after a write, before its fsync, after a rename).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_reached = 0
+
+
+def crash_point(name: str) -> None:
+    """Count this point; die here when it is the one ``MEMESCALE_CRASH_AT`` names."""
+    at, path = os.environ.get("MEMESCALE_CRASH_AT"), os.environ.get("MEMESCALE_CRASH_LOG")
+    if at is None and path is None:
+        return
+    global _reached
+    _reached += 1
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+    if at is not None and _reached == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
