@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -152,21 +153,36 @@ class Searcher:
     """One opened index per replica; searches run on `serve.search_threads` threads."""
 
     def __init__(self, index_dir: str, cfg: Config):
-        from memescale.index import Index
+        from memescale.index.live import LiveIndex
 
-        self.index = Index.open(index_dir, threads=1, io=cfg.serve.index_io)
-        self.weighting = Weighting.load(index_dir, base_dim=self.index.dim)
+        self.index = LiveIndex.open(index_dir, threads=1, io=cfg.serve.index_io)
+        self.weighting = self.index.weighting
         self.engine = SearchEngine(self.index, self.weighting, cfg.serve)
         self.pool = ThreadPoolExecutor(max(1, cfg.serve.search_threads), thread_name_prefix="search")
         probe = np.zeros(self.weighting.base_dim, np.float32)
         probe[0] = 1.0
         self.engine.search(probe, None, parse_filters(Filters()), True, 0, 4)  # compile kernels now
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._follow_updates, args=(max(0.05, cfg.serve.refresh_s),),
+                                           name="index-refresh", daemon=True)
+        self._refresher.start()
+
+    def _follow_updates(self, period: float) -> None:
+        """Take in committed inserts, deletes and new generations (`LiveIndex.refresh`);
+        searches keep running on the state they started with."""
+        while not self._stop.wait(period):
+            try:
+                if self.index.refresh():
+                    log.info("index updated", extra=self.index.counts())
+                    prom.REGISTRY.record("memescale_serve_index_refreshes")
+            except Exception:  # a half-written file or a transient error: try again next period
+                log.exception("index refresh failed")
 
     def info(self) -> dict[str, Any]:
         w = self.weighting.to_json()
         w.pop("quantiles", None)
-        return {"size": len(self.index), "index_dim": self.index.dim, "base_dim": self.weighting.base_dim,
-                "weighting": w, "build": dict(getattr(self.index, "info", {}) or {})}
+        return {"size": self.index.live_count, "index_dim": self.index.dim, "base_dim": self.weighting.base_dim,
+                "weighting": w, "build": dict(self.index.state.base.info or {}), "counts": self.index.counts()}
 
     async def search(self, req: dict[str, Any]) -> dict[str, Any]:
         """One page (`SearchEngine.search`). SearchInputError for an unknown `like` item,
@@ -260,7 +276,8 @@ async def _unavailable(request: Request, exc: Unavailable):
 
 
 class InfoResponse(BaseModel):
-    size: int = Field(description="images in the index")
+    size: int = Field(description="images in the index (deleted ones excluded)")
+    generation: int = Field(description="the index generation served (a consolidation adds one)")
     model: str
     dim: int = Field(description="embedding width of the model's vectors in the index")
     index_dim: int = Field(description="width of the stored vectors (embedding + weighting dims)")
@@ -335,8 +352,10 @@ class Api:
     async def info(self) -> dict:
         i = await self._backend_info()
         enc, sea = i["encoder"], i["searcher"]
+        with _backend_errors():  # the index's size and generation change with updates: ask each time
+            now = await self.searcher.info.remote()
         return {
-            "size": sea["size"], "model": enc["model"], "dim": sea["base_dim"], "index_dim": sea["index_dim"],
+            "size": now["size"], "generation": now["counts"]["generation"], "model": enc["model"], "dim": sea["base_dim"], "index_dim": sea["index_dim"],
             "encoder_dim": enc["dim"], "text_search": enc["dim"] == sea["base_dim"],
             "weights": list(sea["weighting"]["names"]), "weight_range": [WEIGHT_MIN, WEIGHT_MAX],
             "inputs": list(INPUT_FIELDS), "max_k": MAX_K, "default_k": self.s.default_k,
@@ -377,7 +396,7 @@ class Api:
         nxt = encode_cursor(offset + k, qhash) if out["more"] else None
         return {"results": out["results"], "stats": st, "offset": offset, "next_cursor": nxt}
 
-    async def _query_vector(self, req: SearchRequest, i: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
+    async def _query_vector(self, req: SearchRequest, i: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
         kind = req.input_kind
         base_dim, enc = i["searcher"]["base_dim"], i["encoder"]
         if kind == "embedding":

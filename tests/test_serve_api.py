@@ -41,7 +41,7 @@ def app(tmp_path_factory):
                 "serve.allow_private=true", f'serve.telemetry_path="{telemetry}"',
                 "serve.telemetry_max_bytes=4096", "serve.default_k=10"])
             yield {"base": base, "x": x, "md": md, "images": images, "img_url": images_srv.base_url,
-                   "telemetry": telemetry}
+                   "telemetry": telemetry, "index": tmp / "index"}
         finally:
             serve_app.stop()
             ray.shutdown()
@@ -132,9 +132,11 @@ def test_weights_change_the_ranking(app):
 
 
 def test_like_searches_by_a_results_image(app):
-    r = search(app, like=42, k=3, filters={"nsfw": True}, dedup=False).json()
+    r = search(app, like=str(app["md"][42]["image_id"]), k=3, filters={"nsfw": True}, dedup=False).json()
     assert r["results"][0]["id"] == 42
-    assert search(app, like=N + 5).status_code == 422
+    assert r["results"][0]["image_id"] == str(app["md"][42]["image_id"])
+    assert search(app, like="12345").status_code == 422  # no such image
+    assert search(app, like=42).status_code == 422  # image ids are decimal strings (JSON numbers lose digits)
 
 
 def test_image_upload_and_image_url(app):
@@ -161,7 +163,7 @@ def test_image_upload_and_image_url(app):
     ({"image_url": "http://169.254.169.254/latest/meta-data/"}, 422, "blocked_address"),
     ({"image_url": "file:///etc/passwd"}, 422, "bad_url"),
     ({"image_url": "http://127.0.0.1:1/nothing.png"}, 422, "could not be fetched"),
-    ({"like": 10**6}, 422, f"like: no item 1000000 in this index (0..{N - 1})"),
+    ({"like": "1000000"}, 422, "like: no image 1000000 in this index"),
     ({"text": "a", "weights": {"meme": 3}}, 422, "less than or equal"),
     ({"text": "a", "filters": {"after": "yesterday"}}, 422, "ISO 8601"),
     ({"text": "a", "cursor": "garbage!"}, 422, "malformed"),
@@ -229,7 +231,7 @@ def test_metrics_docs_and_page(app):
 
 
 def test_xss_title_is_returned_verbatim_as_data(app):
-    r = search(app, like=XSS_ROW, k=1, filters={"nsfw": True}).json()
+    r = search(app, like=str(app["md"][XSS_ROW]["image_id"]), k=1, filters={"nsfw": True}).json()
     assert r["results"][0]["title"] == XSS_TITLE  # JSON carries it as a string; the page escapes it
 
 
@@ -303,3 +305,67 @@ def test_api_closes_its_image_url_session_on_shutdown(tmp_path):
         gc.collect()
     assert downloads.closed and not downloads.is_open
     assert not [w for w in caught if "Unclosed" in str(w.message)]
+
+
+def _until(check, what: str, timeout_s: float = 30.0):
+    """Poll `check` until it returns a true value (the server refreshes every serve.refresh_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"the server did not {what} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def test_the_running_server_follows_deletes_inserts_and_a_new_generation(app, tmp_path):
+    """Last in this module: it updates the index the app serves."""
+    import threading
+
+    from memescale.index.update import consolidate, delete_ids, insert_shards
+    from memescale.testing.sample_data import write_vector_shards
+
+    md, x = app["md"], app["x"]
+    gone, kept = md[42]["image_id"], md[43]["image_id"]
+    first = lambda: search(app, embedding=x[42].tolist(), k=1, dedup=False,  # noqa: E731
+                           filters={"nsfw": True}).json()["results"][0]["image_id"]
+    assert first() == str(gone)
+    delete_ids(app["index"], np.array([gone]))
+    t0 = time.monotonic()
+    _until(lambda: first() != str(gone), "drop a deleted image")
+    assert time.monotonic() - t0 < 5
+    assert search(app, like=str(gone)).status_code == 422
+
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            r = search(app, embedding=x[7].tolist(), k=5, filters={"nsfw": True})
+            if r.status_code != 200 or not r.json()["results"]:
+                failures.append(f"{r.status_code} {r.text[:200]}")
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        assert consolidate(app["index"])["generation"] == 1
+        like = lambda: search(app, like=str(kept), k=1, dedup=False,  # noqa: E731
+                              filters={"nsfw": True}).json()["results"][0]
+        # the stable id still works, and the server now reads generation 1, where node ids moved
+        hit = _until(lambda: (r := like())["id"] == 42 and r, "switch to the new generation")
+        assert hit["image_id"] == str(kept)
+        info = requests.get(app["base"] + "/api/info", timeout=30).json()
+        assert info["generation"] == 1 and info["size"] == N - 1
+    finally:
+        stop.set()
+        t.join()
+    assert not failures, failures[:3]
+
+    # an insert shows up too, from the delta, without a restart
+    v = np.random.default_rng(9).standard_normal(DIM).astype(np.float32)
+    v /= np.linalg.norm(v)
+    write_vector_shards(tmp_path / "new", v[None, :], overrides={"image_id": np.array([777])})
+    assert insert_shards(app["index"], str(tmp_path / "new"))["inserted"] == 1
+    top = lambda: search(app, embedding=v.tolist(), k=1, dedup=False,  # noqa: E731
+                         filters={"nsfw": True}).json()["results"][0]
+    assert _until(lambda: top()["image_id"] == "777", "serve an inserted image")

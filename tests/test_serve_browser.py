@@ -99,11 +99,13 @@ def test_type_query_slider_second_page_and_click(page, base_url):
     # Click a result: search by its image.
     first = page.locator(".card").nth(3)
     clicked = first.get_attribute("data-id")
+    image_id = first.get_attribute("data-image-id")
+    assert image_id and image_id.isdigit()
     first.locator(".frame").click()
-    page.wait_for_function(f"new URLSearchParams(location.search).get('like') === '{clicked}'")
+    page.wait_for_function(f"new URLSearchParams(location.search).get('like') === '{image_id}'")
     page.wait_for_function(f"document.querySelector('.card') && document.querySelector('.card').dataset.id === '{clicked}'",
                            timeout=30_000)
-    assert page.searches[-1]["like"] == int(clicked)
+    assert page.searches[-1]["like"] == image_id
     assert not page.dialogs
 
 
@@ -118,7 +120,8 @@ def test_shared_url_restores_the_search(page, base_url):
 
 
 def test_html_in_titles_is_inert(page, base_url):
-    open_page(page, f"{base_url}/?like={XSS_ROW}")
+    xss_image = sample_corpus(300, 64, seed=1)[1][XSS_ROW]["image_id"]  # the fixture's corpus
+    open_page(page, f"{base_url}/?like={xss_image}")
     page.wait_for_selector(f".card[data-id='{XSS_ROW}']", timeout=30_000)
     card = page.locator(f".card[data-id='{XSS_ROW}']")
     assert card.locator(".title").inner_text() == XSS_TITLE  # shown as text

@@ -63,7 +63,7 @@ def ids_of(page) -> list[int]:
     ({"text": "a", "weights": {"spicy": 1}}, "Extra inputs"),
     ({"text": "a", "filters": {"nsfw": 1}}, "valid boolean"),
     ({"text": "a", "color": "red"}, "Extra inputs"),
-    ({"like": -1}, "greater than or equal"),
+    ({"like": "-1"}, "pattern"),
 ])
 def test_request_validation(body, msg):
     with pytest.raises(ValidationError, match=msg):
@@ -248,10 +248,10 @@ def test_weights_and_like(corpus):
     newer = eng.search(x[7], {"recency": 2.0}, spec, False, 0, 20)
     t = lambda p: np.median([r["created_utc"] for r in p["results"]])  # noqa: E731
     assert t(newer) > t(base)
-    np.testing.assert_allclose(eng.vector_of(7), x[7], atol=2e-3)
+    np.testing.assert_allclose(eng.vector_of(md[7]["image_id"]), x[7], atol=2e-3)
     assert md[XSS_ROW]["title"] == XSS_TITLE
-    with pytest.raises(SearchInputError, match="no item"):
-        eng.vector_of(N)
+    with pytest.raises(SearchInputError, match="no image"):
+        eng.vector_of(12345)
     with pytest.raises(WeightError):
         eng.search(x[7], {"meme": 9.0}, spec, False, 0, 5)
 

@@ -21,6 +21,7 @@ cursor carries the offset and a hash of the query, so it cannot be replayed on a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -141,6 +142,8 @@ class IndexLike(Protocol):
 
     def metadata(self, ids: np.ndarray) -> list[dict]: ...
 
+    def nodes_of(self, image_ids: np.ndarray) -> np.ndarray: ...
+
     def vectors(self, ids: np.ndarray) -> np.ndarray: ...
 
 
@@ -188,7 +191,9 @@ def dedup_order(vectors: np.ndarray, threshold: float, limit: int) -> tuple[np.n
 
 class SearchEngine:
     """Runs searches against one opened index. Thread-safe if the index is (a shared Index's
-    search is called concurrently from the Searcher's threads)."""
+    search is called concurrently from the Searcher's threads). An index that changes while
+    it serves (`memescale.index.live.LiveIndex`) is read through one `snapshot()` per call,
+    so the node ids of a search and the records read for them belong to the same state."""
 
     def __init__(self, index: IndexLike, weighting: Weighting, cfg: ServeConfig):
         if weighting.dim != index.dim:
@@ -196,13 +201,22 @@ class SearchEngine:
         self.index = index
         self.weighting = weighting
         self.cfg = cfg
-        self.size = len(index)
 
-    def _run(self, q: np.ndarray, k: int, L: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        k = max(1, min(k, self.size))
+    def _view(self) -> contextlib.AbstractContextManager:
+        snap = getattr(self.index, "snapshot", None)
+        return snap() if snap is not None else contextlib.nullcontext(self.index)
+
+    @staticmethod
+    def _size(ix: IndexLike) -> int:
+        """Searchable items (an updated index's count changes while it serves)."""
+        live = getattr(ix, "live_count", None)
+        return int(live) if live is not None else len(ix)
+
+    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        k = max(1, min(k, self._size(ix)))
         L = max(L, k)
         budget = self.cfg.io_budget or None
-        ids, scores, st = self.index.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
+        ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
         ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
         ok = ids >= 0
         stats = {}
@@ -213,10 +227,10 @@ class SearchEngine:
                 pass
         return ids[ok], scores[ok], stats
 
-    def _base_vectors(self, ids: np.ndarray) -> np.ndarray:
+    def _base_vectors(self, ix: IndexLike, ids: np.ndarray) -> np.ndarray:
         if ids.size == 0:
             return np.zeros((0, self.weighting.base_dim), np.float32)
-        v = np.asarray(self.index.vectors(ids), np.float32)[:, : self.weighting.base_dim]
+        v = np.asarray(ix.vectors(ids), np.float32)[:, : self.weighting.base_dim]
         n = np.linalg.norm(v, axis=1, keepdims=True)
         return v / np.maximum(n, 1e-12)
 
@@ -227,7 +241,13 @@ class SearchEngine:
         query: (base_dim,) float32, L2-normalised. Returns {"results": [...], "stats": {...},
         "more": bool}. Raises WeightError for weights the index cannot honour.
         """
+        with self._view() as ix:
+            return self._search(ix, query, weights, filters, dedup, offset, k)
+
+    def _search(self, ix: IndexLike, query: np.ndarray, weights: Mapping[str, float] | None, filters: FilterSpec,
+                dedup: bool, offset: int, k: int) -> dict[str, Any]:
         cfg = self.cfg
+        size = self._size(ix)
         t0 = time.perf_counter()
         q = self.weighting.extend_queries(np.asarray(query, np.float32)[None, :], weights, cfg.extra_dim_scale)
         need = min(offset + k, cfg.max_depth) + 1  # one more: is there a next page?
@@ -239,27 +259,27 @@ class SearchEngine:
         meta_ms = 0.0
         L = max(base_L, k1)
         while True:
-            ids, scores, st = self._run(q, k1, L)
+            ids, scores, st = self._run(ix, q, k1, L)
             passes += 1
             for key in totals:
                 totals[key] += st.get(key, 0.0)
-            exhausted = ids.size < min(k1, self.size)
+            exhausted = ids.size < min(k1, size)
             tm = time.perf_counter()
             metas: list[dict] | None = None
             keep = np.ones(ids.size, bool)
             if filters.active and ids.size:
-                metas = self.index.metadata(ids)
+                metas = ix.metadata(ids)
                 keep = np.fromiter((filters.keep(m) for m in metas), bool, ids.size)
             cand = np.flatnonzero(keep)
             vecs = None
             if dedup and cand.size:
-                vecs = self._base_vectors(ids[cand])
+                vecs = self._base_vectors(ix, ids[cand])
                 order, examined = dedup_order(vecs, cfg.dedup_threshold, need)
             else:
                 order = np.arange(min(cand.size, need))
                 examined = order.size
             meta_ms += (time.perf_counter() - tm) * 1000
-            if order.size >= need or exhausted or not post or deepened or ids.size >= self.size:
+            if order.size >= need or exhausted or not post or deepened or ids.size >= size:
                 break
             # Too few survived the filters/dedup: search again, deeper, and take everything.
             deepened = True
@@ -269,10 +289,10 @@ class SearchEngine:
         page_rows = order[offset: offset + k]
         rows = cand[page_rows]
         page_ids = ids[rows]
-        page_vecs = vecs[page_rows] if vecs is not None else self._base_vectors(page_ids)
+        page_vecs = vecs[page_rows] if vecs is not None else self._base_vectors(ix, page_ids)
         sims = page_vecs @ np.asarray(query, np.float32)
         if metas is None:
-            page_meta = self.index.metadata(page_ids) if page_ids.size else []
+            page_meta = ix.metadata(page_ids) if page_ids.size else []
         else:
             page_meta = [metas[r] for r in rows]
         results = [result_fields(int(i), m, s) for i, m, s in zip(page_ids, page_meta, sims)]
@@ -288,8 +308,10 @@ class SearchEngine:
         more = order.size > offset + k and offset + k < cfg.max_depth
         return {"results": results, "stats": stats, "more": bool(more)}
 
-    def vector_of(self, item: int) -> np.ndarray:
-        """The base vector of indexed item `item` (a result's `id`): (base_dim,) float32."""
-        if not (0 <= item < self.size):
-            raise SearchInputError(f"like: no item {item} in this index (0..{self.size - 1})")
-        return self._base_vectors(np.asarray([item], np.int64))[0]
+    def vector_of(self, image_id: int) -> np.ndarray:
+        """The base vector of the indexed image `image_id` (a result's `image_id`): (base_dim,) float32."""
+        with self._view() as ix:
+            node = int(ix.nodes_of(np.asarray([image_id], np.int64))[0])
+            if node < 0:
+                raise SearchInputError(f"like: no image {image_id} in this index")
+            return self._base_vectors(ix, np.asarray([node], np.int64))[0]

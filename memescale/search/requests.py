@@ -73,8 +73,8 @@ class Filters(BaseModel):
 class SearchRequest(BaseModel):
     """POST /api/search. Exactly one of `text`, `image` (base64 bytes of an image file),
     `image_url` (fetched by the server through the same SSRF guard as ingest), `embedding`
-    (a vector of the model's width) and `like` (a result's `id`: search by that image's
-    stored vector) is the query."""
+    (a vector of the model's width) and `like` (a result's `image_id`: search by that
+    image's stored vector; stable across index updates and rebuilds) is the query."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": [f]} for f in INPUT_FIELDS]})  # exactly one input, in the published schema
@@ -82,7 +82,8 @@ class SearchRequest(BaseModel):
     image: str | None = Field(default=None, description="base64 (standard or URL-safe) of an image file")
     image_url: str | None = Field(default=None, max_length=2048)
     embedding: list[float] | None = Field(default=None, max_length=MAX_EMBEDDING)
-    like: int | None = Field(default=None, ge=0, description="a result's id: more images like it")
+    like: str | None = Field(default=None, pattern=r"^[0-9]{1,19}$",
+                             description="a result's image_id (decimal string): more images like it")
     k: int = Field(default=24, ge=1, le=MAX_K, description="results per page (omitted: the server's default_k)")
     weights: Weights = Field(default_factory=Weights)
     filters: Filters = Field(default_factory=Filters)
@@ -105,8 +106,8 @@ class SearchRequest(BaseModel):
 
 
 class SearchResult(BaseModel):
-    id: int = Field(description="the item's position in this index (use it as `like`)")
-    image_id: str | None = Field(description="the ingest's stable image id (decimal), when recorded")
+    id: int = Field(description="the item's position in this index generation (changes with updates)")
+    image_id: str | None = Field(description="the ingest's stable image id (decimal; use it as `like`)")
     url: str
     title: str
     subreddit: str

@@ -103,8 +103,8 @@ function readUrl() {
   $("q").value = p.get("q") || "";
   $("image-url").value = p.get("url") || "";
   if (p.has("q") && p.get("q").trim()) return { query: { text: p.get("q") }, label: `"${p.get("q")}"` };
-  const like = Number(p.get("like"));
-  if (p.has("like") && Number.isInteger(like) && like >= 0) return { query: { like }, label: `images like #${like}` };
+  const like = p.get("like") || "";
+  if (/^[0-9]{1,19}$/.test(like)) return { query: { like }, label: `images like ${like}` };
   if (p.get("url")) return { query: { image_url: p.get("url") }, label: "the image at that URL" };
   return null;
 }
@@ -143,10 +143,10 @@ function card(r) {
   const w = Number(r.width) > 0 ? Number(r.width) : 1;
   const h = Number(r.height) > 0 ? Number(r.height) : 1;
   const ratio = Math.min(Math.max(h / w, 0.2), 4);
-  const node = el("article", { class: "card", "data-id": String(r.id) });
+  const node = el("article", { class: "card", "data-id": String(r.id), "data-image-id": String(r.image_id || "") });
   const frame = el("button", { class: "frame", type: "button", title: "Search by this image" });
   frame.style.aspectRatio = `${w} / ${h}`;
-  frame.addEventListener("click", () => startSearch({ like: r.id }, `images like #${r.id}`, r));
+  if (r.image_id) frame.addEventListener("click", () => startSearch({ like: r.image_id }, `images like ${r.image_id}`, r));
   const src = safeUrl(r.url);
   if (src) {
     const img = el("img", { loading: "lazy", decoding: "async", referrerpolicy: "no-referrer", alt: "" });
