@@ -181,6 +181,11 @@ class ServeConfig:
     beam_width: int = 4
     io_budget: int = 0  # sector reads per query, 0: unbounded
     filter_L_multiplier: int = 4  # a filtered search that comes up short retries with L x this
+    # Hard filters run inside the graph search with L / (estimated share of matching nodes),
+    # at most filter_L_max; a subreddit filter matching at most filter_scan_max nodes instead
+    # scans its members (PQ scores, exact re-rank).
+    filter_L_max: int = 2000
+    filter_scan_max: int = 50_000
     max_depth: int = 1000  # deepest result (cursor offset + k) a query can page to
     dedup_threshold: float = 0.95  # cosine at or above which a result is a duplicate (per model)
     extra_dim_scale: float = 1.0  # query-side multiplier on the weights' extra dimensions

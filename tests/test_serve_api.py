@@ -105,6 +105,9 @@ def test_filters(app):
     q = app["x"][0].tolist()
     subs = search(app, embedding=q, k=20, filters={"subreddits": ["memes"]}).json()
     assert subs["stats"]["filtered"] and {r["subreddit"] for r in subs["results"]} == {"memes"}
+    assert subs["stats"]["plan"] == "scan" and 0 < subs["stats"]["filter_share"] < 0.5
+    none = search(app, embedding=q, k=20, filters={"subreddits": ["no_such_subreddit"]}).json()
+    assert none["results"] == [] and none["next_cursor"] is None
     created = sorted(m["created_utc"] for m in md)
     lo, hi = created[N // 4], created[3 * N // 4]
     rng = search(app, embedding=q, k=20, filters={"after": lo, "before": hi, "nsfw": True}).json()
@@ -166,6 +169,8 @@ def test_image_upload_and_image_url(app):
     ({"like": "1000000"}, 422, "like: no image 1000000 in this index"),
     ({"text": "a", "weights": {"meme": 3}}, 422, "less than or equal"),
     ({"text": "a", "filters": {"after": "yesterday"}}, 422, "ISO 8601"),
+    ({"text": "a", "filters": {"min_score": "high"}}, 422, "integer"),
+    ({"text": "a", "filters": {"exclude_subreddits": ["a b"]}}, 422, "not a subreddit name"),
     ({"text": "a", "cursor": "garbage!"}, 422, "malformed"),
 ])
 def test_bad_input_is_4xx_with_a_message(app, body, status, needle):

@@ -24,6 +24,10 @@ An index is a folder of four files, all little-endian:
 ``metadata_overflow.bin``
     64-byte header + concatenated msgpack blobs of the metadata too large for its record.
 
+``labels.bin``, ``label_vocab.bin``, ``postings.bin``
+    per-node filter labels (subreddit, month, score bucket, NSFW), their counts, and the
+    members of each subreddit (`labels.py`).
+
 ``image_ids.bin``
     64-byte header (rows = the nodes whose metadata has an integer ``image_id``) + those
     image ids sorted ascending (int64) + the node id of each (int32): the stable-id map
@@ -65,6 +69,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .labels import LABELS_FILE, POSTINGS_FILE, VOCAB_FILE, LabelWriter
+
 FORMAT_VERSION = 1
 SECTOR = 4096
 RECORDS_FILE = "records.bin"
@@ -72,7 +78,7 @@ CODES_FILE = "pq_codes.bin"
 ARRAYS_FILE = "arrays.bin"
 OVERFLOW_FILE = "metadata_overflow.bin"
 IDS_FILE = "image_ids.bin"
-INDEX_FILES = (RECORDS_FILE, CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE, IDS_FILE)
+INDEX_FILES = (RECORDS_FILE, CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE, IDS_FILE, LABELS_FILE, VOCAB_FILE, POSTINGS_FILE)
 
 MAGIC_RECORDS = b"MSIXREC\x00"
 MAGIC_CODES = b"MSIXPQC\x00"
@@ -472,11 +478,11 @@ def _image_id(m: Any) -> int:
     return v if type(v) is int and 0 <= v < 2**63 else -1
 
 
-def _spool_metadata(metadata: MetadataSource, n: int, spool: Path, ids: np.ndarray) -> np.ndarray:
+def _spool_metadata(metadata: MetadataSource, n: int, spool: Path, ids: np.ndarray, labels: Any) -> np.ndarray:
     """First pass: encode every row's metadata into `spool` (blobs concatenated in node
     order) and return their sizes, (n,) uint32; write each row's integer ``image_id`` (-1
-    when it has none) into `ids` (n,) int64 (a memory map). Memory: one block + 4 bytes
-    per node."""
+    when it has none) into `ids` (n,) int64 (a memory map) and its filter labels into
+    `labels` (a `labels.LabelWriter`). Memory: one block + 4 bytes per node."""
     sizes = np.zeros(n, np.uint32)
     packer = msgpack.Packer(use_bin_type=True)
     row = 0
@@ -484,6 +490,7 @@ def _spool_metadata(metadata: MetadataSource, n: int, spool: Path, ids: np.ndarr
         for rows in _row_blocks(metadata, n):
             if row + len(rows) <= n:
                 ids[row : row + len(rows)] = np.fromiter(map(_image_id, rows), np.int64, len(rows))
+                labels.add(row, rows)
             blobs = _encode_block(rows, row, packer)
             del rows
             k = len(blobs)
@@ -641,11 +648,12 @@ def write_index(
     ids_tmp = out / (IDS_FILE + ".ids.tmp")
     rec_path = out / RECORDS_FILE
     tmp = rec_path.with_name(rec_path.name + ".tmp")
-    overflow = codes_file = None
+    overflow = codes_file = labels = None
     try:
         ids = np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int64, shape=(n,))
         ids[:] = -1
-        sizes = None if metadata is None else _spool_metadata(metadata, n, spool, ids)
+        labels = LabelWriter(out / (LABELS_FILE + ".tmp.npy"), n)
+        sizes = None if metadata is None else _spool_metadata(metadata, n, spool, ids, labels)
         # no metadata: every blob is empty, which plans the same budget as no sizes at all
         layout = RecordLayout.plan(dim, R, n, np.zeros(0, np.uint32) if sizes is None else sizes)
         nps, rs = layout.nodes_per_sector, layout.record_size
@@ -699,9 +707,12 @@ def write_index(
         overflow = None
         write_id_map(out / IDS_FILE, ids)
         del ids
+        labels.finish(out, _StreamedSmallFile)
     finally:
         spool.unlink(missing_ok=True)
         ids_tmp.unlink(missing_ok=True)
+        if labels is not None:
+            labels.close()
         tmp.unlink(missing_ok=True)
         for w in (overflow, codes_file):
             if w is not None:

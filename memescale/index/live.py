@@ -49,6 +49,7 @@ from numba import njit
 from ..crashpoints import crash_point
 from .disk import CURRENT_FILE, IndexFormatError, current_generation, decode_metadata, fsync_dir
 from .kernels import parallel_for, resolve_threads, squared_norms
+from .labels import NO_FILTER, LabelFilter
 from .search import BEAM_WIDTH, Index, SearchStats, exclusion_bitmap
 from .vamana import VISIT_TABLE, build_vamana, greedy_search, refine_graph
 from .wal import read_committed, wal_path
@@ -497,13 +498,37 @@ class LiveView:
                 "delta": int(st.delta.vectors.shape[0]), "delta_deleted": int(st.delta_deleted.sum()),
                 "live": self.live_count, "deleted_ids": int(st.deleted_ids.size)}
 
+    @property
+    def degree(self) -> int:
+        return self.st.base.layout.R
+
+    @property
+    def labels(self):
+        """The generation's `labels.NodeLabels` (the delta's rows are checked on their metadata)."""
+        return self.st.base.labels
+
+    def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
+             ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+        """`Index.scan` over the generation's live members, merged with a delta search."""
+        st = self.st
+        m = np.asarray(members, np.int64)
+        if st.n_base_deleted and m.size:
+            m = m[((st.base_deleted[m >> 3] >> (m & 7)) & 1) == 0]
+        return self._with_delta(st.base.scan(queries, m, k, flt), queries, k, 2 * k)
+
     def search(self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH,
-               io_budget: int | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-        """`Index.search` over the generation (deleted nodes excluded) and the delta, merged:
-        ids (nq, k) int64 in this state's id space (module doc), scores (nq, k) float32."""
+               io_budget: int | None = None, flt: LabelFilter = NO_FILTER) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+        """`Index.search` over the generation (deleted nodes excluded, `flt` as there) and the
+        delta, merged: ids (nq, k) int64 in this state's id space (module doc), scores (nq, k)
+        float32. The delta's rows are not label-filtered here: check their metadata."""
         st = self.st
         exclude = st.base_deleted if st.n_base_deleted else None
-        ids, scores, stats = st.base.search(queries, k, L, beam_width, io_budget, exclude=exclude)
+        return self._with_delta(st.base.search(queries, k, L, beam_width, io_budget, exclude=exclude, flt=flt),
+                                queries, k, L)
+
+    def _with_delta(self, found, queries, k, L):
+        st = self.st
+        ids, scores, stats = found
         D = st.delta.vectors.shape[0]
         if D == 0 or st.delta_deleted.all():
             return ids, scores, stats

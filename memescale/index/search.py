@@ -33,6 +33,7 @@ import contextlib
 import gc
 import mmap
 import os
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from .disk import (
     verify_records,
 )
 from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
+from .labels import LABELS_FILE, MAGIC_POSTINGS, NO_FILTER, POSTINGS_FILE, LabelFilter, load_labels
 from .pq import PQCodec, adc_score
 from .weighting import WEIGHTING_FILE, Weighting
 
@@ -89,6 +91,7 @@ class IndexView(NamedTuple):
     cache_ids: np.ndarray  # (C,) int64: sorted ids of the nodes cached in RAM
     c16: np.ndarray  # uint16 view of the cached records (slot s at byte s * record size)
     c32: np.ndarray  # int32 view of the same buffer
+    labels: np.ndarray  # (N,) labels.LABEL_DTYPE: per-node filter labels
 
 
 class SearchParams(NamedTuple):
@@ -100,6 +103,7 @@ class SearchParams(NamedTuple):
     prefetch: bool  # madvise(WILLNEED) each beam's sectors before reading them (mapped reads)
     exclude: np.ndarray  # (ceil(N / 8),) uint8 bitmap (bit u % 8 of byte u // 8, little bit
     # order) of nodes never returned, still traversed; (0,): none
+    flt: LabelFilter  # label conditions a returned node meets (NO_FILTER: none)
 
 
 class Results(NamedTuple):
@@ -135,6 +139,33 @@ class Beams(NamedTuple):
     pending: np.ndarray  # (G,) int64: direct reads of the beam still in flight
     active: np.ndarray  # (G,) bool: not finished yet
     exhausted: np.ndarray  # (G,) bool: stopped by the I/O budget
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _accepts(u, exclude, flt, labels):
+    """Whether node u may be returned: not in the exclusion bitmap, and its labels meet `flt`."""
+    if exclude.shape[0] and (exclude[u >> 3] >> (u & 7)) & 1:
+        return False
+    if not flt.active:
+        return True
+    r = labels[u]
+    if not flt.allow_nsfw and (r.flags & 1):
+        return False
+    if r.month < flt.month_lo or r.month > flt.month_hi or r.bucket < flt.min_bucket:
+        return False
+    if flt.sub_mode != 0:
+        ids = flt.sub_ids
+        lo, hi = 0, ids.shape[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if ids[mid] < r.sub:
+                lo = mid + 1
+            else:
+                hi = mid
+        found = lo < ids.shape[0] and ids[lo] == r.sub
+        if found != (flt.sub_mode == 1):
+            return False
+    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -379,7 +410,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                     pool_id = _grow_rows(pool_id)
                     pool_s = _grow_rows(pool_s)
                 bu = beam_id[g, b]
-                if exclude.shape[0] == 0 or not (exclude[bu >> 3] >> (bu & 7)) & 1:
+                if _accepts(bu, exclude, par.flt, ix.labels):
                     pool_id[g, n_pool[g]] = bu
                     pool_s[g, n_pool[g]] = dot_hf(r16b[v0 : v0 + dim], Q[g])
                     n_pool[g] += 1
@@ -448,6 +479,26 @@ def _adc_table(q, B, qt, centroids, table):
             for j in range(dsub):
                 s += qt[m * dsub + j] * centroids[m, c, j]
             table[m * k + c] = s
+
+
+@njit(nogil=True, cache=True)
+def _adc_scores(table, codes, members):
+    """ADC scores (m,) float32 of nodes `members` (m,) int64 from their PQ codes."""
+    out = np.empty(members.shape[0], np.float32)
+    for i in range(members.shape[0]):
+        out[i] = adc_score(table, codes[members[i]])
+    return out
+
+
+def _label_mask(rows: np.ndarray, flt: LabelFilter) -> np.ndarray:
+    """Which label rows (LABEL_DTYPE) meet `flt` (the kernel's `_accepts`, vectorised)."""
+    ok = (rows["month"] >= flt.month_lo) & (rows["month"] <= flt.month_hi) & (rows["bucket"] >= flt.min_bucket)
+    if not flt.allow_nsfw:
+        ok &= (rows["flags"] & 1) == 0
+    if flt.sub_mode:
+        hit = np.isin(rows["sub"], flt.sub_ids)
+        ok &= hit if flt.sub_mode == 1 else ~hit
+    return ok
 
 
 @njit(nogil=True, cache=True)
@@ -556,6 +607,9 @@ class Index:
             raise IndexFormatError(path / IDS_FILE, f"holds {rows} x {cols} bytes for {self.layout.count} nodes")
         self._id_keys = idmap[: 8 * rows].view("<i8")
         self._id_nodes = idmap[8 * rows :].view("<i4")
+        self.labels = load_labels(path)
+        if self.labels.n != self.layout.count:
+            raise IndexFormatError(path / LABELS_FILE, f"labels for {self.labels.n} nodes, the index has {self.layout.count}")
         if self.codec.dim != self.layout.dim:
             raise IndexFormatError(path / ARRAYS_FILE, f"codec dim {self.codec.dim} != record dim {self.layout.dim}")
         try:  # the extra weight dimensions (none without weighting.json)
@@ -584,7 +638,7 @@ class Index:
                 np.ascontiguousarray(self.codec.query_transform, np.float32),
                 np.ascontiguousarray(self.codec.centroids, np.float32), self.codes, self.entry_points,
                 self.layout.as_array(), self._r16, self._r32, self._r8.ctypes.data, self._cache_ids, self._c16,
-                self._c32)
+                self._c32, self.labels.rows)
             if io == "direct":
                 self._direct = DirectReader(path / RECORDS_FILE, self.layout.sectors_per_node * self.layout.sector,
                                             self.interleave * BEAM_WIDTH)
@@ -660,12 +714,17 @@ class Index:
         return self.layout.dim
 
     @property
+    def degree(self) -> int:
+        """R: the most out-neighbours a node has."""
+        return self.layout.R
+
+    @property
     def cached_nodes(self) -> int:
         return int(self._cache_ids.size)
 
     def search(
         self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH, io_budget: int | None = None,
-        exclude: np.ndarray | None = None,
+        exclude: np.ndarray | None = None, flt: LabelFilter = NO_FILTER,
     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product for queries (nq, d) float: ids (nq, k) int64, scores
         (nq, k) float32 (exact, from the records), best first, and per-query `SearchStats`.
@@ -677,7 +736,8 @@ class Index:
         io_budget: max sector reads per query (None: unlimited); exclude: a bitmap of nodes
         never returned (`exclusion_bitmap`: (ceil(N / 8),) uint8, node u is bit u % 8 of byte
         u // 8), traversed all the same, so the graph stays navigable through them; rows end
-        in -1 / -inf when fewer than k non-excluded nodes were reached.
+        in -1 / -inf when fewer than k non-excluded nodes were reached. flt: label conditions
+        (`label_filter`) a returned node meets; the others are traversed the same way.
         """
         Q = np.ascontiguousarray(self.weighting.index_queries(queries))
         if k < 1 or beam_width < 1:
@@ -694,7 +754,7 @@ class Index:
         elif exclude.dtype != np.uint8 or exclude.ndim != 1 or exclude.shape[0] < (len(self) + 7) // 8:
             raise ValueError(f"exclude must be a (>= {(len(self) + 7) // 8},) uint8 bitmap")
         par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch),
-                           np.ascontiguousarray(exclude))
+                           np.ascontiguousarray(exclude), flt)
         out = Results(ids, scores, reads, cmps, ns)
 
         def run(lo: int, hi: int) -> None:
@@ -725,6 +785,42 @@ class Index:
                 raise IndexFormatError(self.path / RECORDS_FILE, f"{e} (Index.verify() checks every record)") from None
             raise
         return ids, scores, SearchStats(reads, cmps, ns / 1e6)
+
+    def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
+             rerank: int = 0) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+        """Top-k by inner product among `members` (node ids) only, for a filter whose matching
+        set is small: the members meeting `flt` are scored with PQ (ADC, codes in RAM), the
+        best max(rerank, 4k, 64) re-ranked exactly from their records. Same outputs as
+        `search`; stats count the records read and the PQ scores. O(m M + rerank d) per query."""
+        Q = np.ascontiguousarray(self.weighting.index_queries(queries), np.float32)
+        nq = Q.shape[0]
+        m = np.asarray(members, np.int64)
+        if flt.active and m.size:
+            m = m[_label_mask(self.labels.rows[m], flt)]
+        keep = min(m.size, max(int(rerank), 4 * k, 64))
+        ids = np.full((nq, k), -1, np.int64)
+        scores = np.full((nq, k), -np.inf, np.float32)
+        reads = np.zeros(nq, np.int64)
+        t0 = time.perf_counter_ns()
+        view = self._view
+        if view is None:
+            raise ValueError("the index is closed")
+        M, K, dsub = self.codec.centroids.shape
+        table = np.empty(M * K, np.float32)
+        qt = np.empty(M * dsub, np.float32)
+        for i in range(nq):
+            if m.size == 0:
+                continue
+            _adc_table(Q[i], view.qtransform, qt, view.centroids, table)
+            est = _adc_scores(table, self.codes, m)
+            top = m[np.argpartition(-est, keep - 1)[:keep]] if keep < m.size else m
+            exact = self.vectors(top).astype(np.float32) @ Q[i]
+            order = np.argsort(-exact, kind="stable")[:k]
+            ids[i, : order.size] = top[order]
+            scores[i, : order.size] = exact[order]
+            reads[i] = top.size
+        ns = np.full(nq, (time.perf_counter_ns() - t0) // max(1, nq), np.int64)
+        return ids, scores, SearchStats(reads, np.full(nq, m.size, np.int64), ns / 1e6)
 
     def _check_ids(self, ids) -> np.ndarray:
         a = np.asarray(ids, np.int64).ravel()
@@ -778,6 +874,8 @@ class Index:
         read_small_file(self.path / ARRAYS_FILE, MAGIC_ARRAYS)
         read_small_file(self.path / OVERFLOW_FILE, MAGIC_OVERFLOW)
         read_small_file(self.path / IDS_FILE, MAGIC_IDS)
+        load_labels(self.path)
+        read_small_file(self.path / POSTINGS_FILE, MAGIC_POSTINGS)
 
     def close(self) -> None:
         """Release the memory map, file and threads (the object is unusable afterwards)."""

@@ -33,10 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from memescale.config import ServeConfig
+from memescale.index.labels import NO_FILTER
 from memescale.index.weighting import Weighting
 from memescale.search.requests import Filters, SearchInputError, TimeBound
 
 REDDIT = "https://www.reddit.com"
+SCAN_OVER_TRAVERSAL = 4.0  # a member scan may score this many times the PQ codes a filtered traversal would
 FIRST_PASS_SLACK = 1.25  # first pass of a filtered/deduplicated search: need x this (+ 8)
 
 
@@ -71,10 +73,13 @@ class FilterSpec:
     after: int | None = None
     before: int | None = None
     subreddits: frozenset[str] | None = None
+    exclude_subreddits: frozenset[str] | None = None
+    min_score: int | None = None
 
     @property
     def active(self) -> bool:
-        return not self.nsfw or self.after is not None or self.before is not None or self.subreddits is not None
+        return (not self.nsfw or self.after is not None or self.before is not None or self.subreddits is not None
+                or self.exclude_subreddits is not None or self.min_score is not None)
 
     def keep(self, meta: Mapping[str, Any]) -> bool:
         if not self.nsfw and (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))):
@@ -84,8 +89,15 @@ class FilterSpec:
             if t is None or (self.after is not None and t < self.after) or (
                     self.before is not None and t >= self.before):
                 return False
-        if self.subreddits is not None and str(meta.get("subreddit", "")).lower() not in self.subreddits:
+        sub = str(meta.get("subreddit", "")).lower()
+        if self.subreddits is not None and sub not in self.subreddits:
             return False
+        if self.exclude_subreddits is not None and sub in self.exclude_subreddits:
+            return False
+        if self.min_score is not None:
+            score = _as_int(meta.get("score"))
+            if score is None or score < self.min_score:
+                return False
         return True
 
 
@@ -94,14 +106,18 @@ def parse_filters(f: Filters) -> FilterSpec:
     after, before = _parse_time(f.after, "after"), _parse_time(f.before, "before")
     if after is not None and before is not None and after >= before:
         raise SearchInputError("filters.after must be earlier than filters.before")
-    subs = None
-    if f.subreddits is not None:
-        names = [s.strip().removeprefix("r/").removeprefix("/r/") for s in f.subreddits]
-        bad = [s for s in names if not _SUBREDDIT.match(s)]
-        if bad:
-            raise SearchInputError(f"filters.subreddits: not a subreddit name: {bad[0][:80]!r}")
-        subs = frozenset(s.lower() for s in names) or None
-    return FilterSpec(f.nsfw, after, before, subs)
+    return FilterSpec(f.nsfw, after, before, _names(f.subreddits, "subreddits"),
+                      _names(f.exclude_subreddits, "exclude_subreddits"), f.min_score)
+
+
+def _names(given: list[str] | None, field: str) -> frozenset[str] | None:
+    if given is None:
+        return None
+    names = [s.strip().removeprefix("/r/").removeprefix("r/") for s in given]
+    bad = [s for s in names if not _SUBREDDIT.match(s)]
+    if bad:
+        raise SearchInputError(f"filters.{field}: not a subreddit name: {bad[0][:80]!r}")
+    return frozenset(s.lower() for s in names) or None
 
 
 def _truthy(v: Any) -> bool:
@@ -212,11 +228,39 @@ class SearchEngine:
         live = getattr(ix, "live_count", None)
         return int(live) if live is not None else len(ix)
 
-    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> tuple[str, Any, np.ndarray | None, float]:
+        """(plan, label filter, members to scan, estimated share of matching nodes). Plans:
+        "graph" (no filter, or an index without labels: post-filter only), "graph-filtered"
+        (the filter inside the traversal, L / share up to filter_L_max), "scan" (a subreddit
+        filter matching at most filter_scan_max nodes: its members scored directly)."""
+        labels = getattr(ix, "labels", None)
+        if not filters.active or labels is None:
+            return "graph", NO_FILTER, None, 1.0
+        flt = labels.filter(filters.nsfw, filters.after, filters.before, filters.subreddits,
+                            filters.exclude_subreddits, filters.min_score)
+        share = labels.selectivity(flt)
+        # cost in PQ scores: a scan scores every member; the filtered traversal expands about
+        # L / share nodes (at most filter_L_max) of R neighbours each, plus a read per expansion
+        matches = share * labels.n
+        traversal = min(L / max(share, 1e-9), max(self.cfg.filter_L_max, L)) * getattr(ix, "degree", 64)
+        if flt.sub_mode == 1 and matches <= self.cfg.filter_scan_max and matches <= SCAN_OVER_TRAVERSAL * traversal:
+            members = (np.concatenate([labels.members(int(s)) for s in flt.sub_ids]) if flt.sub_ids.size
+                       else np.zeros(0, np.int64))
+            return "scan", flt, members, share
+        return "graph-filtered", flt, None, share
+
+    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: str = "graph", flt: Any = NO_FILTER,
+             members: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         k = max(1, min(k, self._size(ix)))
         L = max(L, k)
         budget = self.cfg.io_budget or None
-        ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
+        if plan == "scan":
+            ids, scores, st = ix.scan(q, members, k, flt)  # type: ignore[attr-defined]
+        elif plan == "graph-filtered":
+            ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget,  # type: ignore[call-arg]
+                                        flt=flt)
+        else:
+            ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
         ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
         ok = ids >= 0
         stats = {}
@@ -258,8 +302,11 @@ class SearchEngine:
         passes, deepened = 0, False
         meta_ms = 0.0
         L = max(base_L, k1)
+        plan, flt, members, share = self._plan(ix, filters, L)
+        if plan == "graph-filtered":
+            L = min(max(L, math.ceil(L / max(share, 1e-9))), max(cfg.filter_L_max, L))
         while True:
-            ids, scores, st = self._run(ix, q, k1, L)
+            ids, scores, st = self._run(ix, q, k1, L, plan, flt, members)
             passes += 1
             for key in totals:
                 totals[key] += st.get(key, 0.0)
@@ -279,7 +326,7 @@ class SearchEngine:
                 order = np.arange(min(cand.size, need))
                 examined = order.size
             meta_ms += (time.perf_counter() - tm) * 1000
-            if order.size >= need or exhausted or not post or deepened or ids.size >= size:
+            if order.size >= need or exhausted or not post or deepened or ids.size >= size or plan == "scan":
                 break
             # Too few survived the filters/dedup: search again, deeper, and take everything.
             deepened = True
@@ -302,6 +349,7 @@ class SearchEngine:
             "ms": round(totals["ms"], 3), "filtered": filters.active, "deepened": deepened,
             "candidates": int(ids.size), "dropped_filter": int(ids.size - cand.size),
             "dropped_dedup": int(examined - order.size), "L": int(L), "passes": passes,
+            "plan": plan, "filter_share": round(share, 6),
             "search_ms": round((time.perf_counter() - t0) * 1000 - meta_ms, 3),
             "metadata_ms": round(meta_ms, 3),
         }

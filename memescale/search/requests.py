@@ -61,13 +61,16 @@ TimeBound = int | str
 class Filters(BaseModel):
     """Hard filters. `nsfw`: include NSFW results (default: excluded). `after` (inclusive)
     and `before` (exclusive): unix seconds or an ISO 8601 date / date-time (UTC if no zone).
-    `subreddits`: keep only these (case-insensitive, without the r/ prefix)."""
+    `subreddits`: keep only these (case-insensitive, without the r/ prefix);
+    `exclude_subreddits`: drop these; `min_score`: the post's score at least this."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     nsfw: bool = False
     after: TimeBound | None = Field(default=None, union_mode="left_to_right")
     before: TimeBound | None = Field(default=None, union_mode="left_to_right")
     subreddits: list[str] | None = Field(default=None, max_length=MAX_SUBREDDITS)
+    exclude_subreddits: list[str] | None = Field(default=None, max_length=MAX_SUBREDDITS)
+    min_score: int | None = Field(default=None, description="the post's Reddit score at least this")
 
 
 class SearchRequest(BaseModel):
@@ -126,6 +129,9 @@ class SearchStats(BaseModel):
     ms: float = Field(description="index search time")
     filtered: bool = Field(description="hard filters post-filtered the candidates")
     deepened: bool = Field(description="a second, deeper search (L x filter_L_multiplier) ran")
+    plan: str = Field(default="graph", description="graph (no filter), graph-filtered (filters inside the "
+                      "traversal) or scan (a selective subreddit filter's members scored directly)")
+    filter_share: float = Field(default=1.0, description="estimated share of the index the filters match")
     candidates: int = Field(description="candidates the index returned and the filters examined")
     dropped_filter: int
     dropped_dedup: int

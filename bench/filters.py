@@ -1,0 +1,149 @@
+"""Filtered search at every selectivity: the planner against post-filtering.
+
+    .venv/bin/python bench/filters.py                 # the shared 100k MiniLM set
+    .venv/bin/python bench/filters.py --queries 300
+
+On ../shared/data/ann/pypi-minilm (384-d): the base vectors get synthetic labels, subreddits
+with Zipf-like sizes drawn so that single subreddits hold 50%, 10%, 1%, 0.1% and 0.01% of
+the images (the rest spread over a long tail), upload times over 2010-2024 and scores. The
+index is built once (R=64, L=100, 48 PQ bytes). Each filter runs through `SearchEngine`, as
+the server runs it, twice: with the planner (labels inside the traversal, or a member scan)
+and with post-filtering only (the same index seen without its labels: one search, then one
+4x deeper when too few survive, as before the labels existed). Per filter: recall@10 against
+exact filtered ground truth, QPS (one query at a time, one thread), index reads per query,
+and whether page 10 of 24 is full where the matching set is that large.
+Writes bench/results/filters.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from memescale.config import ServeConfig  # noqa: E402
+from memescale.index import Index, IndexParams, build_index  # noqa: E402
+from memescale.index.eval import exact_ground_truth  # noqa: E402
+from memescale.search.engine import SearchEngine, parse_filters  # noqa: E402
+from memescale.search.requests import Filters  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ann" / "pypi-minilm"
+SHARES = {"half": 0.5, "tenth": 0.1, "one_pct": 0.01, "tenth_pct": 0.001, "hundredth_pct": 0.0001}
+T0, T1 = 1_262_304_000, 1_704_067_200  # 2010-01-01 .. 2024-01-01
+
+
+class WithoutLabels:
+    """The index as the engine saw it before labels: it post-filters."""
+
+    def __init__(self, index: Index):
+        self._i = index
+
+    def __getattr__(self, name):
+        if name in ("labels", "scan"):
+            raise AttributeError(name)
+        return getattr(self._i, name)
+
+    def __len__(self) -> int:
+        return len(self._i)
+
+
+def labels_for(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    sub = np.empty(n, object)
+    order = rng.permutation(n)
+    at = 0
+    for name, share in SHARES.items():
+        k = int(round(share * n))
+        sub[order[at:at + k]] = name
+        at += k
+    tail = order[at:]  # a long tail of small subreddits
+    sub[tail] = [f"tail{int(z) % 5000}" for z in rng.zipf(1.3, tail.size)]
+    return [{"image_id": 10**12 + i, "subreddit": sub[i], "created_utc": int(rng.integers(T0, T1)),
+             "score": int(rng.pareto(1.1) * 10), "over_18": bool(rng.random() < 0.08), "title": f"row {i}"}
+            for i in range(n)]
+
+
+def run(engine: SearchEngine, queries: np.ndarray, f: Filters, keep: np.ndarray, x: np.ndarray) -> dict:
+    spec = parse_filters(f)
+    rows = np.flatnonzero(keep)
+    want = rows[exact_ground_truth(x[rows], queries, min(10, rows.size))[0]] if rows.size else None
+    hits, reads, plans = 0, 0, set()
+    pages = []
+    t0 = time.perf_counter()
+    for q in queries:
+        pages.append(engine.search(q, None, spec, False, 0, 10))
+    dt = time.perf_counter() - t0
+    for i, page in enumerate(pages):
+        reads += page["stats"]["reads"]
+        plans.add(page["stats"].get("plan", "graph"))
+        if want is not None:
+            hits += len({r["id"] for r in page["results"]} & set(want[i].tolist()))
+    denom = 10 * len(queries) if rows.size >= 10 else max(1, rows.size * len(queries))
+    deep = engine.search(queries[0], None, spec, False, 9 * 24, 24)
+    return {"recall": hits / denom, "qps": len(queries) / dt, "reads": reads / len(queries), "plans": sorted(plans),
+            "page10_full": len(deep["results"]) == min(24, max(0, rows.size - 9 * 24))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--work", default="/tmp/memescale-bench-filters")
+    args = p.parse_args()
+    if not DATA.exists():
+        sys.exit(f"needs the shared data set at {DATA}")
+    x = np.load(DATA / "base.npy").astype(np.float32)
+    q_all = np.load(DATA / "queries_id.npy").astype(np.float32)[: args.queries]
+    md = labels_for(len(x))
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    t0 = time.perf_counter()
+    build_index(x, md, work / "index", IndexParams(R=64, L=100, pq_bytes=48, seed=0, threads=2, progress=False))
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    filters = {"none": Filters(nsfw=True)}
+    filters.update({f"sub {name} ({share:.2%})": Filters(nsfw=True, subreddits=[name]) for name, share in SHARES.items()})
+    filters["sfw, 2016 on"] = Filters(after="2016-01-01")
+    filters["2023-06 on"] = Filters(nsfw=True, after="2023-06-01")
+    filters["not 'half', score >= 100"] = Filters(nsfw=True, exclude_subreddits=["half"], min_score=100)
+    report = []
+    with Index.open(work / "index", threads=1) as index:
+        planned = SearchEngine(index, index.weighting, ServeConfig())
+        post = SearchEngine(WithoutLabels(index), index.weighting, ServeConfig())  # type: ignore[arg-type]
+        for name, f in filters.items():
+            spec = parse_filters(f)
+            keep = np.fromiter((spec.keep(m) for m in md), bool, len(md))
+            a = run(planned, q_all, f, keep, x)
+            b = run(post, q_all, f, keep, x)
+            row = {"filter": name, "share": float(keep.mean()), "matches": int(keep.sum()), "planner": a, "postfilter": b}
+            report.append(row)
+            print(json.dumps(row), flush=True)
+    unfiltered = report[0]["planner"]["qps"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "filters.json").write_text(json.dumps({"queries": len(q_all), "rows": report}, indent=1))
+    lines = ["| filter | share | matches | plan | recall@10 planner / post-filter | QPS planner / post-filter "
+             "(planner / unfiltered) | reads/query planner / post-filter | page 10 of 24 full: planner / post |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report:
+        a, b = r["planner"], r["postfilter"]
+        lines.append(f"| {r['filter']} | {r['share']:.4%} | {r['matches']:,} | {', '.join(a['plans'])} | "
+                     f"{a['recall']:.3f} / {b['recall']:.3f} | {a['qps']:,.0f} / {b['qps']:,.0f} "
+                     f"({a['qps'] / unfiltered:.2f}) | {a['reads']:.0f} / {b['reads']:.0f} | "
+                     f"{'yes' if a['page10_full'] else 'no'} / {'yes' if b['page10_full'] else 'no'} |")
+    table = "\n".join(lines)
+    (RESULTS / "filters.md").write_text(table + "\n")
+    print(table)
+    print(f"load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

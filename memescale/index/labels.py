@@ -1,0 +1,283 @@
+"""Per-node filter labels: subreddit, month, score bucket, NSFW flag, and their counts.
+
+Stored with the index (written by `disk.write_index` from the same metadata stream as the
+records) so that hard filters run inside the graph search and a planner can estimate how
+many nodes a filter matches:
+
+``labels.bin``
+    64-byte header + N records of 8 bytes (`LABEL_DTYPE`): subreddit id (int32, -1 none),
+    month (int16, months since 2005-01, -1 unknown), score bucket (uint8, `score_bucket`),
+    flags (uint8, bit 0: NSFW). Held in RAM: 8 bytes per node.
+``label_vocab.bin``
+    64-byte header + msgpack: the subreddit names by id (lower-cased, most frequent first),
+    their node counts, and the node counts per month and per score bucket.
+``postings.bin``
+    64-byte header + (S + 1) int64 offsets + N int32 node ids grouped by subreddit id (node
+    order within a subreddit): the members of any subreddit, memory-mapped, 4 bytes per node
+    on disk. Nodes without a subreddit come last.
+
+Writing is streamed: `LabelWriter.add` takes each block of metadata dicts and keeps 8 bytes
+per node in a memory-mapped scratch file; `finish` renumbers the subreddits by frequency and
+lays the postings out with a counting sort (one pass, no O(N) sort in RAM).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+LABELS_FILE = "labels.bin"
+VOCAB_FILE = "label_vocab.bin"
+POSTINGS_FILE = "postings.bin"
+MAGIC_LABELS = b"MSIXLBL\x00"
+MAGIC_VOCAB = b"MSIXVOC\x00"
+MAGIC_POSTINGS = b"MSIXPST\x00"
+LABEL_DTYPE = np.dtype([("sub", "<i4"), ("month", "<i2"), ("bucket", "u1"), ("flags", "u1")])
+NSFW = 1
+MONTH0_YEAR = 2005
+# score bucket b holds SCORE_BOUNDS[b - 1] <= score < SCORE_BOUNDS[b]; bucket 0: below 0 or unknown
+SCORE_BOUNDS = (0, 1, 10, 100, 1000, 10_000, 100_000)
+_BLOCK = 1 << 20
+
+
+def month_of(seconds: int) -> int:
+    """Months since 2005-01 of a unix time (UTC); -1 before that."""
+    d = datetime.fromtimestamp(seconds, UTC)
+    m = (d.year - MONTH0_YEAR) * 12 + d.month - 1
+    return m if m >= 0 else -1
+
+
+def score_bucket(score: int | None) -> int:
+    """The bucket of a score: 0 for none or negative, then one per power of ten."""
+    if score is None:
+        return 0
+    return int(np.searchsorted(np.asarray(SCORE_BOUNDS), score, side="right"))
+
+
+def _int(v: Any) -> int | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if np.isfinite(f) else None
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or v == 1 or (isinstance(v, str) and v.lower() in ("true", "1", "yes"))
+
+
+def label_row(m: Any, sub_id) -> tuple[int, int, int, int]:
+    """(subreddit id, month, score bucket, flags) of one metadata dict; `sub_id(name)` maps
+    a lower-cased subreddit name to its id."""
+    if not isinstance(m, dict):
+        return -1, -1, 0, 0
+    name = m.get("subreddit")
+    sub = sub_id(str(name).lower()) if isinstance(name, str) and name else -1
+    t = _int(m.get("created_utc"))
+    month = month_of(t) if t is not None and 0 <= t < 2**32 else -1
+    flags = NSFW if (_truthy(m.get("over_18")) or _truthy(m.get("nsfw"))) else 0
+    return sub, month, score_bucket(_int(m.get("score"))), flags
+
+
+class LabelWriter:
+    """Collects the labels of N nodes block by block (memory: 8 bytes per node in a
+    memory-mapped scratch file + one entry per distinct subreddit)."""
+
+    def __init__(self, scratch: Path, n: int):
+        self.scratch = Path(scratch)
+        self.n = n
+        self.rows = np.lib.format.open_memmap(self.scratch, mode="w+", dtype=LABEL_DTYPE, shape=(n,))
+        self.rows["sub"] = -1
+        self.rows["month"] = -1
+        self.names: dict[str, int] = {}
+
+    def _sub_id(self, name: str) -> int:
+        i = self.names.get(name)
+        if i is None:
+            i = self.names[name] = len(self.names)
+        return i
+
+    def add(self, first: int, rows: list) -> None:
+        """Labels of nodes first .. first + len(rows) - 1 from their metadata dicts."""
+        block = np.array([label_row(m, self._sub_id) for m in rows], dtype=LABEL_DTYPE)
+        self.rows[first : first + len(rows)] = block
+
+    def finish(self, out_dir: Path, write_small) -> None:
+        """Write the three label files into `out_dir` with `write_small` (`disk._StreamedSmallFile`)."""
+        rows, n = self.rows, self.n
+        counts = np.zeros(len(self.names) + 1, np.int64)  # last: no subreddit
+        for lo in range(0, n, _BLOCK):
+            s = np.asarray(rows["sub"][lo : lo + _BLOCK])
+            counts += np.bincount(np.where(s < 0, len(self.names), s), minlength=len(counts))
+        names = np.array(list(self.names), dtype=object)
+        order = np.lexsort((names, -counts[:-1])) if len(names) else np.zeros(0, np.int64)
+        remap = np.empty(len(self.names) + 1, np.int32)
+        remap[order] = np.arange(len(order), dtype=np.int32)
+        remap[-1] = -1
+        months = np.zeros(0, np.int64)
+        buckets = np.zeros(len(SCORE_BOUNDS) + 1, np.int64)
+        flags = np.zeros(2, np.int64)
+        out = write_small(out_dir / LABELS_FILE, MAGIC_LABELS, n, LABEL_DTYPE.itemsize)
+        for lo in range(0, n, _BLOCK):
+            b = np.array(rows[lo : lo + _BLOCK])
+            s = b["sub"]
+            b["sub"] = remap[np.where(s < 0, len(self.names), s)]
+            m = b["month"][b["month"] >= 0].astype(np.int64)
+            if m.size:
+                if m.max() >= months.size:
+                    months = np.concatenate([months, np.zeros(int(m.max()) + 1 - months.size, np.int64)])
+                months += np.bincount(m, minlength=months.size)
+            buckets += np.bincount(b["bucket"], minlength=buckets.size)
+            flags += np.bincount(b["flags"] & NSFW, minlength=2)
+            rows[lo : lo + _BLOCK] = b
+            out.write(b.tobytes())
+        out.close()
+        final_counts = np.append(counts[:-1][order], counts[-1])
+        vocab = {"subreddits": names[order].tolist(), "sub_counts": final_counts[:-1].tolist(),
+                 "no_sub": int(final_counts[-1]), "month_counts": months.tolist(),
+                 "bucket_counts": buckets.tolist(), "nsfw": int(flags[1]), "nodes": n}
+        v = write_small(out_dir / VOCAB_FILE, MAGIC_VOCAB)
+        v.write(msgpack.packb(vocab, use_bin_type=True))
+        v.close()
+        # postings: counting sort by final subreddit id (no subreddit last)
+        offsets = np.zeros(len(final_counts) + 1, np.int64)
+        np.cumsum(final_counts, out=offsets[1:])
+        post_tmp = self.scratch.with_name(self.scratch.name + ".postings")
+        post = np.lib.format.open_memmap(post_tmp, mode="w+", dtype=np.int32, shape=(n,))
+        cursor = offsets[:-1].copy()
+        for lo in range(0, n, _BLOCK):
+            s = np.asarray(rows["sub"][lo : lo + _BLOCK]).astype(np.int64)
+            s = np.where(s < 0, len(final_counts) - 1, s)
+            order_b = np.argsort(s, kind="stable")
+            ss = s[order_b]
+            starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+            for a, z in zip(starts, np.r_[starts[1:], ss.size]):
+                sub = int(ss[a])
+                c = int(cursor[sub])
+                post[c : c + (z - a)] = (order_b[a:z] + lo).astype(np.int32)
+                cursor[sub] = c + (z - a)
+        p = write_small(out_dir / POSTINGS_FILE, MAGIC_POSTINGS, len(final_counts), 0)
+        p.write(offsets.astype("<i8").tobytes())
+        for lo in range(0, n, _BLOCK):
+            p.write(np.ascontiguousarray(post[lo : lo + _BLOCK], "<i4"))
+        p.close()
+        del post
+        os.remove(post_tmp)
+
+    def close(self) -> None:
+        self.rows = None  # type: ignore[assignment]
+        self.scratch.unlink(missing_ok=True)
+        self.scratch.with_name(self.scratch.name + ".postings").unlink(missing_ok=True)
+
+
+class LabelFilter(NamedTuple):
+    """Conditions on a node's labels (`labels.py`) for it to be returned; non-matching nodes
+    are still traversed. Built by `label_filter`."""
+
+    active: bool
+    sub_mode: int  # 0: any subreddit, 1: one of sub_ids, 2: none of sub_ids
+    sub_ids: np.ndarray  # (S,) int32 sorted subreddit ids
+    month_lo: int  # inclusive month range (labels.month_of); unknown months are -1
+    month_hi: int
+    min_bucket: int  # lowest score bucket (labels.score_bucket)
+    allow_nsfw: bool
+
+
+NO_FILTER = LabelFilter(False, 0, np.zeros(0, np.int32), -(2**15), 2**15 - 1, 0, True)
+
+
+
+@dataclass
+class NodeLabels:
+    """An index's labels as search uses them: `rows` (N,) LABEL_DTYPE in RAM, the vocabulary
+    and counts, and the postings (memory-mapped)."""
+
+    rows: np.ndarray
+    subreddits: dict[str, int]
+    sub_counts: np.ndarray
+    month_counts: np.ndarray
+    bucket_counts: np.ndarray
+    nsfw: int
+    offsets: np.ndarray
+    postings: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+    def members(self, sub: int) -> np.ndarray:
+        """Node ids (int32, ascending) of subreddit id `sub`."""
+        return self.postings[int(self.offsets[sub]) : int(self.offsets[sub + 1])]
+
+    def filter(self, allow_nsfw: bool = True, after: int | None = None, before: int | None = None,
+               include: frozenset[str] | None = None, exclude: frozenset[str] | None = None,
+               min_score: int | None = None) -> LabelFilter:
+        """The `LabelFilter` of hard filters: subreddit names (lower case; unknown ones match
+        nothing), unix-second bounds (after inclusive, before exclusive) and a minimum score.
+        Times and scores are matched at label resolution (month, score bucket), a superset
+        of the exact condition: check the exact values on the results."""
+        if allow_nsfw and after is None and before is None and include is None and not exclude and min_score is None:
+            return NO_FILTER
+        lo = month_of(max(0, after)) if after is not None else -(2**15)
+        hi = month_of(max(0, before - 1)) if before is not None else 2**15 - 1
+        if before is not None and before <= 0:
+            hi = -2  # nothing
+        mode, names = (1, include) if include is not None else ((2, exclude) if exclude else (0, frozenset()))
+        ids = np.array(sorted(self.subreddits[s] for s in names if s in self.subreddits), np.int32)
+        bucket = score_bucket(min_score) if min_score is not None else 0
+        return LabelFilter(True, mode, ids, max(lo, -(2**15)), min(hi, 2**15 - 1), bucket, bool(allow_nsfw))
+
+    def selectivity(self, flt: LabelFilter) -> float:
+        """Estimated share of nodes `flt` matches, from the label counts (the conditions taken
+        as independent). 1.0 for no filter."""
+        if not flt.active or self.n == 0:
+            return 1.0
+        share = 1.0
+        if flt.sub_mode:
+            hit = float(self.sub_counts[flt.sub_ids].sum()) / self.n
+            share *= hit if flt.sub_mode == 1 else 1.0 - hit
+        months = self.month_counts
+        if flt.month_lo > -(2**15) or flt.month_hi < 2**15 - 1:
+            lo, hi = max(flt.month_lo, 0), min(flt.month_hi, months.size - 1)
+            share *= float(months[lo:hi + 1].sum()) / self.n if hi >= lo else 0.0
+        if flt.min_bucket:
+            share *= float(self.bucket_counts[flt.min_bucket:].sum()) / self.n
+        if not flt.allow_nsfw:
+            share *= 1.0 - self.nsfw / self.n
+        return max(0.0, min(1.0, share))
+
+
+def load_labels(index_dir: Path) -> NodeLabels:
+    """Read an index folder's label files (`disk.IndexFormatError` when one is bad)."""
+    from .disk import IndexFormatError, map_small_file, read_small_file
+
+    payload, n, cols = read_small_file(index_dir / LABELS_FILE, MAGIC_LABELS)
+    if cols != LABEL_DTYPE.itemsize or len(payload) != n * cols:
+        raise IndexFormatError(index_dir / LABELS_FILE, f"holds {len(payload)} bytes for {n} x {cols}")
+    rows = np.frombuffer(payload, LABEL_DTYPE)
+    raw, _, _ = read_small_file(index_dir / VOCAB_FILE, MAGIC_VOCAB)
+    try:
+        v = msgpack.unpackb(raw, raw=False)
+        names = list(v["subreddits"])
+        sub_counts = np.asarray(v["sub_counts"], np.int64)
+        month_counts = np.asarray(v["month_counts"], np.int64)
+        bucket_counts = np.asarray(v["bucket_counts"], np.int64)
+        nsfw = int(v["nsfw"])
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
+        raise IndexFormatError(index_dir / VOCAB_FILE, f"unreadable label vocabulary: {e}") from None
+    post, groups, _ = map_small_file(index_dir / POSTINGS_FILE, MAGIC_POSTINGS)
+    if groups != len(names) + 1 or len(post) != 8 * (groups + 1) + 4 * n:
+        raise IndexFormatError(index_dir / POSTINGS_FILE, f"{groups} groups, {len(post)} bytes for {n} nodes")
+    offsets = post[: 8 * (groups + 1)].view("<i8")
+    return NodeLabels(rows, {s: i for i, s in enumerate(names)}, sub_counts, month_counts, bucket_counts, nsfw,
+                      offsets, post[8 * (groups + 1):].view("<i4"))

@@ -1,0 +1,125 @@
+"""Filtered search at any selectivity (memescale/index/labels.py, the planner in
+memescale/search/engine.py): labels stored with the index, in-traversal filtering for broad
+filters, member scans for selective ones, exact filtered ground truth on 20k vectors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from memescale.config import ServeConfig
+from memescale.index import Index, IndexParams
+from memescale.index.labels import month_of, score_bucket
+from memescale.index.weighting import build_weighted_index
+from memescale.search.engine import SearchEngine, parse_filters
+from memescale.search.requests import Filters, SearchInputError
+
+N, DIM = 20_000, 32
+# Zipf-like subreddit sizes: s0 half of everything ... s7 1%, s9 0.1%
+SHARES = {"s0": 0.50, "s1": 0.20, "s2": 0.10, "s3": 0.08, "s4": 0.05, "s5": 0.03, "s6": 0.02, "s7": 0.01,
+          "s8": 0.009, "s9": 0.001}
+T0, T1 = 1_262_304_000, 1_704_067_200  # 2010-01-01 .. 2024-01-01
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((40, DIM))
+    x = c[rng.integers(0, 40, N)] + 0.7 * rng.standard_normal((N, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    subs = np.repeat(list(SHARES), [int(round(v * N)) for v in SHARES.values()])
+    rng.shuffle(subs)
+    md = [{"image_id": 10**12 + i, "subreddit": str(subs[i]).upper() if i % 7 == 0 else str(subs[i]),
+           "created_utc": int(rng.integers(T0, T1)), "score": int(rng.pareto(1.2) * 10),
+           "over_18": i % 10 == 9, "title": f"t{i}"} for i in range(N)]
+    out = tmp_path_factory.mktemp("filtered") / "index"
+    build_weighted_index(x, md, out, IndexParams(R=24, L=48, pq_bytes=16, seed=0), 0.2)
+    index = Index.open(out, threads=2)
+    yield {"x": x, "md": md, "index": index}
+    index.close()
+
+
+def engine(world, **cfg) -> SearchEngine:
+    return SearchEngine(world["index"], world["index"].weighting, ServeConfig(dedup_threshold=0.999, **cfg))
+
+
+def exact(world, q: np.ndarray, keep: np.ndarray, k: int) -> list[int]:
+    rows = np.flatnonzero(keep)
+    return rows[np.argsort(-(world["x"][rows] @ q), kind="stable")[:k]].tolist()
+
+
+def matches(world, f: Filters) -> np.ndarray:
+    spec = parse_filters(f)
+    return np.fromiter((spec.keep(m) for m in world["md"]), bool, N)
+
+
+def recall(world, f: Filters, queries: np.ndarray, k: int = 10) -> tuple[float, set[str]]:
+    eng = engine(world)
+    keep = matches(world, f)
+    hits, plans = 0, set()
+    for q in queries:
+        page = eng.search(q, None, parse_filters(f), False, 0, k)
+        plans.add(page["stats"]["plan"])
+        hits += len({r["id"] for r in page["results"]} & set(exact(world, q, keep, k)))
+    return hits / (k * len(queries)), plans
+
+
+def test_labels_and_their_counts(world):
+    lab = world["index"].labels
+    md = world["md"]
+    assert lab.n == N and lab.rows.nbytes == 8 * N  # 8 bytes per node
+    assert list(lab.subreddits)[:3] == ["s0", "s1", "s2"]  # most frequent first, lower-cased
+    for name, share in SHARES.items():
+        members = lab.members(lab.subreddits[name])
+        assert members.size == int(round(share * N))
+        assert all(md[i]["subreddit"].lower() == name for i in members[:50].tolist())
+    i = 123
+    r = lab.rows[i]
+    assert r["month"] == month_of(md[i]["created_utc"]) and r["bucket"] == score_bucket(md[i]["score"])
+    assert lab.nsfw == N // 10
+    assert datetime.fromtimestamp(T0, UTC).year == 2010 and month_of(T0) == 60
+
+
+@pytest.mark.parametrize("f, plan, floor", [
+    (Filters(nsfw=True, subreddits=["s7"]), "scan", 0.95),  # 1%
+    (Filters(nsfw=True, subreddits=["s9"]), "scan", 0.95),  # 0.1%
+    (Filters(nsfw=True, subreddits=["s0", "s1"]), "graph-filtered", 0.9),  # 70%
+    (Filters(nsfw=False, after="2016-01-01"), "graph-filtered", 0.9),  # ~55% of the SFW 90%
+    (Filters(nsfw=True, exclude_subreddits=["s0"], min_score=10), "graph-filtered", 0.9),
+])
+def test_recall_against_exact_filtered_ground_truth(world, f, plan, floor):
+    queries = world["x"][np.random.default_rng(1).choice(N, 40, replace=False)] + 0.02
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    r, plans = recall(world, f, queries)
+    assert plans == {plan}
+    assert r >= floor, r
+
+
+def test_a_filter_matching_nothing_gives_an_empty_last_page(world):
+    eng = engine(world)
+    for f in (Filters(subreddits=["no_such_subreddit"]), Filters(after="2030-01-01")):
+        page = eng.search(world["x"][0], None, parse_filters(f), True, 0, 24)
+        assert page["results"] == [] and page["more"] is False
+
+
+def test_paging_ten_pages_deep_under_a_one_percent_filter(world):
+    eng = engine(world)
+    f = parse_filters(Filters(nsfw=True, subreddits=["s7"]))  # 200 images
+    q = world["x"][5]
+    seen, sims = [], []
+    for p in range(10):
+        page = eng.search(q, None, f, False, p * 20, 20)
+        assert len(page["results"]) == 20 and page["more"] is (p < 9)
+        seen += [r["id"] for r in page["results"]]
+        sims += [r["similarity"] for r in page["results"]]
+    assert len(set(seen)) == 200 and all(world["md"][i]["subreddit"].lower() == "s7" for i in seen)
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_malformed_filters_are_refused():
+    with pytest.raises(SearchInputError, match="exclude_subreddits"):
+        parse_filters(Filters(exclude_subreddits=["not a name!"]))
+    with pytest.raises(ValueError):
+        Filters(min_score="high")  # type: ignore[arg-type]
