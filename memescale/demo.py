@@ -35,6 +35,21 @@ SHARED_MEMES = Path(os.environ.get("MEMESCALE_SHARED_DATA", ROOT.parent / "share
 COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
 
 
+def _index_usable(index_dir: Path) -> bool:
+    """An index from an earlier `make demo` that this code can open (a format change, or a
+    half-written folder, means building it again)."""
+    from memescale.index import Index, IndexFormatError
+
+    if not (index_dir / "build_summary.json").exists():
+        return False
+    try:
+        Index.open(index_dir, threads=1).close()
+    except IndexFormatError as e:
+        print(f"index: rebuilding ({e})")
+        return False
+    return True
+
+
 def draw_images(folder: Path, n: int = 120) -> dict[str, str]:
     """Draw `n` small captioned images (shapes on coloured grounds); returns name -> title."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {summary['encoded']} images encoded from {summary['posts']} posts "
               f"({summary['bad_lines']} bad lines skipped) in {time.perf_counter() - t0:.1f} s")
         index_dir = out / "index"
-        if not (index_dir / "build_summary.json").exists():
+        if not _index_usable(index_dir):
             t0 = time.perf_counter()
             c = run_curate(cfg, str(out / "shards"), str(out / "curated"))
             print(f"curate: {c['rows_written']} of {c['counts']['rows']} images kept, "
