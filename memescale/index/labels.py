@@ -12,9 +12,12 @@ many nodes a filter matches:
     64-byte header + msgpack: the subreddit names by id (lower-cased, most frequent first),
     their node counts, and the node counts per month and per score bucket.
 ``postings.bin``
-    64-byte header + (S + 1) int64 offsets + N int32 node ids grouped by subreddit id (node
+    64-byte header + (S + 2) int64 offsets + N int32 node ids grouped by subreddit id (node
     order within a subreddit): the members of any subreddit, memory-mapped, 4 bytes per node
     on disk. Nodes without a subreddit come last.
+``month_postings.bin``
+    the same by month (months ascending, unknown last), so the nodes of any month range are
+    one contiguous slice.
 
 Writing is streamed: `LabelWriter.add` takes each block of metadata dicts and keeps 8 bytes
 per node in a memory-mapped scratch file; `finish` renumbers the subreddits by frequency and
@@ -35,6 +38,7 @@ import numpy as np
 LABELS_FILE = "labels.bin"
 VOCAB_FILE = "label_vocab.bin"
 POSTINGS_FILE = "postings.bin"
+MONTH_POSTINGS_FILE = "month_postings.bin"
 MAGIC_LABELS = b"MSIXLBL\x00"
 MAGIC_VOCAB = b"MSIXVOC\x00"
 MAGIC_POSTINGS = b"MSIXPST\x00"
@@ -149,24 +153,32 @@ class LabelWriter:
         v = write_small(out_dir / VOCAB_FILE, MAGIC_VOCAB)
         v.write(msgpack.packb(vocab, use_bin_type=True))
         v.close()
-        # postings: counting sort by final subreddit id (no subreddit last)
-        offsets = np.zeros(len(final_counts) + 1, np.int64)
-        np.cumsum(final_counts, out=offsets[1:])
+        # postings: counting sort by final subreddit id (no subreddit last), then by month
+        self._postings(out_dir / POSTINGS_FILE, write_small, "sub", final_counts)
+        month_counts = np.append(months, n - int(months.sum()))
+        self._postings(out_dir / MONTH_POSTINGS_FILE, write_small, "month", month_counts)
+
+    def _postings(self, path: Path, write_small, field: str, counts: np.ndarray) -> None:
+        """Node ids grouped by `field` (values 0 .. len(counts) - 2; negative: the last group)
+        with a counting sort: one pass over the labels, 4 bytes per node of scratch file."""
+        rows, n = self.rows, self.n
+        offsets = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
         post_tmp = self.scratch.with_name(self.scratch.name + ".postings")
         post = np.lib.format.open_memmap(post_tmp, mode="w+", dtype=np.int32, shape=(n,))
         cursor = offsets[:-1].copy()
         for lo in range(0, n, _BLOCK):
-            s = np.asarray(rows["sub"][lo : lo + _BLOCK]).astype(np.int64)
-            s = np.where(s < 0, len(final_counts) - 1, s)
+            s = np.asarray(rows[field][lo : lo + _BLOCK]).astype(np.int64)
+            s = np.where(s < 0, len(counts) - 1, s)
             order_b = np.argsort(s, kind="stable")
             ss = s[order_b]
             starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
             for a, z in zip(starts, np.r_[starts[1:], ss.size]):
-                sub = int(ss[a])
-                c = int(cursor[sub])
+                g = int(ss[a])
+                c = int(cursor[g])
                 post[c : c + (z - a)] = (order_b[a:z] + lo).astype(np.int32)
-                cursor[sub] = c + (z - a)
-        p = write_small(out_dir / POSTINGS_FILE, MAGIC_POSTINGS, len(final_counts), 0)
+                cursor[g] = c + (z - a)
+        p = write_small(path, MAGIC_POSTINGS, len(counts), 0)
         p.write(offsets.astype("<i8").tobytes())
         for lo in range(0, n, _BLOCK):
             p.write(np.ascontiguousarray(post[lo : lo + _BLOCK], "<i4"))
@@ -193,7 +205,8 @@ class LabelFilter(NamedTuple):
     allow_nsfw: bool
 
 
-NO_FILTER = LabelFilter(False, 0, np.zeros(0, np.int32), -(2**15), 2**15 - 1, 0, True)
+MONTH_ANY = (-(2**15), 2**15 - 1)  # the month range of no time condition
+NO_FILTER = LabelFilter(False, 0, np.zeros(0, np.int32), *MONTH_ANY, 0, True)
 
 
 
@@ -210,6 +223,8 @@ class NodeLabels:
     nsfw: int
     offsets: np.ndarray
     postings: np.ndarray
+    month_offsets: np.ndarray
+    month_postings: np.ndarray
 
     @property
     def n(self) -> int:
@@ -218,6 +233,14 @@ class NodeLabels:
     def members(self, sub: int) -> np.ndarray:
         """Node ids (int32, ascending) of subreddit id `sub`."""
         return self.postings[int(self.offsets[sub]) : int(self.offsets[sub + 1])]
+
+    def month_members(self, lo: int, hi: int) -> np.ndarray:
+        """Node ids (int32) of the months lo .. hi (inclusive, clipped to those recorded)."""
+        last = self.month_offsets.shape[0] - 3  # the last recorded month (then: unknown)
+        lo, hi = max(lo, 0), min(hi, last)
+        if hi < lo:
+            return self.month_postings[:0]
+        return self.month_postings[int(self.month_offsets[lo]) : int(self.month_offsets[hi + 1])]
 
     def filter(self, allow_nsfw: bool = True, after: int | None = None, before: int | None = None,
                include: frozenset[str] | None = None, exclude: frozenset[str] | None = None,
@@ -275,9 +298,13 @@ def load_labels(index_dir: Path) -> NodeLabels:
         nsfw = int(v["nsfw"])
     except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as e:
         raise IndexFormatError(index_dir / VOCAB_FILE, f"unreadable label vocabulary: {e}") from None
-    post, groups, _ = map_small_file(index_dir / POSTINGS_FILE, MAGIC_POSTINGS)
-    if groups != len(names) + 1 or len(post) != 8 * (groups + 1) + 4 * n:
-        raise IndexFormatError(index_dir / POSTINGS_FILE, f"{groups} groups, {len(post)} bytes for {n} nodes")
-    offsets = post[: 8 * (groups + 1)].view("<i8")
+    def postings(name: str, want: int) -> tuple[np.ndarray, np.ndarray]:
+        post, groups, _ = map_small_file(index_dir / name, MAGIC_POSTINGS)
+        if groups != want or len(post) != 8 * (groups + 1) + 4 * n:
+            raise IndexFormatError(index_dir / name, f"{groups} groups, {len(post)} bytes for {n} nodes")
+        return post[: 8 * (groups + 1)].view("<i8"), post[8 * (groups + 1):].view("<i4")
+
+    subs = postings(POSTINGS_FILE, len(names) + 1)
+    months = postings(MONTH_POSTINGS_FILE, month_counts.size + 1)
     return NodeLabels(rows, {s: i for i, s in enumerate(names)}, sub_counts, month_counts, bucket_counts, nsfw,
-                      offsets, post[8 * (groups + 1):].view("<i4"))
+                      *subs, *months)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from memescale.config import ServeConfig
-from memescale.index.labels import NO_FILTER
+from memescale.index.labels import MONTH_ANY, NO_FILTER
 from memescale.index.weighting import Weighting
 from memescale.search.requests import Filters, SearchInputError, TimeBound
 
@@ -231,8 +231,10 @@ class SearchEngine:
     def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> tuple[str, Any, np.ndarray | None, float]:
         """(plan, label filter, members to scan, estimated share of matching nodes). Plans:
         "graph" (no filter, or an index without labels: post-filter only), "graph-filtered"
-        (the filter inside the traversal, L / share up to filter_L_max), "scan" (a subreddit
-        filter matching at most filter_scan_max nodes: its members scored directly)."""
+        (the filter inside the traversal, L / share up to filter_L_max), "scan" (the smaller
+        of the included subreddits' and the time range's members, when at most
+        filter_scan_max and within SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored
+        directly and filtered on their labels)."""
         labels = getattr(ix, "labels", None)
         if not filters.active or labels is None:
             return "graph", NO_FILTER, None, 1.0
@@ -241,12 +243,23 @@ class SearchEngine:
         share = labels.selectivity(flt)
         # cost in PQ scores: a scan scores every member; the filtered traversal expands about
         # L / share nodes (at most filter_L_max) of R neighbours each, plus a read per expansion
-        matches = share * labels.n
         traversal = min(L / max(share, 1e-9), max(self.cfg.filter_L_max, L)) * getattr(ix, "degree", 64)
-        if flt.sub_mode == 1 and matches <= self.cfg.filter_scan_max and matches <= SCAN_OVER_TRAVERSAL * traversal:
-            members = (np.concatenate([labels.members(int(s)) for s in flt.sub_ids]) if flt.sub_ids.size
-                       else np.zeros(0, np.int64))
-            return "scan", flt, members, share
+        # candidate sets a scan can take: the included subreddits' members, the months' members
+        sizes: dict[str, int] = {}
+        if flt.sub_mode == 1:
+            sizes["sub"] = int(labels.sub_counts[flt.sub_ids].sum())
+        if flt.month_lo > MONTH_ANY[0] or flt.month_hi < MONTH_ANY[1]:
+            sizes["month"] = int(labels.month_members(flt.month_lo, flt.month_hi).shape[0])
+        if sizes:
+            best = min(sizes, key=sizes.__getitem__)
+            size = sizes[best]
+            if size <= self.cfg.filter_scan_max and size <= SCAN_OVER_TRAVERSAL * traversal:
+                if best == "sub":
+                    members = (np.concatenate([labels.members(int(s)) for s in flt.sub_ids]) if flt.sub_ids.size
+                               else np.zeros(0, np.int64))
+                else:
+                    members = np.asarray(labels.month_members(flt.month_lo, flt.month_hi))
+                return "scan", flt, members, share
         return "graph-filtered", flt, None, share
 
     def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: str = "graph", flt: Any = NO_FILTER,
@@ -326,12 +339,12 @@ class SearchEngine:
                 order = np.arange(min(cand.size, need))
                 examined = order.size
             meta_ms += (time.perf_counter() - tm) * 1000
-            if order.size >= need or exhausted or not post or deepened or ids.size >= size or plan == "scan":
+            if order.size >= need or exhausted or not post or deepened or ids.size >= size:
                 break
             # Too few survived the filters/dedup: search again, deeper, and take everything.
             deepened = True
             L = max(L, base_L) * max(cfg.filter_L_multiplier, 1)
-            k1 = L
+            k1 = L if plan != "scan" else k1 * max(cfg.filter_L_multiplier, 1)
         tm = time.perf_counter()
         page_rows = order[offset: offset + k]
         rows = cand[page_rows]
