@@ -69,7 +69,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .labels import LABELS_FILE, MONTH_POSTINGS_FILE, POSTINGS_FILE, VOCAB_FILE, LabelWriter
+from .labels import LABELS_FILE, MONTH_POSTINGS_FILE, POSTINGS_FILE, SCORE_POSTINGS_FILE, VOCAB_FILE, LabelWriter
 
 FORMAT_VERSION = 1
 SECTOR = 4096
@@ -79,7 +79,7 @@ ARRAYS_FILE = "arrays.bin"
 OVERFLOW_FILE = "metadata_overflow.bin"
 IDS_FILE = "image_ids.bin"
 INDEX_FILES = (RECORDS_FILE, CODES_FILE, ARRAYS_FILE, OVERFLOW_FILE, IDS_FILE, LABELS_FILE, VOCAB_FILE, POSTINGS_FILE,
-               MONTH_POSTINGS_FILE)
+               MONTH_POSTINGS_FILE, SCORE_POSTINGS_FILE)
 
 MAGIC_RECORDS = b"MSIXREC\x00"
 MAGIC_CODES = b"MSIXPQC\x00"

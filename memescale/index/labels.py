@@ -15,9 +15,9 @@ many nodes a filter matches:
     64-byte header + (S + 2) int64 offsets + N int32 node ids grouped by subreddit id (node
     order within a subreddit): the members of any subreddit, memory-mapped, 4 bytes per node
     on disk. Nodes without a subreddit come last.
-``month_postings.bin``
-    the same by month (months ascending, unknown last), so the nodes of any month range are
-    one contiguous slice.
+``month_postings.bin``, ``score_postings.bin``
+    the same by month (months ascending, unknown last) and by score bucket, so the nodes of
+    any month range, or of any minimum score bucket, are one contiguous slice.
 
 Writing is streamed: `LabelWriter.add` takes each block of metadata dicts and keeps 8 bytes
 per node in a memory-mapped scratch file; `finish` renumbers the subreddits by frequency and
@@ -39,6 +39,7 @@ LABELS_FILE = "labels.bin"
 VOCAB_FILE = "label_vocab.bin"
 POSTINGS_FILE = "postings.bin"
 MONTH_POSTINGS_FILE = "month_postings.bin"
+SCORE_POSTINGS_FILE = "score_postings.bin"
 MAGIC_LABELS = b"MSIXLBL\x00"
 MAGIC_VOCAB = b"MSIXVOC\x00"
 MAGIC_POSTINGS = b"MSIXPST\x00"
@@ -157,6 +158,7 @@ class LabelWriter:
         self._postings(out_dir / POSTINGS_FILE, write_small, "sub", final_counts)
         month_counts = np.append(months, n - int(months.sum()))
         self._postings(out_dir / MONTH_POSTINGS_FILE, write_small, "month", month_counts)
+        self._postings(out_dir / SCORE_POSTINGS_FILE, write_small, "bucket", np.append(buckets, 0))
 
     def _postings(self, path: Path, write_small, field: str, counts: np.ndarray) -> None:
         """Node ids grouped by `field` (values 0 .. len(counts) - 2; negative: the last group)
@@ -225,6 +227,8 @@ class NodeLabels:
     postings: np.ndarray
     month_offsets: np.ndarray
     month_postings: np.ndarray
+    score_offsets: np.ndarray
+    score_postings: np.ndarray
 
     @property
     def n(self) -> int:
@@ -233,6 +237,11 @@ class NodeLabels:
     def members(self, sub: int) -> np.ndarray:
         """Node ids (int32, ascending) of subreddit id `sub`."""
         return self.postings[int(self.offsets[sub]) : int(self.offsets[sub + 1])]
+
+    def score_members(self, min_bucket: int) -> np.ndarray:
+        """Node ids (int32) whose score bucket is `min_bucket` or higher."""
+        b = max(0, min(int(min_bucket), self.bucket_counts.size))
+        return self.score_postings[int(self.score_offsets[b]) : int(self.score_offsets[self.bucket_counts.size])]
 
     def month_members(self, lo: int, hi: int) -> np.ndarray:
         """Node ids (int32) of the months lo .. hi (inclusive, clipped to those recorded)."""
@@ -306,5 +315,6 @@ def load_labels(index_dir: Path) -> NodeLabels:
 
     subs = postings(POSTINGS_FILE, len(names) + 1)
     months = postings(MONTH_POSTINGS_FILE, month_counts.size + 1)
+    scores = postings(SCORE_POSTINGS_FILE, bucket_counts.size + 1)
     return NodeLabels(rows, {s: i for i, s in enumerate(names)}, sub_counts, month_counts, bucket_counts, nsfw,
-                      *subs, *months)
+                      *subs, *months, *scores)

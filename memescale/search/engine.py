@@ -231,8 +231,8 @@ class SearchEngine:
     def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> tuple[str, Any, np.ndarray | None, float]:
         """(plan, label filter, members to scan, estimated share of matching nodes). Plans:
         "graph" (no filter, or an index without labels: post-filter only), "graph-filtered"
-        (the filter inside the traversal, L / share up to filter_L_max), "scan" (the smaller
-        of the included subreddits' and the time range's members, when at most
+        (the filter inside the traversal, L / share up to filter_L_max), "scan" (the smallest
+        of the included subreddits', the time range's and the score range's members, when at most
         filter_scan_max and within SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored
         directly and filtered on their labels)."""
         labels = getattr(ix, "labels", None)
@@ -250,6 +250,8 @@ class SearchEngine:
             sizes["sub"] = int(labels.sub_counts[flt.sub_ids].sum())
         if flt.month_lo > MONTH_ANY[0] or flt.month_hi < MONTH_ANY[1]:
             sizes["month"] = int(labels.month_members(flt.month_lo, flt.month_hi).shape[0])
+        if flt.min_bucket:
+            sizes["score"] = int(labels.score_members(flt.min_bucket).shape[0])
         if sizes:
             best = min(sizes, key=sizes.__getitem__)
             size = sizes[best]
@@ -257,8 +259,10 @@ class SearchEngine:
                 if best == "sub":
                     members = (np.concatenate([labels.members(int(s)) for s in flt.sub_ids]) if flt.sub_ids.size
                                else np.zeros(0, np.int64))
-                else:
+                elif best == "month":
                     members = np.asarray(labels.month_members(flt.month_lo, flt.month_hi))
+                else:
+                    members = np.asarray(labels.score_members(flt.min_bucket))
                 return "scan", flt, members, share
         return "graph-filtered", flt, None, share
 
