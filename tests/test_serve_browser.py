@@ -119,6 +119,22 @@ def test_shared_url_restores_the_search(page, base_url):
     assert body["text"] == "monday coffee" and body["weights"] == {"meme": -1.5} and body["dedup"] is False
 
 
+def test_subreddit_exclusion_and_minimum_score_filters(page, base_url):
+    open_page(page, base_url + "/?q=monday+coffee&xsub=memes,funny&score=25000")
+    page.wait_for_selector(".card", timeout=30_000)
+    assert page.input_value("#exclude-subreddits") == "memes, funny"
+    assert page.input_value("#min-score") == "25000"
+    body = page.searches[0]
+    assert body["filters"]["exclude_subreddits"] == ["memes", "funny"] and body["filters"]["min_score"] == 25000
+    subs = page.eval_on_selector_all(".card .sub", "cs => cs.map(c => c.textContent.split(' ')[0])")
+    assert subs and not {"r/memes", "r/funny"} & set(subs)
+    # changing the field searches again and keeps it in the URL
+    page.eval_on_selector("#min-score", "e => { e.value = '40000'; e.dispatchEvent(new Event('change')); }")
+    page.wait_for_function("new URLSearchParams(location.search).get('score') === '40000'")
+    page.wait_for_function("document.querySelectorAll('.card').length > 0")
+    assert page.searches[-1]["filters"]["min_score"] == 40000
+
+
 def test_html_in_titles_is_inert(page, base_url):
     xss_image = sample_corpus(300, 64, seed=1)[1][XSS_ROW]["image_id"]  # the fixture's corpus
     open_page(page, f"{base_url}/?like={xss_image}")

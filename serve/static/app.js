@@ -49,9 +49,17 @@ function currentFilters() {
   const before = dateToUnix($("before").value);
   if (after !== null) f.after = after;
   if (before !== null) f.before = before;
-  const subs = $("subreddits").value.split(/[\s,]+/).map((s) => s.replace(/^\/?r\//, "")).filter(Boolean);
+  const subs = subredditList($("subreddits").value);
   if (subs.length) f.subreddits = subs;
+  const notSubs = subredditList($("exclude-subreddits").value);
+  if (notSubs.length) f.exclude_subreddits = notSubs;
+  const score = $("min-score").value.trim();
+  if (/^-?[0-9]{1,12}$/.test(score)) f.min_score = Number(score);
   return f;
+}
+
+function subredditList(text) {
+  return text.split(/[\s,]+/).map((s) => s.replace(/^\/?r\//, "")).filter(Boolean);
 }
 
 function pageSize() {
@@ -82,6 +90,8 @@ function writeUrl(push) {
   if (f.after) p.set("after", $("after").value);
   if (f.before) p.set("before", $("before").value);
   if (f.subreddits) p.set("sub", f.subreddits.join(","));
+  if (f.exclude_subreddits) p.set("xsub", f.exclude_subreddits.join(","));
+  if (f.min_score !== undefined) p.set("score", String(f.min_score));
   if (!$("dedup").checked) p.set("dedup", "0");
   const url = p.toString() ? "?" + p.toString() : window.location.pathname;
   if (push) history.pushState(null, "", url);
@@ -100,6 +110,8 @@ function readUrl() {
   $("after").value = p.get("after") || "";
   $("before").value = p.get("before") || "";
   $("subreddits").value = (p.get("sub") || "").split(",").filter(Boolean).join(", ");
+  $("exclude-subreddits").value = (p.get("xsub") || "").split(",").filter(Boolean).join(", ");
+  $("min-score").value = /^-?[0-9]{1,12}$/.test(p.get("score") || "") ? p.get("score") : "";
   $("q").value = p.get("q") || "";
   $("image-url").value = p.get("url") || "";
   if (p.has("q") && p.get("q").trim()) return { query: { text: p.get("q") }, label: `"${p.get("q")}"` };
@@ -366,7 +378,7 @@ async function init() {
     showQueryImage(dataUrl, file.name);
     startSearch({ image: dataUrl.slice(dataUrl.indexOf(",") + 1) }, `"${file.name}"`);
   });
-  for (const id of ["nsfw", "dedup", "after", "before", "subreddits"]) {
+  for (const id of ["nsfw", "dedup", "after", "before", "subreddits", "exclude-subreddits", "min-score"]) {
     $(id).addEventListener("change", () => { if (state.query) { writeUrl(false); runSearch(); } });
   }
   $("more").addEventListener("click", loadMore);
