@@ -219,9 +219,24 @@ class State:
 
 
 def _take_lease(gen_dir: Path) -> int:
-    fd = os.open(gen_dir / LEASE_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    """A shared flock on the generation's LEASE (-1 where the folder is read-only and has
+    none: nothing there can be collected anyway). FileNotFoundError when the folder is gone."""
+    if not gen_dir.is_dir():
+        raise FileNotFoundError(gen_dir)
+    try:
+        fd = os.open(gen_dir / LEASE_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    except PermissionError:
+        try:
+            fd = os.open(gen_dir / LEASE_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return -1
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
+
+
+def _drop_lease(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _apply(state: State, ops: list[dict], end: int, threads: int | None, checkpoint: DeltaGraph | None) -> State:
@@ -281,12 +296,12 @@ def open_state(index_dir: Path, threads: int | None, io: str, cache_nodes: int) 
         try:
             base = _open_base(gen_dir, threads, io, cache_nodes)
         except IndexFormatError:
-            os.close(lease)
+            _drop_lease(lease)
             if current_generation(index_dir)[0] != gen:
                 continue
             raise
         except BaseException:
-            os.close(lease)
+            _drop_lease(lease)
             raise
         break
     else:
@@ -304,7 +319,7 @@ def open_state(index_dir: Path, threads: int | None, io: str, cache_nodes: int) 
         return _apply(state, committed.ops, committed.end, threads, checkpoint)
     except BaseException:
         base.close()
-        os.close(lease)
+        _drop_lease(lease)
         raise
 
 
