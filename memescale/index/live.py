@@ -99,15 +99,15 @@ class DeltaGraph:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, rows: int) -> DeltaGraph | None:
-        """The checkpoint at `path` if it is readable and covers at most `rows` rows; else None."""
+    def load(cls, path: Path) -> DeltaGraph | None:
+        """The checkpoint at `path` if it is readable and consistent; else None."""
         try:
             with np.load(path) as z:
                 g = cls(z["neighbours"], z["degrees"], int(z["start"]), int(z["covered"]))
         except (OSError, ValueError, KeyError):
             return None
         d = g.degrees.shape[0]
-        if g.neighbours.shape[0] != d or d > rows or (d and not 0 <= g.start < d):
+        if g.neighbours.shape[0] != d or (d and not 0 <= g.start < d):
             return None
         return g
 
@@ -173,6 +173,21 @@ class Delta:
     meta: list[bytes]  # D msgpack blobs
     graph: DeltaGraph
     norms: np.ndarray  # (D,) float32 squared norms
+    id_order: np.ndarray = field(init=False)  # (D,) int64: rows by ascending image id (ties in log order)
+
+    def __post_init__(self) -> None:
+        # sorted once per state, not per lookup (`like` and every insert batch look ids up)
+        self.id_order = np.argsort(self.image_ids, kind="stable")
+
+    def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Delta rows (n,) int64 of `image_ids` (the first row where one is in it twice); -1 where absent."""
+        keys = self.image_ids[self.id_order]
+        pos = np.searchsorted(keys, image_ids)
+        ok = pos < keys.size
+        ok[ok] = keys[pos[ok]] == image_ids[ok]
+        out = np.full(image_ids.shape[0], -1, np.int64)
+        out[ok] = self.id_order[pos[ok]]
+        return out
 
     @classmethod
     def empty(cls, dim: int, covered: int) -> Delta:
@@ -313,7 +328,7 @@ def open_state(index_dir: Path, threads: int | None, io: str, cache_nodes: int) 
         state = State(index_dir, gen, base, lease, 0, Delta.empty(base.dim, 0), exclusion_bitmap(n), 0,
                       np.zeros(0, bool), np.asarray(history, np.int64))
         committed = read_committed(wal_path(index_dir, gen), 0, gen)
-        checkpoint = DeltaGraph.load(delta_checkpoint_path(index_dir, gen), 1 << 62)
+        checkpoint = DeltaGraph.load(delta_checkpoint_path(index_dir, gen))
         if checkpoint is not None and checkpoint.covered > committed.end:
             checkpoint = None
         return _apply(state, committed.ops, committed.end, threads, checkpoint)
@@ -394,7 +409,7 @@ class LiveIndex:
                 return False
             checkpoint = None
             if any(op["op"] == "insert" for op in committed.ops):
-                checkpoint = DeltaGraph.load(delta_checkpoint_path(self.index_dir, gen), 1 << 62)
+                checkpoint = DeltaGraph.load(delta_checkpoint_path(self.index_dir, gen))
                 if checkpoint is not None and checkpoint.covered != committed.end:
                     checkpoint = None
             self._publish(_apply(st, committed.ops, committed.end, self.threads, checkpoint))
@@ -601,14 +616,11 @@ class LiveView:
             out[hit[((st.base_deleted[u >> 3] >> (u & 7)) & 1).astype(bool)]] = -1
         miss = np.flatnonzero(out < 0)
         if miss.size and st.delta.image_ids.size:
-            order = np.argsort(st.delta.image_ids, kind="stable")
-            keys = st.delta.image_ids[order]
-            pos = np.searchsorted(keys, q[miss])
-            ok = pos < keys.size
-            ok[ok] = keys[pos[ok]] == q[miss][ok]
-            rows = order[pos[ok]]
-            live = ~st.delta_deleted[rows]
-            out[miss[ok][live]] = rows[live] + st.n_base
+            rows = st.delta.rows_of(q[miss])
+            found = rows >= 0
+            live = found.copy()
+            live[found] = ~st.delta_deleted[rows[found]]
+            out[miss[live]] = rows[live] + st.n_base
         return out
 
 

@@ -136,8 +136,10 @@ def _needs_consolidation(live: LiveIndex, limits: UpdateLimits) -> bool:
 # ------------------------------------------------------------------------------ insert
 
 
-def _new_rows(live: LiveIndex, vecs: np.ndarray, table: pa.Table, seen: set[int]) -> tuple[np.ndarray, pa.Table, int]:
-    """The rows of one input batch to insert, and how many were skipped as already present."""
+def _new_rows(live: LiveIndex, vecs: np.ndarray, table: pa.Table, seen: np.ndarray
+              ) -> tuple[np.ndarray, pa.Table, int, np.ndarray]:
+    """The rows of one input batch to insert, how many were skipped as already present, and
+    `seen` (sorted int64 image ids taken earlier in this input) with the batch's added."""
     st = live.state
     ids = np.asarray(table.column("image_id").to_numpy(zero_copy_only=False))
     if ids.dtype.kind != "i":
@@ -145,19 +147,18 @@ def _new_rows(live: LiveIndex, vecs: np.ndarray, table: pa.Table, seen: set[int]
     ids = ids.astype(np.int64)
     keep = st.base.nodes_of(ids) < 0
     if st.delta.image_ids.size:
-        keep &= ~np.isin(ids, st.delta.image_ids)
+        keep &= st.delta.rows_of(ids) < 0
     if st.deleted_ids.size:
         keep &= ~np.isin(ids, st.deleted_ids)
-    if seen:
-        keep &= ~np.isin(ids, np.fromiter(seen, np.int64, len(seen)))
+    if seen.size:
+        keep &= ~np.isin(ids, seen)
     # duplicates within the batch: keep the first
     _, first = np.unique(ids, return_index=True)
     uniq = np.zeros(ids.size, bool)
     uniq[first] = True
     keep &= uniq
     idx = np.flatnonzero(keep)
-    seen.update(ids[idx].tolist())
-    return vecs[idx], table.take(pa.array(idx)), int(ids.size - idx.size)
+    return vecs[idx], table.take(pa.array(idx)), int(ids.size - idx.size), np.union1d(seen, ids[idx])
 
 
 def insert_shards(index_dir: str | os.PathLike, embeddings: str, limits: UpdateLimits | None = None,
@@ -177,7 +178,7 @@ def insert_shards(index_dir: str | os.PathLike, embeddings: str, limits: UpdateL
             batches = node_batches(embeddings, batch_rows)
             next(batches)
             ops: list[dict[str, Any]] = []
-            seen: set[int] = set()
+            seen = np.zeros(0, np.int64)
             inserted = skipped = 0
             pend_v: list[np.ndarray] = []
             pend_i: list[np.ndarray] = []
@@ -193,7 +194,7 @@ def insert_shards(index_dir: str | os.PathLike, embeddings: str, limits: UpdateL
                 pend_v, pend_i, pend_m, pend_bytes = [], [], [], 0
 
             for vecs, table in batches:
-                v, t, skip = _new_rows(live, vecs, table, seen)
+                v, t, skip, seen = _new_rows(live, vecs, table, seen)
                 skipped += skip
                 if t.num_rows == 0:
                     continue
@@ -219,7 +220,7 @@ def insert_shards(index_dir: str | os.PathLike, embeddings: str, limits: UpdateL
             # the checkpoint: also after a rerun that found the rows logged by a killed run
             g = live.state.delta.graph
             cp_path = delta_checkpoint_path(index_dir, st.generation)
-            cp = DeltaGraph.load(cp_path, 1 << 62)
+            cp = DeltaGraph.load(cp_path)
             if g.degrees.size and (cp is None or cp.degrees.shape[0] != g.degrees.shape[0]):
                 g.save(cp_path)
                 crash_point("insert.checkpoint")
