@@ -26,6 +26,7 @@ lays the postings out with a counting sort (one pass, no O(N) sort in RAM).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,20 +66,30 @@ def score_bucket(score: int | None) -> int:
     return int(np.searchsorted(np.asarray(SCORE_BOUNDS), score, side="right"))
 
 
-def _int(v: Any) -> int | None:
-    if isinstance(v, bool) or v is None:
+def as_int(v: Any) -> int | None:
+    """An int from an int, a numeric string or a float (exact for 64-bit ints); else None."""
+    if v is None or isinstance(v, bool):
         return None
     if isinstance(v, int):
         return v
     try:
+        return int(v)
+    except (TypeError, ValueError):
+        pass
+    try:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return int(f) if np.isfinite(f) else None
+    return int(f) if math.isfinite(f) else None
 
 
 def _truthy(v: Any) -> bool:
     return v is True or v == 1 or (isinstance(v, str) and v.lower() in ("true", "1", "yes"))
+
+
+def is_nsfw(meta: Any) -> bool:
+    """Whether a node's metadata marks it NSFW (the post's over_18, or curate's nsfw)."""
+    return _truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))
 
 
 def label_row(m: Any, sub_id) -> tuple[int, int, int, int]:
@@ -88,10 +99,10 @@ def label_row(m: Any, sub_id) -> tuple[int, int, int, int]:
         return -1, -1, 0, 0
     name = m.get("subreddit")
     sub = sub_id(str(name).lower()) if isinstance(name, str) and name else -1
-    t = _int(m.get("created_utc"))
+    t = as_int(m.get("created_utc"))
     month = month_of(t) if t is not None and 0 <= t < 2**32 else -1
-    flags = NSFW if (_truthy(m.get("over_18")) or _truthy(m.get("nsfw"))) else 0
-    return sub, month, score_bucket(_int(m.get("score"))), flags
+    flags = NSFW if is_nsfw(m) else 0
+    return sub, month, score_bucket(as_int(m.get("score"))), flags
 
 
 class LabelWriter:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from memescale.config import ServeConfig
-from memescale.index.labels import MONTH_ANY, NO_FILTER
+from memescale.index.labels import MONTH_ANY, NO_FILTER, as_int, is_nsfw
 from memescale.index.weighting import Weighting
 from memescale.search.requests import Filters, SearchInputError, TimeBound
 
@@ -82,10 +82,10 @@ class FilterSpec:
                 or self.exclude_subreddits is not None or self.min_score is not None)
 
     def keep(self, meta: Mapping[str, Any]) -> bool:
-        if not self.nsfw and (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))):
+        if not self.nsfw and is_nsfw(meta):
             return False
         if self.after is not None or self.before is not None:
-            t = _as_int(meta.get("created_utc"))
+            t = as_int(meta.get("created_utc"))
             if t is None or (self.after is not None and t < self.after) or (
                     self.before is not None and t >= self.before):
                 return False
@@ -95,7 +95,7 @@ class FilterSpec:
         if self.exclude_subreddits is not None and sub in self.exclude_subreddits:
             return False
         if self.min_score is not None:
-            score = _as_int(meta.get("score"))
+            score = as_int(meta.get("score"))
             if score is None or score < self.min_score:
                 return False
         return True
@@ -118,27 +118,6 @@ def _names(given: list[str] | None, field: str) -> frozenset[str] | None:
     if bad:
         raise SearchInputError(f"filters.{field}: not a subreddit name: {bad[0][:80]!r}")
     return frozenset(s.lower() for s in names) or None
-
-
-def _truthy(v: Any) -> bool:
-    return v is True or v == 1 or (isinstance(v, str) and v.lower() in ("true", "1", "yes"))
-
-
-def _as_int(v: Any) -> int | None:
-    """An int from an int, a numeric string or a float (exact for 64-bit ints); else None."""
-    if v is None or isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        pass
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return int(f) if math.isfinite(f) else None
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -170,16 +149,16 @@ def result_fields(i: int, meta: Mapping[str, Any], similarity: float) -> dict[st
         permalink = REDDIT + permalink
     return {
         "id": int(i),
-        "image_id": None if _as_int(meta.get("image_id")) is None else str(_as_int(meta.get("image_id"))),
+        "image_id": None if as_int(meta.get("image_id")) is None else str(as_int(meta.get("image_id"))),
         "url": str(meta.get("url") or meta.get("final_url") or ""),
         "title": str(meta.get("title") or ""),
         "subreddit": str(meta.get("subreddit") or ""),
         "permalink": permalink,
-        "created_utc": _as_int(meta.get("created_utc")),
-        "width": _as_int(meta.get("width")),
-        "height": _as_int(meta.get("height")),
-        "score": _as_int(meta.get("score")),
-        "nsfw": (_truthy(meta.get("over_18")) or _truthy(meta.get("nsfw"))),
+        "created_utc": as_int(meta.get("created_utc")),
+        "width": as_int(meta.get("width")),
+        "height": as_int(meta.get("height")),
+        "score": as_int(meta.get("score")),
+        "nsfw": is_nsfw(meta),
         "similarity": round(float(similarity), 6),
     }
 
