@@ -74,6 +74,7 @@ _REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R = range(10)
 _CACHED, _MAPPED, _BUFFER = 0, 1, 2  # where a beam's record is read from
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
 _VISIT_LOAD = 2  # visited sets stay at most half full
+_NO_EXCLUDE = np.zeros(0, np.uint8)  # an exclusion bitmap that excludes nothing
 
 
 class IndexView(NamedTuple):
@@ -482,23 +483,24 @@ def _adc_table(q, B, qt, centroids, table):
 
 
 @njit(nogil=True, cache=True)
+def _matching(members, flt, labels):
+    """The nodes of `members` (m,) int64 whose labels meet `flt` (`_accepts`), in order."""
+    out = np.empty(members.shape[0], np.int64)
+    n = 0
+    for u in members:
+        if _accepts(u, _NO_EXCLUDE, flt, labels):
+            out[n] = u
+            n += 1
+    return out[:n]
+
+
+@njit(nogil=True, cache=True)
 def _adc_scores(table, codes, members):
     """ADC scores (m,) float32 of nodes `members` (m,) int64 from their PQ codes."""
     out = np.empty(members.shape[0], np.float32)
     for i in range(members.shape[0]):
         out[i] = adc_score(table, codes[members[i]])
     return out
-
-
-def _label_mask(rows: np.ndarray, flt: LabelFilter) -> np.ndarray:
-    """Which label rows (LABEL_DTYPE) meet `flt` (the kernel's `_accepts`, vectorised)."""
-    ok = (rows["month"] >= flt.month_lo) & (rows["month"] <= flt.month_hi) & (rows["bucket"] >= flt.min_bucket)
-    if not flt.allow_nsfw:
-        ok &= (rows["flags"] & 1) == 0
-    if flt.sub_mode:
-        hit = np.isin(rows["sub"], flt.sub_ids)
-        ok &= hit if flt.sub_mode == 1 else ~hit
-    return ok
 
 
 @njit(nogil=True, cache=True)
@@ -530,9 +532,6 @@ INTERLEAVE = {"mmap": 4, "direct": 8}
 _NO_AIO = AioView(0, -1, np.zeros((1, 8), np.uint64), np.zeros(1, np.uint64), np.zeros((1, 4), np.int64),
                   np.zeros(8, np.uint16), np.zeros(4, np.int32))
 _NO_AIO.b16.flags.writeable = _NO_AIO.b32.flags.writeable = False
-
-
-_NO_EXCLUDE = np.zeros(0, np.uint8)
 
 
 def exclusion_bitmap(n: int, ids: np.ndarray | None = None) -> np.ndarray:
@@ -796,7 +795,7 @@ class Index:
         nq = Q.shape[0]
         m = np.asarray(members, np.int64)
         if flt.active and m.size:
-            m = m[_label_mask(self.labels.rows[m], flt)]
+            m = _matching(m, flt, self.labels.rows)
         keep = min(m.size, max(int(rerank), 4 * k, 64))
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
