@@ -125,3 +125,26 @@ def test_malformed_filters_are_refused():
         parse_filters(Filters(exclude_subreddits=["not a name!"]))
     with pytest.raises(ValueError):
         Filters(min_score="high")  # type: ignore[arg-type]
+
+
+def test_a_filter_on_a_far_cluster_is_reached_by_the_filtered_traversal(tmp_path):
+    """Subreddits are topical: the nodes a filter matches can all sit in one region far from
+    the query. The traversal enters at matching nodes and expands them first; from the global
+    entry point alone, with matching and non-matching nodes ranked alike, it finds none."""
+    rng = np.random.default_rng(0)
+    n, dim = 10_000, 32
+    cluster = rng.integers(0, 20, n)
+    x = rng.standard_normal((20, dim))[cluster] + 0.5 * rng.standard_normal((n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    md = [{"image_id": i + 1, "subreddit": f"c{cluster[i]}", "created_utc": T0, "score": 5} for i in range(n)]
+    build_weighted_index(x, md, tmp_path / "ix", IndexParams(R=16, L=32, pq_bytes=16, seed=0), 0.2)
+    with Index.open(tmp_path / "ix", threads=1) as index:
+        eng = SearchEngine(index, index.weighting, ServeConfig(filter_scan_max=0, filter_L_max=100, search_L=20))
+        f = parse_filters(Filters(nsfw=True, subreddits=["c7"]))
+        rows = np.flatnonzero(cluster == 7)
+        hits = 0
+        for q in x[cluster == 0][:30]:
+            page = eng.search(q, None, f, False, 0, 10)
+            assert page["stats"]["plan"] == "graph-filtered" and page["stats"]["L"] <= 100
+            hits += len({r["id"] for r in page["results"]} & set(rows[np.argsort(-(x[rows] @ q))[:10]].tolist()))
+        assert hits / 300 >= 0.9, hits / 300

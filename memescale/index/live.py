@@ -547,13 +547,15 @@ class LiveView:
         return self._with_delta(st.base.scan(queries, m, k, flt), queries, k, 2 * k)
 
     def search(self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH,
-               io_budget: int | None = None, flt: LabelFilter = NO_FILTER) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-        """`Index.search` over the generation (deleted nodes excluded, `flt` as there) and the
+               io_budget: int | None = None, flt: LabelFilter = NO_FILTER, starts: np.ndarray | None = None,
+               mismatch: float = 0.0) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+        """`Index.search` over the generation (deleted nodes excluded, `flt`, `starts` and `mismatch` as there) and the
         delta, merged: ids (nq, k) int64 in this state's id space (module doc), scores (nq, k)
         float32. The delta's rows are not label-filtered here: check their metadata."""
         st = self.st
         exclude = st.base_deleted if st.n_base_deleted else None
-        return self._with_delta(st.base.search(queries, k, L, beam_width, io_budget, exclude=exclude, flt=flt),
+        return self._with_delta(st.base.search(queries, k, L, beam_width, io_budget, exclude=exclude, flt=flt,
+                                               starts=starts, mismatch=mismatch),
                                 queries, k, L)
 
     def _with_delta(self, found, queries, k, L):

@@ -75,6 +75,7 @@ _CACHED, _MAPPED, _BUFFER = 0, 1, 2  # where a beam's record is read from
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
 _VISIT_LOAD = 2  # visited sets stay at most half full
 _NO_EXCLUDE = np.zeros(0, np.uint8)  # an exclusion bitmap that excludes nothing
+_NO_STARTS = np.zeros(0, np.int64)  # no entry points beyond the index's
 
 
 class IndexView(NamedTuple):
@@ -105,6 +106,8 @@ class SearchParams(NamedTuple):
     exclude: np.ndarray  # (ceil(N / 8),) uint8 bitmap (bit u % 8 of byte u // 8, little bit
     # order) of nodes never returned, still traversed; (0,): none
     flt: LabelFilter  # label conditions a returned node meets (NO_FILTER: none)
+    starts: np.ndarray  # (S,) int64 entry points added to the index's for this call (0,): none
+    mismatch: float  # under an active flt: taken off the list score of a node that fails it
 
 
 class Results(NamedTuple):
@@ -167,6 +170,17 @@ def _accepts(u, exclude, flt, labels):
         if found != (flt.sub_mode == 1):
             return False
     return True
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _priority(u, table, codes, par, labels):
+    """Candidate-list score of node u: its ADC score, less par.mismatch when a label filter
+    is active and u does not meet it (such nodes are expanded as bridges only when no
+    matching candidate is nearly as good; the results are ranked by exact scores)."""
+    s = adc_score(table, codes[u])
+    if par.flt.active and par.mismatch > 0 and not _accepts(u, _NO_EXCLUDE, par.flt, labels):
+        s -= par.mismatch
+    return s
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -365,7 +379,9 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                  np.zeros(G, np.int64), np.zeros(G, np.int64), np.ones(G, np.bool_), np.zeros(G, np.bool_))
     cand_id, cand_s, done, n, cur = cand
     beam_id, beam_off, beam_src, nb, pending, active = beam.ids, beam.off, beam.src, beam.size, beam.pending, beam.active
-    seen = np.empty((G, max(32 * L, entry.shape[0])), np.int64)
+    starts = par.starts
+    n_entry = entry.shape[0] + starts.shape[0]
+    seen = np.empty((G, max(32 * L, n_entry)), np.int64)
     n_seen = np.zeros(G, np.int64)
     pool_id = np.empty((G, 2 * L), np.int64)
     pool_s = np.empty((G, 2 * L), np.float32)
@@ -373,17 +389,17 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     for g in range(G):
         reads[g] = 0
         cmps[g] = 0
-        while _VISIT_LOAD * (n_seen[g] + entry.shape[0]) > vis.shape[1]:
+        while _VISIT_LOAD * (n_seen[g] + n_entry) > vis.shape[1]:
             vis = _grow_visited(vis, seen, n_seen)
         shift = _hash_shift(vis.shape[1])
-        for e in range(entry.shape[0]):
-            u = entry[e]
+        for e in range(n_entry):
+            u = entry[e] if e < entry.shape[0] else starts[e - entry.shape[0]]
             if not _visit(vis, g, u, shift):
                 continue
             seen[g, n_seen[g]] = u
             n_seen[g] += 1
             cmps[g] += 1
-            n[g], _ = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, adc_score(tables[g], codes[u]))
+            n[g], _ = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, _priority(u, tables[g], codes, par, ix.labels))
     n_active = G
     in_flight = 0
     for g in range(G):
@@ -430,7 +446,8 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                     seen[g, n_seen[g]] = u
                     n_seen[g] += 1
                     cmps[g] += 1
-                    n[g], pos = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u, adc_score(tables[g], codes[u]))
+                    n[g], pos = _insert(cand_id[g], cand_s[g], done[g], n[g], L, u,
+                                        _priority(u, tables[g], codes, par, ix.labels))
                     if pos < lowest:
                         lowest = pos
             c = min(cur[g], lowest)
@@ -723,7 +740,8 @@ class Index:
 
     def search(
         self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH, io_budget: int | None = None,
-        exclude: np.ndarray | None = None, flt: LabelFilter = NO_FILTER,
+        exclude: np.ndarray | None = None, flt: LabelFilter = NO_FILTER, starts: np.ndarray | None = None,
+        mismatch: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product for queries (nq, d) float: ids (nq, k) int64, scores
         (nq, k) float32 (exact, from the records), best first, and per-query `SearchStats`.
@@ -737,6 +755,9 @@ class Index:
         u // 8), traversed all the same, so the graph stays navigable through them; rows end
         in -1 / -inf when fewer than k non-excluded nodes were reached. flt: label conditions
         (`label_filter`) a returned node meets; the others are traversed the same way.
+        starts: node ids (S,) to enter the graph from besides the index's entry points (for
+        a selective filter: a sample of the nodes it matches, so the search begins among
+        them; each costs one PQ score).
         """
         Q = np.ascontiguousarray(self.weighting.index_queries(queries))
         if k < 1 or beam_width < 1:
@@ -752,8 +773,11 @@ class Index:
             exclude = _NO_EXCLUDE
         elif exclude.dtype != np.uint8 or exclude.ndim != 1 or exclude.shape[0] < (len(self) + 7) // 8:
             raise ValueError(f"exclude must be a (>= {(len(self) + 7) // 8},) uint8 bitmap")
+        starts = _NO_STARTS if starts is None else np.ascontiguousarray(starts, np.int64).ravel()
+        if starts.size and (starts.min() < 0 or starts.max() >= len(self)):
+            raise IndexError(f"starts must be node ids in [0, {len(self)})")
         par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch),
-                           np.ascontiguousarray(exclude), flt)
+                           np.ascontiguousarray(exclude), flt, starts, np.float32(mismatch))
         out = Results(ids, scores, reads, cmps, ns)
 
         def run(lo: int, hi: int) -> None:

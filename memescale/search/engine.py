@@ -11,9 +11,12 @@ opened index. Request models and input checks are in `requests`, cursors in `cur
 
 Ranking: the index ranks by the inner product of the weight-extended vectors (see
 `memescale.index.weighting`); `similarity` in a result is the plain cosine of the base parts.
-Filters (NSFW, time range, subreddits) post-filter the index's candidates: a first pass asks
-for a few more than the page needs; when too few survive it searches again with
-``L * filter_L_multiplier`` and takes every candidate (`stats.deepened`). Dedup drops a result
+Filters (NSFW, time range, subreddits, score) are planned per query from the index's labels
+(`memescale.index.labels`): inside the graph traversal for broad filters, a scan of the
+matching nodes for selective ones (`SearchEngine._plan`; `stats.plan`); the exact values are
+checked on the candidates. A first pass asks for a few more than the page needs; when too
+few survive it searches again with ``L * filter_L_multiplier`` and takes every candidate
+(`stats.deepened`). Dedup drops a result
 whose base vector is within `dedup_threshold` (cosine) of a better-ranked kept result.
 A page is the slice [offset, offset + k) of the ranked, filtered, deduplicated list; the
 cursor carries the offset and a hash of the query, so it cannot be replayed on another query.
@@ -28,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -39,6 +42,9 @@ from memescale.search.requests import Filters, SearchInputError, TimeBound
 
 REDDIT = "https://www.reddit.com"
 SCAN_OVER_TRAVERSAL = 4.0  # a member scan may score this many times the PQ codes a filtered traversal would
+FILTER_STARTS = 64  # a filtered traversal also enters the graph at up to this many matching nodes
+FILTER_MISMATCH = 16.0  # a filtered traversal ranks non-matching candidates after matching ones (scores of
+# unit vectors with weights span far less): they are expanded as bridges when no matching one is left
 FIRST_PASS_SLACK = 1.25  # first pass of a filtered/deduplicated search: need x this (+ 8)
 
 
@@ -121,6 +127,26 @@ def _names(given: list[str] | None, field: str) -> frozenset[str] | None:
 
 
 # -- the engine ----------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """How one search runs (`SearchEngine._plan`)."""
+
+    name: str  # "graph", "graph-filtered" or "scan"
+    flt: Any  # the index's `LabelFilter`
+    members: np.ndarray | None  # scan: the node ids to score
+    starts: np.ndarray | None  # graph-filtered: extra entry points among the matching nodes
+    share: float  # estimated share of the nodes the filter matches
+
+
+NO_PLAN = Plan("graph", NO_FILTER, None, None, 1.0)
+
+
+def _spread(nodes: np.ndarray, m: int) -> np.ndarray:
+    """Up to m of `nodes`, evenly spaced over the array (int64)."""
+    if nodes.shape[0] <= m:
+        return np.asarray(nodes, np.int64)
+    return np.asarray(nodes[np.linspace(0, nodes.shape[0] - 1, m).astype(np.int64)], np.int64)
 
 
 class IndexLike(Protocol):
@@ -207,16 +233,18 @@ class SearchEngine:
         live = getattr(ix, "live_count", None)
         return int(live) if live is not None else len(ix)
 
-    def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> tuple[str, Any, np.ndarray | None, float]:
-        """(plan, label filter, members to scan, estimated share of matching nodes). Plans:
-        "graph" (no filter, or an index without labels: post-filter only), "graph-filtered"
-        (the filter inside the traversal, L / share up to filter_L_max), "scan" (the smallest
-        of the included subreddits', the time range's and the score range's members, when at most
-        filter_scan_max and within SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored
-        directly and filtered on their labels)."""
+    def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> Plan:
+        """How to run a filtered search. Plans: "graph" (no filter, or an index without
+        labels: post-filter only), "graph-filtered" (the filter inside the traversal, L / share
+        up to filter_L_max, entered also at up to FILTER_STARTS matching nodes spread over the
+        smallest candidate set, matching candidates expanded before non-matching ones, so a
+        filter whose nodes sit far from the query's neighbourhood is still reached), "scan" (the smallest of the included subreddits', the time
+        range's and the score range's members, when at most filter_scan_max and within
+        SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored directly and filtered on
+        their labels)."""
         labels = getattr(ix, "labels", None)
         if not filters.active or labels is None:
-            return "graph", NO_FILTER, None, 1.0
+            return Plan("graph", NO_FILTER, None, None, 1.0)
         flt = labels.filter(filters.nsfw, filters.after, filters.before, filters.subreddits,
                             filters.exclude_subreddits, filters.min_score)
         share = labels.selectivity(flt)
@@ -231,30 +259,33 @@ class SearchEngine:
             sizes["month"] = int(labels.month_members(flt.month_lo, flt.month_hi).shape[0])
         if flt.min_bucket:
             sizes["score"] = int(labels.score_members(flt.min_bucket).shape[0])
-        if sizes:
-            best = min(sizes, key=sizes.__getitem__)
-            size = sizes[best]
-            if size <= self.cfg.filter_scan_max and size <= SCAN_OVER_TRAVERSAL * traversal:
-                if best == "sub":
-                    members = (np.concatenate([labels.members(int(s)) for s in flt.sub_ids]) if flt.sub_ids.size
-                               else np.zeros(0, np.int64))
-                elif best == "month":
-                    members = np.asarray(labels.month_members(flt.month_lo, flt.month_hi))
-                else:
-                    members = np.asarray(labels.score_members(flt.min_bucket))
-                return "scan", flt, members, share
-        return "graph-filtered", flt, None, share
+        if not sizes:  # exclusions and NSFW only: broad, the index's entry points serve
+            return Plan("graph-filtered", flt, None, None, share)
+        best = min(sizes, key=sizes.__getitem__)
+        size = sizes[best]
 
-    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: str = "graph", flt: Any = NO_FILTER,
-             members: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        def members() -> np.ndarray:
+            if best == "sub":
+                parts = [labels.members(int(s)) for s in flt.sub_ids]
+                return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            if best == "month":
+                return np.asarray(labels.month_members(flt.month_lo, flt.month_hi))
+            return np.asarray(labels.score_members(flt.min_bucket))
+
+        if size <= self.cfg.filter_scan_max and size <= SCAN_OVER_TRAVERSAL * traversal:
+            return Plan("scan", flt, members(), None, share)
+        return Plan("graph-filtered", flt, None, _spread(members(), FILTER_STARTS), share)
+
+    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: Plan = NO_PLAN,
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         k = max(1, min(k, self._size(ix)))
         L = max(L, k)
         budget = self.cfg.io_budget or None
-        if plan == "scan":
-            ids, scores, st = ix.scan(q, members, k, flt)  # type: ignore[attr-defined]
-        elif plan == "graph-filtered":
+        if plan.name == "scan":
+            ids, scores, st = ix.scan(q, plan.members, k, plan.flt)  # type: ignore[attr-defined]
+        elif plan.name == "graph-filtered":
             ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget,  # type: ignore[call-arg]
-                                        flt=flt)
+                                        flt=plan.flt, starts=plan.starts, mismatch=FILTER_MISMATCH)
         else:
             ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
         ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
@@ -298,11 +329,11 @@ class SearchEngine:
         passes, deepened = 0, False
         meta_ms = 0.0
         L = max(base_L, k1)
-        plan, flt, members, share = self._plan(ix, filters, L)
-        if plan == "graph-filtered":
-            L = min(max(L, math.ceil(L / max(share, 1e-9))), max(cfg.filter_L_max, L))
+        plan = self._plan(ix, filters, L)
+        if plan.name == "graph-filtered":
+            L = min(max(L, math.ceil(L / max(plan.share, 1e-9))), max(cfg.filter_L_max, L))
         while True:
-            ids, scores, st = self._run(ix, q, k1, L, plan, flt, members)
+            ids, scores, st = self._run(ix, q, k1, L, plan)
             passes += 1
             for key in totals:
                 totals[key] += st.get(key, 0.0)
@@ -327,7 +358,7 @@ class SearchEngine:
             # Too few survived the filters/dedup: search again, deeper, and take everything.
             deepened = True
             L = max(L, base_L) * max(cfg.filter_L_multiplier, 1)
-            k1 = L if plan != "scan" else k1 * max(cfg.filter_L_multiplier, 1)
+            k1 = L if plan.name != "scan" else k1 * max(cfg.filter_L_multiplier, 1)
         tm = time.perf_counter()
         page_rows = order[offset: offset + k]
         rows = cand[page_rows]
@@ -345,7 +376,7 @@ class SearchEngine:
             "ms": round(totals["ms"], 3), "filtered": filters.active, "deepened": deepened,
             "candidates": int(ids.size), "dropped_filter": int(ids.size - cand.size),
             "dropped_dedup": int(examined - order.size), "L": int(L), "passes": passes,
-            "plan": plan, "filter_share": round(share, 6),
+            "plan": plan.name, "filter_share": round(plan.share, 6),
             "search_ms": round((time.perf_counter() - t0) * 1000 - meta_ms, 3),
             "metadata_ms": round(meta_ms, 3),
         }
