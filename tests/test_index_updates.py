@@ -369,3 +369,42 @@ def test_consolidation_keeps_to_its_memory_budget(world, index):
         assert li.generation == 0 and li.counts()["delta"] == N_NEW
     out = consolidate(index, memory=1 << 30)
     assert out["consolidated"] and 0 < out["peak_rss_anon"] < 1 << 30
+
+
+@pytest.mark.parametrize("delta_scan", [20_000, 0])  # the delta's matching rows scored all, or its graph
+def test_filters_hold_for_inserted_rows(tmp_path, monkeypatch, delta_scan):
+    """Inserted rows carry labels: a selective filter finds the fresh rows it matches, also
+    under a subreddit name the generation has never seen, before any consolidation."""
+    import memescale.index.live as live_mod
+    from memescale.config import ServeConfig
+    from memescale.search.engine import SearchEngine, parse_filters
+    from memescale.search.requests import Filters
+
+    monkeypatch.setattr(live_mod, "DELTA_FILTER_SCAN", delta_scan)
+    x = clustered(N_BASE + N_NEW, DIM, 3)
+    i = np.arange(N_BASE + N_NEW)
+    subs = np.where(i < N_BASE, np.where(i % 50 == 0, "pics", "memes"),
+                    np.array(["brandnew", "pics", "memes"])[i % 3]).astype(object)
+    write_vector_shards(tmp_path / "base", x[:N_BASE], per_file=500, overrides={"subreddit": subs[:N_BASE]})
+    write_vector_shards(tmp_path / "new", x[N_BASE:], per_file=500, overrides={"subreddit": subs[N_BASE:]},
+                        first_row=N_BASE)
+    v, md = read_node_rows(tmp_path / "base")
+    build_weighted_index(v, md, tmp_path / "ix", PARAMS, 0.2)
+    assert insert_shards(tmp_path / "ix", str(tmp_path / "new"))["inserted"] == N_NEW
+    queries = x[N_BASE:][:20] + 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    with LiveIndex.open(tmp_path / "ix", threads=1) as li:
+        eng = SearchEngine(li, li.weighting, ServeConfig(dedup_threshold=0.999))
+        for name in ("brandnew", "pics"):
+            rows = np.flatnonzero(subs == name)
+            f = parse_filters(Filters(nsfw=True, subreddits=[name.upper()]))
+            hits, fresh = 0, 0
+            for q in queries:
+                page = eng.search(q, None, f, False, 0, 10)
+                got = {int(r["image_id"]) for r in page["results"]}
+                assert all(r["subreddit"] == name for r in page["results"])
+                want = rows[np.argsort(-(x[rows] @ q), kind="stable")[:10]] + ID0
+                hits += len(got & set(want.tolist()))
+                fresh += sum(g - ID0 >= N_BASE for g in got)
+            assert hits / 200 >= 0.9, (name, hits / 200)
+            assert fresh > 0  # the queries sit among the new rows

@@ -6,14 +6,17 @@ generation (`disk.current_generation`: the files as built, or a consolidated
 
 - inserted vectors form the *delta*: held in RAM (D x dim fp16 + their metadata blobs) with
   a small in-memory Vamana graph over them, extended insert by insert (`extend_delta_graph`,
-  FreshDiskANN's insert: greedy search + robust prune + reverse edges). The graph is
+  FreshDiskANN's insert: greedy search + robust prune + reverse edges), and their filter
+  labels (`labels.LABEL_DTYPE`; a subreddit the generation has never seen gets an id after
+  its vocabulary's, `LiveLabels`), so hard filters hold for fresh rows too. The graph is
   derived state: the insert command saves it to ``updates/delta-<g>.npz`` tagged with the
   log offset it covers, and an opener rebuilds whatever that checkpoint does not cover;
 - deleted image ids are tombstones: an exclusion bitmap over the generation's nodes
   (N / 8 bytes) that the beam search traverses but never returns, and a mask over the delta.
 
-Search runs the disk index (with the bitmap) and the delta graph (exact distances) and
-merges the two top-k lists by inner product. Node ids: the generation's nodes are 0..N-1,
+Search runs the disk index (with the bitmap) and the delta (exact distances: the delta graph,
+or under a label filter matching few delta rows, all of them) and merges the two top-k lists
+by inner product. Node ids: the generation's nodes are 0..N-1,
 delta rows N..N+D-1 in log order; both change at a consolidation, the ``image_id`` in the
 metadata does not (`nodes_of` maps it back).
 
@@ -25,8 +28,8 @@ searches in flight keep their state alive: a retired generation is closed only a
 last search returns, and its files are deleted (`collect_garbage`) only when no process
 holds its lease.
 
-RAM: the disk index's (PQ codes, cache) + N / 8 bytes of tombstones + the delta (D x (2 dim
-+ 4 R + 8) bytes + metadata) + the deleted image ids (8 B each).
+RAM: the disk index's (PQ codes, cache, labels) + N / 8 bytes of tombstones + the delta (D x
+(2 dim + 4 R + 16) bytes + metadata) + the deleted image ids (8 B each).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ from numba import njit
 from ..crashpoints import crash_point
 from .disk import CURRENT_FILE, IndexFormatError, current_generation, decode_metadata, fsync_dir
 from .kernels import parallel_for, resolve_threads, squared_norms
-from .labels import NO_FILTER, LabelFilter
-from .search import BEAM_WIDTH, Index, SearchStats, exclusion_bitmap
+from .labels import LABEL_DTYPE, NO_FILTER, LabelFilter, NodeLabels, label_row
+from .search import BEAM_WIDTH, Index, SearchStats, exclusion_bitmap, matching_nodes
 from .vamana import VISIT_TABLE, build_vamana, greedy_search, refine_graph
 from .wal import read_committed, wal_path
 
@@ -61,6 +64,8 @@ LEASE_FILE = "LEASE"
 GEN_PREFIX = "gen-"
 DELTA_R = 32  # out-degree of the delta graph
 DELTA_L = 64  # its construction list size
+DELTA_FILTER_SCAN = 20_000  # a filtered delta search scores all matching rows when at most this many
+DELTA_FILTER_L_MAX = 2_000  # else its list size: L / (the filter's share of the delta), at most this
 
 
 def delta_checkpoint_path(index_dir: str | os.PathLike, generation: int) -> Path:
@@ -161,6 +166,68 @@ def _delta_search(X, norms, graph, degrees, start, Q, L, deleted, out_ids, out_s
                 out_scores[i, t] = -np.inf
 
 
+def _exact_top(vectors: np.ndarray, rows: np.ndarray, Q: np.ndarray, out_ids: np.ndarray, out_scores: np.ndarray,
+               block: int = 4096) -> None:
+    """Exact top-k by inner product of queries Q (nq, d) float32 among `rows` of `vectors`
+    (D, d) fp16, in blocks of `block` rows (memory O(block d + nq block)). Writes out_ids
+    (nq, k) int64 (-1 past the end) and out_scores (nq, k) float32."""
+    k = out_ids.shape[1]
+    out_ids[:] = -1
+    out_scores[:] = -np.inf
+    for lo in range(0, rows.size, block):
+        r = rows[lo:lo + block]
+        sc = Q @ vectors[r].astype(np.float32).T
+        all_ids = np.concatenate([out_ids, np.broadcast_to(r, sc.shape)], axis=1)
+        all_sc = np.concatenate([out_scores, sc], axis=1)
+        top = np.argsort(-all_sc, axis=1, kind="stable")[:, :k]
+        out_ids[:] = np.take_along_axis(all_ids, top, 1)
+        out_scores[:] = np.take_along_axis(all_sc, top, 1)
+
+
+def _merge(ids, scores, did, dsc, n_base: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of the generation's results and the delta's (rows -> node ids n_base + row)."""
+    did = np.where(did >= 0, did + n_base, -1)
+    all_ids = np.concatenate([ids, did], axis=1)
+    all_sc = np.concatenate([scores, dsc], axis=1)
+    order = np.argsort(-all_sc, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(all_ids, order, 1), np.take_along_axis(all_sc, order, 1)
+
+
+class LiveLabels:
+    """A generation's `NodeLabels` as the planner sees it while a delta serves: subreddit
+    names only the delta has get ids after the generation's (they match no generation node,
+    no members); everything else is the generation's."""
+
+    def __init__(self, base: NodeLabels, new_subs: dict[str, int]):
+        self.base = base
+        self.new_subs = new_subs
+        self.sub_counts = (np.concatenate([base.sub_counts, np.zeros(len(new_subs), np.int64)]) if new_subs
+                           else base.sub_counts)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def filter(self, allow_nsfw: bool = True, after: int | None = None, before: int | None = None,
+               include: frozenset[str] | None = None, exclude: frozenset[str] | None = None,
+               min_score: int | None = None) -> LabelFilter:
+        """`NodeLabels.filter`, knowing the delta's subreddit names too."""
+        flt = self.base.filter(allow_nsfw, after, before, include, exclude, min_score)
+        names = include if include is not None else exclude
+        extra = [self.new_subs[s] for s in names or () if s in self.new_subs]
+        if not extra or not flt.active:
+            return flt
+        return flt._replace(sub_ids=np.union1d(flt.sub_ids, np.asarray(extra, np.int32)).astype(np.int32))
+
+    def selectivity(self, flt: LabelFilter) -> float:
+        """The generation's share of nodes meeting `flt`."""
+        n = len(self.base.sub_counts)
+        return self.base.selectivity(flt._replace(sub_ids=flt.sub_ids[flt.sub_ids < n]) if flt.active else flt)
+
+    def members(self, sub: int) -> np.ndarray:
+        """The generation's nodes of subreddit id `sub` (none for a name only the delta has)."""
+        return self.base.members(sub) if sub < len(self.base.sub_counts) else np.zeros(0, np.int32)
+
+
 # ------------------------------------------------------------------------------ state
 
 
@@ -173,6 +240,8 @@ class Delta:
     meta: list[bytes]  # D msgpack blobs
     graph: DeltaGraph
     norms: np.ndarray  # (D,) float32 squared norms
+    labels: np.ndarray  # (D,) LABEL_DTYPE filter labels
+    new_subs: dict[str, int]  # subreddits not in the generation's vocabulary -> their ids (after it)
     id_order: np.ndarray = field(init=False)  # (D,) int64: rows by ascending image id (ties in log order)
 
     def __post_init__(self) -> None:
@@ -193,7 +262,7 @@ class Delta:
     def empty(cls, dim: int, covered: int) -> Delta:
         return cls(np.zeros((0, dim), np.float16), np.zeros(0, np.int64), [],
                    DeltaGraph(np.zeros((0, DELTA_R), np.int32), np.zeros(0, np.int32), 0, covered),
-                   np.zeros(0, np.float32))
+                   np.zeros(0, np.float32), np.zeros(0, LABEL_DTYPE), {})
 
 
 def _norms(X: np.ndarray) -> np.ndarray:
@@ -254,6 +323,22 @@ def _drop_lease(fd: int) -> None:
         os.close(fd)
 
 
+def _delta_labels(index_dir: Path, blobs: list[bytes], base: NodeLabels, new_subs: dict[str, int]) -> np.ndarray:
+    """(n,) LABEL_DTYPE labels of inserted rows from their metadata blobs; subreddits the
+    generation does not know are added to `new_subs` with ids after its vocabulary's."""
+    known = base.subreddits
+
+    def sub_id(name: str) -> int:
+        i = known.get(name)
+        if i is None:
+            i = new_subs.get(name)
+            if i is None:
+                i = new_subs[name] = len(known) + len(new_subs)
+        return i
+
+    return np.array([label_row(decode_metadata(index_dir, b), sub_id) for b in blobs], dtype=LABEL_DTYPE)
+
+
 def _apply(state: State, ops: list[dict], end: int, threads: int | None, checkpoint: DeltaGraph | None) -> State:
     """A new state: `state` with the committed `ops` (read up to log offset `end`) applied."""
     n, dim = state.n_base, state.base.dim
@@ -280,7 +365,10 @@ def _apply(state: State, ops: list[dict], end: int, threads: int | None, checkpo
                 else delta.graph
             graph = extend_delta_graph(vecs, base_graph, end, threads)
         graph.covered = end
-        delta = Delta(vecs, image_ids, meta, graph, np.concatenate([delta.norms, _norms(np.concatenate(new_vecs))]))
+        new_subs = dict(delta.new_subs)
+        labels = _delta_labels(state.index_dir, new_meta, state.base.labels, new_subs)
+        delta = Delta(vecs, image_ids, meta, graph, np.concatenate([delta.norms, _norms(np.concatenate(new_vecs))]),
+                      np.concatenate([delta.labels, labels]), new_subs)
     base_deleted, n_del = state.base_deleted, state.n_base_deleted
     delta_deleted = np.concatenate([state.delta_deleted, np.zeros(delta.vectors.shape[0] - state.delta_deleted.shape[0],
                                                                    bool)])
@@ -533,9 +621,9 @@ class LiveView:
         return self.st.base.layout.R
 
     @property
-    def labels(self):
-        """The generation's `labels.NodeLabels` (the delta's rows are checked on their metadata)."""
-        return self.st.base.labels
+    def labels(self) -> LiveLabels:
+        """The generation's labels, with the subreddit names only the delta has."""
+        return LiveLabels(self.st.base.labels, self.st.delta.new_subs)
 
     def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
              ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
@@ -544,21 +632,21 @@ class LiveView:
         m = np.asarray(members, np.int64)
         if st.n_base_deleted and m.size:
             m = m[((st.base_deleted[m >> 3] >> (m & 7)) & 1) == 0]
-        return self._with_delta(st.base.scan(queries, m, k, flt), queries, k, 2 * k)
+        return self._with_delta(st.base.scan(queries, m, k, flt), queries, k, 2 * k, flt)
 
     def search(self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH,
                io_budget: int | None = None, flt: LabelFilter = NO_FILTER, starts: np.ndarray | None = None,
                mismatch: float = 0.0) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """`Index.search` over the generation (deleted nodes excluded, `flt`, `starts` and `mismatch` as there) and the
         delta, merged: ids (nq, k) int64 in this state's id space (module doc), scores (nq, k)
-        float32. The delta's rows are not label-filtered here: check their metadata."""
+        float32. The delta's rows meet `flt` too (module doc)."""
         st = self.st
         exclude = st.base_deleted if st.n_base_deleted else None
         return self._with_delta(st.base.search(queries, k, L, beam_width, io_budget, exclude=exclude, flt=flt,
                                                starts=starts, mismatch=mismatch),
-                                queries, k, L)
+                                queries, k, L, flt)
 
-    def _with_delta(self, found, queries, k, L):
+    def _with_delta(self, found, queries, k, L, flt: LabelFilter = NO_FILTER):
         st = self.st
         ids, scores, stats = found
         D = st.delta.vectors.shape[0]
@@ -567,20 +655,25 @@ class LiveView:
         Q = np.ascontiguousarray(st.base.weighting.index_queries(queries), np.float32)
         did = np.empty((Q.shape[0], k), np.int64)
         dsc = np.empty((Q.shape[0], k), np.float32)
+        hidden, L = st.delta_deleted, max(int(L), k)
+        if flt.active:
+            rows = matching_nodes(np.flatnonzero(~st.delta_deleted), flt, st.delta.labels)
+            if rows.size <= DELTA_FILTER_SCAN:
+                _exact_top(st.delta.vectors, rows, Q, did, dsc)
+                return _merge(ids, scores, did, dsc, st.n_base, k) + (stats,)
+            hidden = np.ones(D, bool)
+            hidden[rows] = False
+            L = min(max(L, int(np.ceil(L * D / rows.size))), max(DELTA_FILTER_L_MAX, L))
         g = st.delta.graph
         X = st.delta.vectors.view(np.uint16)
 
         def part(lo: int, hi: int) -> None:
-            _delta_search(X, st.delta.norms, g.neighbours, g.degrees, g.start, Q[lo:hi], max(int(L), k),
-                          st.delta_deleted, did[lo:hi], dsc[lo:hi])
+            _delta_search(X, st.delta.norms, g.neighbours, g.degrees, g.start, Q[lo:hi], L, hidden, did[lo:hi],
+                          dsc[lo:hi])
 
         threads = max(1, min(self.owner.threads, Q.shape[0] // 8))
         parallel_for(part, Q.shape[0], threads, self.owner._delta_pool() if threads > 1 else None)
-        did = np.where(did >= 0, did + st.n_base, -1)
-        all_ids = np.concatenate([ids, did], axis=1)
-        all_sc = np.concatenate([scores, dsc], axis=1)
-        order = np.argsort(-all_sc, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(all_ids, order, 1), np.take_along_axis(all_sc, order, 1), stats
+        return _merge(ids, scores, did, dsc, st.n_base, k) + (stats,)
 
     def _split(self, ids) -> tuple[np.ndarray, np.ndarray]:
         a = np.asarray(ids, np.int64).ravel()

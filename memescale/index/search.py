@@ -499,6 +499,13 @@ def _adc_table(q, B, qt, centroids, table):
             table[m * k + c] = s
 
 
+def matching_nodes(members: np.ndarray, flt: LabelFilter, labels: np.ndarray) -> np.ndarray:
+    """The nodes of `members` (m,) int64 whose `labels` ((N,) LABEL_DTYPE) meet `flt`, in order."""
+    if not flt.active:
+        return np.asarray(members, np.int64)
+    return _matching(np.ascontiguousarray(members, np.int64), flt, labels)
+
+
 @njit(nogil=True, cache=True)
 def _matching(members, flt, labels):
     """The nodes of `members` (m,) int64 whose labels meet `flt` (`_accepts`), in order."""
@@ -818,8 +825,8 @@ class Index:
         Q = np.ascontiguousarray(self.weighting.index_queries(queries), np.float32)
         nq = Q.shape[0]
         m = np.asarray(members, np.int64)
-        if flt.active and m.size:
-            m = _matching(m, flt, self.labels.rows)
+        if m.size:
+            m = matching_nodes(m, flt, self.labels.rows)
         keep = min(m.size, max(int(rerank), 4 * k, 64))
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
