@@ -135,6 +135,24 @@ def test_subreddit_exclusion_and_minimum_score_filters(page, base_url):
     assert page.searches[-1]["filters"]["min_score"] == 40000
 
 
+def test_infinite_scroll_under_a_subreddit_filter_runs_until_the_matches_do(page, base_url):
+    # the fixture's 300 records: every 6th is r/pics, 50 in all, none NSFW; pages of K = 12
+    open_page(page, base_url + "/?q=cat&sub=pics")
+    page.wait_for_selector(".card", timeout=30_000)
+    for _ in range(10):
+        if page.evaluate("document.getElementById('more').hidden"):
+            break
+        n = page.locator(".card").count()
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_function(f"document.querySelectorAll('.card').length > {n} "
+                               "|| document.getElementById('more').hidden", timeout=30_000)
+    ids = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")
+    subs = page.eval_on_selector_all(".card .sub", "cs => cs.map(c => c.textContent.split(' ')[0])")
+    assert len(ids) == len(set(ids)) and 45 <= len(ids) <= 50 and set(subs) == {"r/pics"}  # dedup may drop a few
+    bodies = [b for b in page.searches if b]
+    assert len(bodies) == 5 and all(b["filters"]["subreddits"] == ["pics"] for b in bodies)  # 4 full pages + the rest
+
+
 def test_html_in_titles_is_inert(page, base_url):
     xss_image = sample_corpus(300, 64, seed=1)[1][XSS_ROW]["image_id"]  # the fixture's corpus
     open_page(page, f"{base_url}/?like={xss_image}")
