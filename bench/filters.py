@@ -18,7 +18,8 @@ the server runs it, twice: with the planner (labels inside the traversal, or a m
 and with post-filtering only (the same index seen without its labels: one search, then one
 4x deeper when too few survive, as before the labels existed). Per filter: recall@10 against
 exact filtered ground truth, QPS (one query at a time, one thread), index reads per query,
-and whether page 10 of 24 is full where the matching set is that large.
+and whether page 10 of 24 is full where the matching set is that large. Then, for each filter
+a scan can take, both plans forced: where the planner's choice should switch.
 Writes bench/results/filters[-<dataset>].{json,md}.
 """
 
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
+import memescale.search.engine as engine_mod  # noqa: E402
 from memescale.config import ServeConfig  # noqa: E402
 from memescale.index import Index, IndexParams, build_index  # noqa: E402
 from memescale.index.eval import exact_ground_truth  # noqa: E402
@@ -153,11 +155,30 @@ def main() -> None:
             row = {"filter": name, "share": float(keep.mean()), "matches": int(keep.sum()), "planner": a, "postfilter": b}
             report.append(row)
             print(json.dumps(row), flush=True)
+        # the planner's crossover: each plan forced, for the filters a scan can take
+        sweep = []
+        forced_graph = SearchEngine(index, index.weighting, ServeConfig(filter_scan_max=0))
+        forced_scan = SearchEngine(index, index.weighting, ServeConfig(filter_scan_max=len(x)))
+        q_sweep = q_all[: min(100, len(q_all))]
+        for name, f in filters.items():
+            if not (f.subreddits or f.after):
+                continue
+            spec = parse_filters(f)
+            keep = np.fromiter((spec.keep(m) for m in md), bool, len(md))
+            over, engine_mod.SCAN_OVER_TRAVERSAL = engine_mod.SCAN_OVER_TRAVERSAL, float("inf")
+            try:
+                a = run(forced_scan, q_sweep, f, keep, x)
+            finally:
+                engine_mod.SCAN_OVER_TRAVERSAL = over
+            b = run(forced_graph, q_sweep, f, keep, x)
+            chosen = next(r["planner"]["plans"] for r in report if r["filter"] == name)
+            sweep.append({"filter": name, "share": float(keep.mean()), "scan": a, "graph": b, "chosen": chosen})
+            print(json.dumps(sweep[-1]), flush=True)
     unfiltered = report[0]["planner"]["qps"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "filters" if args.dataset == "shared" else f"filters-{args.dataset}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"dataset": args.dataset, "n": len(x), "queries": len(q_all),
-                                                      "rows": report}, indent=1))
+                                                      "rows": report, "sweep": sweep}, indent=1))
     lines = ["| filter | share | matches | plan | recall@10 planner / post-filter | QPS planner / post-filter "
              "(planner / unfiltered) | reads/query planner / post-filter | page 10 of 24 full: planner / post |",
              "|---|---|---|---|---|---|---|---|"]
@@ -167,6 +188,14 @@ def main() -> None:
                      f"{a['recall']:.3f} / {b['recall']:.3f} | {a['qps']:,.0f} / {b['qps']:,.0f} "
                      f"({a['qps'] / unfiltered:.2f}) | {a['reads']:.0f} / {b['reads']:.0f} | "
                      f"{'yes' if a['page10_full'] else 'no'} / {'yes' if b['page10_full'] else 'no'} |")
+    lines += ["", f"Each plan forced ({len(q_sweep)} queries):", "",
+              "| filter | share | scan: QPS, recall@10 | graph-filtered: QPS, recall@10 | faster | planner chose |",
+              "|---|---|---|---|---|---|"]
+    for r in sweep:
+        a, b = r["scan"], r["graph"]
+        lines.append(f"| {r['filter']} | {r['share']:.4%} | {a['qps']:,.0f}, {a['recall']:.3f} | "
+                     f"{b['qps']:,.0f}, {b['recall']:.3f} | {'scan' if a['qps'] > b['qps'] else 'graph-filtered'} | "
+                     f"{', '.join(r['chosen'])} |")
     table = "\n".join(lines)
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(table)
