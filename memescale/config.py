@@ -182,10 +182,13 @@ class ServeConfig:
     io_budget: int = 0  # sector reads per query, 0: unbounded
     filter_L_multiplier: int = 4  # a filtered search that comes up short retries with L x this
     # Hard filters run inside the graph search with L / (estimated share of matching nodes),
-    # at most filter_L_max; a subreddit filter matching at most filter_scan_max nodes instead
-    # scans its members (PQ scores, exact re-rank).
+    # at most filter_L_max, ranking a non-matching candidate filter_mismatch (inner product)
+    # lower; a filter whose candidate set (subreddits, months, score range) is at most
+    # filter_scan_max nodes and cheaper to score than the traversal scans it instead (PQ
+    # scores, exact re-rank). Values measured with bench/filters.py.
     filter_L_max: int = 2000
-    filter_scan_max: int = 50_000
+    filter_scan_max: int = 200_000
+    filter_mismatch: float = 0.05
     max_depth: int = 1000  # deepest result (cursor offset + k) a query can page to
     dedup_threshold: float = 0.95  # cosine at or above which a result is a duplicate (per model)
     extra_dim_scale: float = 1.0  # query-side multiplier on the weights' extra dimensions

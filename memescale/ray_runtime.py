@@ -39,3 +39,23 @@ def init_ray(rc: RayConfig) -> str:
     log.info("started local Ray: %s, dashboard: %s", ray.cluster_resources(),
              ctx.dashboard_url or "off")
     return f"http://{ctx.dashboard_url}" if ctx.dashboard_url else ""
+
+
+class MissingGPUs(RuntimeError):
+    """The config asks for GPUs the Ray cluster does not have (Ray would wait for them forever)."""
+
+
+def require_gpus(per_actor: float, actors: int, what: str, setting: str) -> None:
+    """Raise MissingGPUs unless the attached cluster has `actors` x `per_actor` GPUs and a
+    node with `per_actor` of them free to place one. Nothing to check when per_actor <= 0."""
+    import ray
+
+    if per_actor <= 0:
+        return
+    need = per_actor * max(1, actors)
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have + 1e-9 < need:
+        raise MissingGPUs(
+            f"{what} asks for {need:g} GPU(s) ({actors} x {setting}={per_actor:g}) but the Ray cluster has "
+            f"{have:g}. Start Ray on a GPU machine (`ray start --head --num-gpus=N`), or set {setting}=0 "
+            "to run on CPUs.")

@@ -19,7 +19,7 @@ from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.ingest.chunks import PostFilter, parse_date
 from memescale.ingest.dumps import expand_dump_paths
 from memescale.logs import setup_logging
-from memescale.ray_runtime import init_ray
+from memescale.ray_runtime import MissingGPUs, init_ray, require_gpus
 
 log = logging.getLogger("memescale.ingest")
 
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     init_ray(cfg.ray)
+    try:
+        require_gpus(cfg.ingest.gpus_per_encoder, cfg.ingest.encoder_actors, "ingest's encoder",
+                     "ingest.gpus_per_encoder")
+    except MissingGPUs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from memescale.ingest.pipeline import run_ingest
 
     summary = run_ingest(cfg, dumps, args.out, post_filter, args.limit, progress=not args.no_progress)

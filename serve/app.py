@@ -10,14 +10,15 @@
 Request path of `POST /api/search`: Api validates the body (`memescale.search.requests`),
 turns the input into a query vector (text -> Encoder; image bytes or an image_url fetched
 through the SSRF guard -> decoded here -> Encoder; embedding as given; like -> the item's
-stored vector), then Searcher runs the index search, filters, dedup and paging. Encoder
+stored vector; terms -> each term's vector, weighted, summed, normalised), then Searcher runs the index search, filters, dedup and paging. Encoder
 batches concurrent requests (`@serve.batch`); Searcher runs `Index.search` (synchronous,
 numba, GIL released) on a small thread pool so one replica serves several requests at once.
 Deployment sizes and every limit come from the `[serve]` section of the config.
 
 Endpoints (OpenAPI at /docs and /openapi.json):
-    POST /api/search     {text | image | image_url | embedding | like, k, weights, filters, dedup,
-                         cursor} -> {results, stats, offset, next_cursor}
+    POST /api/search     {text | image | image_url | embedding | like | terms, k, weights, filters,
+                         dedup, cursor} -> {results, stats, offset, next_cursor}; terms: [{text |
+                         image | image_url | embedding | like, weight}] (weights may be negative)
     GET  /api/info       index size, model, dims, available weights, limits
     POST /api/telemetry  {events: [{type, props, ts}]} -> 202 {stored}
     GET  /metrics        Prometheus text of the replica that answers (Ray's metrics hold all)
@@ -36,6 +37,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -57,12 +59,15 @@ from memescale.config import Config, IngestConfig, load_config
 from memescale.decode.image import ImageDecodeError, decode_image
 from memescale.index.weighting import WEIGHT_MAX, WEIGHT_MIN, WeightError, Weighting
 from memescale.ingest.download import SharedDownloader
+from memescale.ray_runtime import require_gpus
 from memescale.search.cursor import decode_cursor, encode_cursor, query_hash
 from memescale.search.engine import SearchEngine, parse_filters
 from memescale.search.requests import (
     INPUT_FIELDS,
     MAX_K,
+    MAX_TERMS,
     Filters,
+    QueryInput,
     SearchInputError,
     SearchRequest,
     SearchResponse,
@@ -190,6 +195,10 @@ class Searcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._search, req)
 
+    async def vector_of(self, image_id: int) -> np.ndarray:
+        """The stored base vector of an indexed image (SearchInputError if none)."""
+        return self.engine.vector_of(image_id)
+
     def _search(self, req: dict[str, Any]) -> dict[str, Any]:
         q = req["vector"] if req.get("like") is None else self.engine.vector_of(int(req["like"]))
         return self.engine.search(q, req["weights"], req["filters"], req["dedup"], req["offset"], req["k"])
@@ -202,7 +211,7 @@ api = FastAPI(
     title="memescale",
     version="0.1.0",
     description="Text and image search over images posted to Reddit. POST /api/search with exactly one of "
-    "text, image (base64), image_url, embedding or like.",
+    "text, image (base64), image_url, embedding, like, or terms (a weighted list of those).",
 )
 api.add_middleware(BodyLimitMiddleware)  # the limit: bodylimit.set_process_limit in Api.__init__
 api.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -358,7 +367,7 @@ class Api:
             "size": now["size"], "generation": now["counts"]["generation"], "model": enc["model"], "dim": sea["base_dim"], "index_dim": sea["index_dim"],
             "encoder_dim": enc["dim"], "text_search": enc["dim"] == sea["base_dim"],
             "weights": list(sea["weighting"]["names"]), "weight_range": [WEIGHT_MIN, WEIGHT_MAX],
-            "inputs": list(INPUT_FIELDS), "max_k": MAX_K, "default_k": self.s.default_k,
+            "inputs": [*INPUT_FIELDS, "terms"], "max_terms": MAX_TERMS, "max_k": MAX_K, "default_k": self.s.default_k,
             "max_depth": self.s.max_depth, "dedup_threshold": self.s.dedup_threshold,
             "context_length": enc["context_length"], "max_body_bytes": self.s.max_body_bytes,
         }
@@ -397,29 +406,45 @@ class Api:
         return {"results": out["results"], "stats": st, "offset": offset, "next_cursor": nxt}
 
     async def _query_vector(self, req: SearchRequest, i: dict[str, Any]) -> tuple[np.ndarray | None, str | None]:
-        kind = req.input_kind
+        """(query vector, None), or (None, image_id) for a single `like` (the Searcher looks it up)."""
+        if req.terms is not None:
+            vectors = await asyncio.gather(*(self._input_vector(t, i) for t in req.terms))
+            q = np.sum([t.weight * v for t, v in zip(req.terms, vectors)], axis=0, dtype=np.float64)
+            n = float(np.linalg.norm(q))
+            if n < 1e-6:
+                raise SearchInputError("the terms cancel out: their weighted sum is a zero vector")
+            return (q / n).astype(np.float32), None
+        if req.like is not None:
+            return None, req.like
+        return await self._input_vector(req, i), None
+
+    async def _input_vector(self, inp: QueryInput, i: dict[str, Any]) -> np.ndarray:
+        """The (base_dim,) float32 unit vector of one query input."""
+        kind = inp.input_kind
         base_dim, enc = i["searcher"]["base_dim"], i["encoder"]
         if kind == "embedding":
-            assert req.embedding is not None  # the request validator: the kind's field is set
-            return embedding_vector(req.embedding, base_dim), None
+            assert inp.embedding is not None  # the request validator: the kind's field is set
+            return embedding_vector(inp.embedding, base_dim)
         if kind == "like":
-            return None, req.like
+            assert inp.like is not None
+            with _backend_errors():
+                return np.asarray(await self.searcher.vector_of.remote(int(inp.like)), np.float32)
         if enc["dim"] != base_dim:
             raise SearchInputError(f"this index holds {base_dim}-d vectors but the model encodes {enc['dim']}-d: "
                                    "only `embedding` and `like` queries work here")
         with _backend_errors():
             if kind == "text":
-                vector = await self.encoder.encode_text.remote(req.text)
+                vector = await self.encoder.encode_text.remote(inp.text)
             else:
                 if kind == "image":
-                    assert req.image is not None
-                    data = decode_base64_image(req.image, self.s.max_body_bytes)
+                    assert inp.image is not None
+                    data = decode_base64_image(inp.image, self.s.max_body_bytes)
                 else:
-                    assert req.image_url is not None
-                    data = await self._fetch(req.image_url)
+                    assert inp.image_url is not None
+                    data = await self._fetch(inp.image_url)
                 pixels = await asyncio.to_thread(self._decode, data, enc["image_size"])
                 vector = await self.encoder.encode_image.remote(pixels)
-        return np.asarray(vector, np.float32), None
+        return np.asarray(vector, np.float32)
 
     def _decode(self, data: bytes, size: int) -> np.ndarray:
         try:
@@ -471,7 +496,14 @@ def _resolve(path: str) -> Path:
     return alt.resolve() if alt.exists() else p.resolve()
 
 
-def _gpus_per_encoder(requested: float) -> float:
+def _gpus_per_encoder(requested: float, replicas: int = 1) -> float:
+    """GPUs per encoder replica: `requested`, checked against the cluster (`MissingGPUs` when it
+    has too few: Serve would wait for them forever); below 0: one if the cluster has a GPU."""
+    if requested > 0:
+        import ray
+
+        if ray.is_initialized():
+            require_gpus(requested, replicas, "serve's encoder", "serve.encoder_gpus")
     if requested >= 0:
         return requested
     try:
@@ -492,7 +524,7 @@ def app_for(cfg: Config, index_dir: str | os.PathLike):
     quiet = {"log_level": s.log_level, "enable_access_log": False}
     encoder = Encoder.options(  # type: ignore[attr-defined]
         num_replicas=s.encoder_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
-        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": _gpus_per_encoder(s.encoder_gpus)},
+        ray_actor_options={"num_cpus": s.encoder_cpus, "num_gpus": _gpus_per_encoder(s.encoder_gpus, s.encoder_replicas)},
     ).bind(cfg)
     searcher = Searcher.options(  # type: ignore[attr-defined]
         num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
@@ -542,8 +574,9 @@ def start(index_dir: str | os.PathLike, config_path: str | os.PathLike | None = 
 
     cfg = load_config(_resolve(str(config_path)) if config_path else None, list(overrides))
     init_ray(cfg.ray)
+    app = app_for(cfg, index_dir)  # MissingGPUs before anything starts
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(app_for(cfg, index_dir), name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     wait_ready(base_url, timeout_s)
     return base_url
@@ -563,7 +596,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    url = start(a.index, a.config, a.host, a.port, a.set)
+    from memescale.ray_runtime import MissingGPUs
+
+    try:
+        url = start(a.index, a.config, a.host, a.port, a.set)
+    except MissingGPUs as e:
+        sys.exit(f"error: {e}")
     print(f"serving {a.index} at {url} (Ctrl-C or SIGTERM to stop)", flush=True)
 
     def _interrupt(signum, frame):

@@ -47,3 +47,36 @@ def test_missing_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     cfg.pretrained = ""
     with pytest.raises(WeightsUnavailableError, match="is empty"):
         check_weights(cfg)
+
+
+def test_device_and_precision_resolution(caplog):
+    from memescale.embed.encoder import resolve_device
+
+    assert resolve_device("auto", "fp16", True, 1) == ("cuda", "fp16")
+    assert resolve_device("cuda:1", "fp16", True, 2) == ("cuda:1", "fp16")
+    with caplog.at_level("WARNING", logger="memescale.embed.encoder"):
+        assert resolve_device("auto", "fp16", False, 0) == ("cpu", "fp32")
+    assert "fp16 asked for, but the encoder runs on cpu (no CUDA device visible)" in caplog.text
+    assert resolve_device("cpu", "fp32", True, 1) == ("cpu", "fp32")
+    with pytest.raises(ValueError, match="model.device=cuda:2 but this machine has 2 CUDA"):
+        resolve_device("cuda:2", "fp16", True, 2)
+    with pytest.raises(ValueError, match="has no CUDA"):
+        resolve_device("cuda", "fp32", False, 0)
+
+
+def test_the_fp16_path_on_a_mocked_device(monkeypatch, tiny):
+    """What a GPU runs: fp16 weights, pixels normalised in fp16 on the device. The device is
+    mocked (the CPU reports itself as the resolved device, precision kept at fp16): the
+    vectors stay unit-length fp16 and close to the fp32 model's."""
+    import memescale.embed.encoder as enc
+
+    monkeypatch.setattr(enc, "resolve_device", lambda device, precision, cuda, n: ("cpu", "fp16"))
+    half = ImageTextEncoder(load_config(ROOT / "configs" / "tiny.toml", ["model.precision=\"fp16\""]).model)
+    assert str(half._dtype()) == "torch.float16" and half._mean.dtype == half._dtype()
+    x = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    a, b = half.encode_images(x).astype(np.float32), tiny.encode_images(x).astype(np.float32)
+    assert a.shape == b.shape and np.isfinite(a).all()
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=3e-3)
+    assert float(np.min(np.sum(a * b, axis=1))) > 0.99
+    t = half.encode_texts(["a cat", "success kid"]).astype(np.float32)
+    assert float(np.min(np.sum(t * tiny.encode_texts(["a cat", "success kid"]).astype(np.float32), axis=1))) > 0.99

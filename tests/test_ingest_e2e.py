@@ -167,3 +167,14 @@ def _run_plan_chunks(dump: Path) -> list:
 
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     return list(plan_chunks([str(dump)], cfg.ingest.chunk_posts, {}))
+
+
+def test_a_config_asking_for_gpus_the_cluster_lacks_exits_with_a_message(tmp_path):
+    """Ray would wait forever for the encoder's GPU; the job says so and exits instead."""
+    dump = write_sample_dump(tmp_path / "RS_2020-01.zst", [])
+    proc = subprocess.run(_ingest_cmd(dump, tmp_path / "o", "--set", "ingest.gpus_per_encoder=1",
+                                      "--set", "ingest.encoder_actors=2"),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ingest's encoder asks for 2 GPU(s) (2 x ingest.gpus_per_encoder=1) but the Ray cluster has 0" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -142,6 +142,31 @@ def test_like_searches_by_a_results_image(app):
     assert search(app, like=42).status_code == 422  # image ids are decimal strings (JSON numbers lose digits)
 
 
+def test_multi_term_queries_are_the_normalised_weighted_sum(app):
+    x = app["x"]
+    want = x[3] - 0.5 * x[7] + 0.8 * x[11]
+    want /= np.linalg.norm(want)
+    terms = [{"embedding": x[3].tolist()}, {"embedding": x[7].tolist(), "weight": -0.5},
+             {"like": str(app["md"][11]["image_id"]), "weight": 0.8}]
+    r = search(app, terms=terms, k=8, filters={"nsfw": True}, dedup=False)
+    assert r.status_code == 200, r.text
+    assert [res["id"] for res in r.json()["results"]] == list(np.argsort(-(x @ want))[:8])
+    # a negative term pushes its neighbours down: x[7]'s nearest fall far in the ranking
+    near7 = set(np.argsort(-(x @ x[7]))[:20].tolist())
+    alone = search(app, embedding=x[3].tolist(), k=50, filters={"nsfw": True}, dedup=False).json()["results"]
+    away = search(app, terms=[{"embedding": x[3].tolist()}, {"embedding": x[7].tolist(), "weight": -1}], k=50,
+                  filters={"nsfw": True}, dedup=False).json()["results"]
+    assert len(near7 & {res["id"] for res in away}) < len(near7 & {res["id"] for res in alone})
+    # text terms and a single term equal the plain query; pages of a terms query page on
+    one = search(app, terms=[{"text": "monday coffee", "weight": 2}], k=5).json()
+    assert [res["id"] for res in one["results"]] == [res["id"] for res in search(app, text="monday coffee", k=5).json()["results"]]
+    nxt = search(app, terms=terms, k=8, filters={"nsfw": True}, dedup=False, cursor=r.json()["next_cursor"]).json()
+    assert nxt["offset"] == 8 and [res["id"] for res in nxt["results"]] == list(np.argsort(-(x @ want))[8:16])
+    changed = dict(terms[1], weight=-0.6)
+    assert search(app, terms=[terms[0], changed, terms[2]], k=8, filters={"nsfw": True}, dedup=False,
+                  cursor=r.json()["next_cursor"]).status_code == 422  # another query
+
+
 def test_image_upload_and_image_url(app):
     data = png_bytes()
     up = search(app, image=base64.b64encode(data).decode(), k=5)
@@ -172,6 +197,14 @@ def test_image_upload_and_image_url(app):
     ({"text": "a", "filters": {"min_score": "high"}}, 422, "integer"),
     ({"text": "a", "filters": {"exclude_subreddits": ["a b"]}}, 422, "not a subreddit name"),
     ({"text": "a", "cursor": "garbage!"}, 422, "malformed"),
+    ({"terms": []}, 422, "at least 1"),
+    ({"terms": [{"text": "a", "weight": 0}]}, 422, "must not be 0"),
+    ({"terms": [{"text": "a", "like": "1"}]}, 422, "exactly one"),
+    ({"terms": [{"text": "a"}], "text": "b"}, 422, "exactly one"),
+    ({"terms": [{"text": "a"}] * 9}, 422, "at most 8"),
+    ({"terms": [{"embedding": [1.0] + [0.0] * 63}, {"embedding": [1.0] + [0.0] * 63, "weight": -1}]}, 422,
+     "cancel out"),
+    ({"terms": [{"like": "1000000"}]}, 422, "like: no image 1000000 in this index"),
 ])
 def test_bad_input_is_4xx_with_a_message(app, body, status, needle):
     r = search(app, **body)
@@ -374,3 +407,12 @@ def test_the_running_server_follows_deletes_inserts_and_a_new_generation(app, tm
     top = lambda: search(app, embedding=v.tolist(), k=1, dedup=False,  # noqa: E731
                          filters={"nsfw": True}).json()["results"][0]
     assert _until(lambda: top()["image_id"] == "777", "serve an inserted image")
+
+
+def test_an_encoder_gpu_the_cluster_lacks_is_refused_before_serving(app):
+    from memescale.ray_runtime import MissingGPUs
+    from serve import app as serve_app
+
+    with pytest.raises(MissingGPUs, match=r"serve's encoder asks for 2 GPU\(s\) .* has 0"):
+        serve_app._gpus_per_encoder(1.0, 2)
+    assert serve_app._gpus_per_encoder(-1.0) == 0.0 and serve_app._gpus_per_encoder(0.0) == 0.0

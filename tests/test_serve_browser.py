@@ -153,6 +153,48 @@ def test_infinite_scroll_under_a_subreddit_filter_runs_until_the_matches_do(page
     assert len(bodies) == 5 and all(b["filters"]["subreddits"] == ["pics"] for b in bodies)  # 4 full pages + the rest
 
 
+def test_two_terms_with_a_negative_one_move_the_results_away_from_it(page, base_url):
+    import requests
+
+    def ranked(body: dict) -> list[str]:
+        r = requests.post(base_url + "/api/search", json=dict(body, k=300, dedup=False), timeout=60)
+        assert r.status_code == 200, r.text
+        return [str(res["id"]) for res in r.json()["results"]]
+
+    dog_rank = {i: n for n, i in enumerate(ranked({"text": "dog"}))}
+    open_page(page, base_url + "/?q=cat&dedup=0")
+    page.wait_for_selector(".card", timeout=30_000)
+    assert not page.is_visible("#query-image")  # only image queries show a query image
+    alone = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")  # one page (in column order)
+    assert len(alone) == K
+
+    page.click("#add-term")
+    page.fill("#terms .term-text", "dog")
+    page.fill("#terms .term-weight", "-1")
+    assert page.is_visible("#q-weight")
+    page.press("#terms .term-text", "Enter")
+    page.wait_for_function("new URLSearchParams(location.search).getAll('t').join() === '-1:dog'")
+    page.wait_for_function(f"document.querySelectorAll('.card').length && !Array.from(document.querySelectorAll('.card'))"
+                           f".every(c => {alone!r}.includes(c.dataset.id))", timeout=30_000)
+    body = page.searches[-1]
+    assert body["terms"] == [{"text": "cat", "weight": 1}, {"text": "dog", "weight": -1}] and "text" not in body
+    away = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")
+    assert sorted(away) == sorted(ranked({"terms": body["terms"]})[:K])  # the page shows what the API ranks
+    # the results moved away from "dog": they sit far lower in its ranking than "cat"'s own
+    mean_rank = lambda ids: sum(dog_rank[i] for i in ids) / len(ids)  # noqa: E731
+    assert mean_rank(away) > mean_rank(alone) + 30, (mean_rank(away), mean_rank(alone))
+    assert "− \"dog\"" in page.inner_text("#status")
+
+    # the URL restores the terms; removing the term searches by the text alone again
+    open_page(page, page.url)
+    page.wait_for_selector(".card", timeout=30_000)
+    assert page.input_value("#terms .term-text") == "dog" and page.input_value("#terms .term-weight") == "-1"
+    assert page.searches[-1]["terms"][1] == {"text": "dog", "weight": -1}
+    page.click("#terms .term-remove")
+    page.wait_for_function("!new URLSearchParams(location.search).has('t')")
+    assert page.searches[-1]["text"] == "cat" and not page.is_visible("#q-weight")
+
+
 def test_html_in_titles_is_inert(page, base_url):
     xss_image = sample_corpus(300, 64, seed=1)[1][XSS_ROW]["image_id"]  # the fixture's corpus
     open_page(page, f"{base_url}/?like={xss_image}")

@@ -39,6 +39,25 @@ def _how_to_provide(cfg: ModelConfig, cause: BaseException) -> str:
     )
 
 
+def resolve_device(device: str, precision: str, cuda: bool, n_cuda: int) -> tuple[str, str]:
+    """(torch device, precision) for `model.device` and `model.precision` on a machine where
+    CUDA is available or not (`cuda`) with `n_cuda` devices. "auto" takes cuda when there is
+    one. fp16 on a CPU is not supported by every op and slower than fp32 there: it becomes
+    fp32 with a warning naming the device. ValueError for a CUDA device the machine lacks."""
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if not cuda or index >= n_cuda:
+            raise ValueError(f"model.device={device} but this machine has {n_cuda if cuda else 'no'} CUDA device(s): "
+                             "use model.device=\"auto\" or \"cpu\"")
+        return device, precision
+    if precision == "fp16":
+        log.warning("model.precision=fp16 asked for, but the encoder runs on %s%s: using fp32", device,
+                    "" if cuda else " (no CUDA device visible)")
+    return device, "fp32"
+
+
 class ImageTextEncoder:
     """A loaded open_clip model on one device.
 
@@ -54,14 +73,11 @@ class ImageTextEncoder:
         self.cfg = cfg
         if cfg.config_file:
             open_clip.add_model_config(cfg.config_file)
-        if cfg.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = cfg.device
-        precision = cfg.precision if self.device.startswith("cuda") else "fp32"
+        self.device, precision = resolve_device(cfg.device, cfg.precision, torch.cuda.is_available(),
+                                                torch.cuda.device_count())
+        self._torch = torch
         self.model = self._create(open_clip, torch, precision)
         self.model.eval()
-        self._torch = torch
         self._tokenizer = None
         visual = self.model.visual
         size = visual.image_size
@@ -97,6 +113,12 @@ class ImageTextEncoder:
             raise WeightsUnavailableError(_how_to_provide(cfg, e)) from e
 
     def _dtype(self):
+        """The dtype the image tower takes: its first convolution's or linear layer's weights
+        (open_clip's fp16 keeps some parameters, e.g. embeddings and norms, in fp32)."""
+        torch = self._torch
+        for m in self.model.visual.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                return m.weight.dtype
         return next(self.model.parameters()).dtype
 
     @property

@@ -19,21 +19,28 @@ from typing import Any
 
 import numpy as np
 
-from memescale.search.requests import SearchInputError, SearchRequest
+from memescale.search.requests import QueryInput, SearchInputError, SearchRequest
 
 _CURSOR = struct.Struct("<BI12s")
 _CURSOR_VERSION = 1
 
 
+def _input_value(q: QueryInput) -> str:
+    """A short string standing for one query input's value."""
+    if q.embedding is not None:
+        return hashlib.sha256(np.asarray(q.embedding, np.float64).tobytes()).hexdigest()
+    if q.image is not None:
+        return hashlib.sha256(q.image.encode()).hexdigest()
+    return next(getattr(q, f) for f in ("text", "image_url", "like") if getattr(q, f) is not None)
+
+
 def query_hash(req: SearchRequest) -> bytes:
     """12 bytes identifying everything that orders the result list (not k, not the cursor)."""
     value: Any
-    if req.embedding is not None:
-        value = hashlib.sha256(np.asarray(req.embedding, np.float64).tobytes()).hexdigest()
-    elif req.image is not None:
-        value = hashlib.sha256(req.image.encode()).hexdigest()
+    if req.terms is not None:
+        value = [[t.input_kind, _input_value(t), t.weight] for t in req.terms]
     else:
-        value = next(getattr(req, f) for f in ("text", "image_url", "like") if getattr(req, f) is not None)
+        value = _input_value(req)
     body = {"input": req.input_kind, "value": value, "weights": req.weights.model_dump(),
             "filters": req.filters.model_dump(), "dedup": req.dedup}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()[:12]

@@ -41,10 +41,11 @@ from memescale.index.weighting import Weighting
 from memescale.search.requests import Filters, SearchInputError, TimeBound
 
 REDDIT = "https://www.reddit.com"
-SCAN_OVER_TRAVERSAL = 4.0  # a member scan may score this many times the PQ codes a filtered traversal would
+# A member scan may score this many times the PQ codes a filtered traversal would: one of its
+# expansions (a read, R PQ scores, an exact score) cost about 2.2 R member scores (bench/filters.py)
+SCAN_OVER_TRAVERSAL = 2.0
 FILTER_STARTS = 64  # a filtered traversal also enters the graph at up to this many matching nodes
-FILTER_MISMATCH = 16.0  # a filtered traversal ranks non-matching candidates after matching ones (scores of
-# unit vectors with weights span far less): they are expanded as bridges when no matching one is left
+MATCHING_FIRST = 16.0  # a mismatch penalty beyond any score gap of unit vectors: matching candidates first
 FIRST_PASS_SLACK = 1.25  # first pass of a filtered/deduplicated search: need x this (+ 8)
 
 
@@ -142,6 +143,17 @@ class Plan(NamedTuple):
 NO_PLAN = Plan("graph", NO_FILTER, None, None, 1.0)
 
 
+def _union(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, exact scores) of two searches' results together, each id once, best first."""
+    ids = np.concatenate([a[0], b[0]])
+    scores = np.concatenate([a[1], b[1]])
+    order = np.argsort(-scores, kind="stable")
+    ids, scores = ids[order], scores[order]
+    _, first = np.unique(ids, return_index=True)
+    keep = np.sort(first)
+    return ids[keep], scores[keep]
+
+
 def _spread(nodes: np.ndarray, m: int) -> np.ndarray:
     """Up to m of `nodes`, evenly spaced over the array (int64)."""
     if nodes.shape[0] <= m:
@@ -236,9 +248,10 @@ class SearchEngine:
     def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> Plan:
         """How to run a filtered search. Plans: "graph" (no filter, or an index without
         labels: post-filter only), "graph-filtered" (the filter inside the traversal, L / share
-        up to filter_L_max, entered also at up to FILTER_STARTS matching nodes spread over the
-        smallest candidate set, matching candidates expanded before non-matching ones, so a
-        filter whose nodes sit far from the query's neighbourhood is still reached), "scan" (the smallest of the included subreddits', the time
+        up to filter_L_max, non-matching candidates ranked `filter_mismatch` lower, entered also at
+        up to FILTER_STARTS matching nodes spread over the smallest candidate set; when it comes
+        up short, a second pass expands matching candidates first from there, so a filter whose
+        nodes sit far from the query's neighbourhood is still reached, and the two are merged), "scan" (the smallest of the included subreddits', the time
         range's and the score range's members, when at most filter_scan_max and within
         SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored directly and filtered on
         their labels)."""
@@ -276,7 +289,7 @@ class SearchEngine:
             return Plan("scan", flt, members(), None, share)
         return Plan("graph-filtered", flt, None, _spread(members(), FILTER_STARTS), share)
 
-    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: Plan = NO_PLAN,
+    def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: Plan = NO_PLAN, mismatch: float = 0.0,
              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         k = max(1, min(k, self._size(ix)))
         L = max(L, k)
@@ -285,7 +298,7 @@ class SearchEngine:
             ids, scores, st = ix.scan(q, plan.members, k, plan.flt)  # type: ignore[attr-defined]
         elif plan.name == "graph-filtered":
             ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget,  # type: ignore[call-arg]
-                                        flt=plan.flt, starts=plan.starts, mismatch=FILTER_MISMATCH)
+                                        flt=plan.flt, starts=plan.starts, mismatch=mismatch)
         else:
             ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget)
         ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
@@ -332,12 +345,17 @@ class SearchEngine:
         plan = self._plan(ix, filters, L)
         if plan.name == "graph-filtered":
             L = min(max(L, math.ceil(L / max(plan.share, 1e-9))), max(cfg.filter_L_max, L))
+        mismatch = cfg.filter_mismatch
+        previous: tuple[np.ndarray, np.ndarray] | None = None
         while True:
-            ids, scores, st = self._run(ix, q, k1, L, plan)
+            ids, scores, st = self._run(ix, q, k1, L, plan, mismatch)
             passes += 1
             for key in totals:
                 totals[key] += st.get(key, 0.0)
-            exhausted = ids.size < min(k1, size)
+            # fewer than asked: none left, unless a filtered traversal stopped at its list size
+            exhausted = ids.size < min(k1, size) and plan.name != "graph-filtered"
+            if previous is not None:
+                ids, scores = _union(previous, (ids, scores))
             tm = time.perf_counter()
             metas: list[dict] | None = None
             keep = np.ones(ids.size, bool)
@@ -357,6 +375,8 @@ class SearchEngine:
                 break
             # Too few survived the filters/dedup: search again, deeper, and take everything.
             deepened = True
+            if plan.name == "graph-filtered":  # keep this pass's finds; the next one goes matching-first
+                previous, mismatch = (ids, scores), MATCHING_FIRST
             L = max(L, base_L) * max(cfg.filter_L_multiplier, 1)
             k1 = L if plan.name != "scan" else k1 * max(cfg.filter_L_multiplier, 1)
         tm = time.perf_counter()

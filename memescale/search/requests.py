@@ -27,6 +27,8 @@ INPUT_FIELDS = ("text", "image", "image_url", "embedding", "like")
 MAX_K = 1000
 MAX_EMBEDDING = 8192
 MAX_SUBREDDITS = 50
+MAX_TERMS = 8
+TERM_WEIGHT_MAX = 10.0
 
 
 class SearchInputError(ValueError):
@@ -73,20 +75,56 @@ class Filters(BaseModel):
     min_score: int | None = Field(default=None, description="the post's Reddit score at least this")
 
 
-class SearchRequest(BaseModel):
-    """POST /api/search. Exactly one of `text`, `image` (base64 bytes of an image file),
-    `image_url` (fetched by the server through the same SSRF guard as ingest), `embedding`
-    (a vector of the model's width) and `like` (a result's `image_id`: search by that
-    image's stored vector; stable across index updates and rebuilds) is the query."""
+class QueryInput(BaseModel):
+    """The query inputs: `text`, `image` (base64 bytes of an image file), `image_url` (fetched
+    by the server through the same SSRF guard as ingest), `embedding` (a vector of the model's
+    width) and `like` (a result's `image_id`: that image's stored vector; stable across index
+    updates and rebuilds)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "oneOf": [{"required": [f]} for f in INPUT_FIELDS]})  # exactly one input, in the published schema
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str | None = Field(default=None, max_length=4096)
     image: str | None = Field(default=None, description="base64 (standard or URL-safe) of an image file")
     image_url: str | None = Field(default=None, max_length=2048)
     embedding: list[float] | None = Field(default=None, max_length=MAX_EMBEDDING)
     like: str | None = Field(default=None, pattern=r"^[0-9]{1,19}$",
                              description="a result's image_id (decimal string): more images like it")
+
+    def _check_one(self, fields: tuple[str, ...]) -> None:
+        given = [f for f in fields if getattr(self, f) is not None]
+        if len(given) != 1:
+            what = "none" if not given else ", ".join(given)
+            raise ValueError(f"give exactly one of {', '.join(fields)} (got {what})")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("text is empty")
+
+    @property
+    def input_kind(self) -> str:
+        return next(f for f in (*INPUT_FIELDS, "terms") if getattr(self, f, None) is not None)
+
+
+class Term(QueryInput):
+    """One term of a multi-term query: exactly one input and its weight (negative: away from it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": [f]} for f in INPUT_FIELDS]})
+    weight: float = Field(default=1.0, ge=-TERM_WEIGHT_MAX, le=TERM_WEIGHT_MAX, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Term:
+        self._check_one(INPUT_FIELDS)
+        if self.weight == 0:
+            raise ValueError("a term's weight must not be 0")
+        return self
+
+
+class SearchRequest(QueryInput):
+    """POST /api/search. Exactly one of the inputs (`QueryInput`) or `terms`, a list of
+    weighted inputs whose query vector is the weighted sum of theirs, normalised."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": [f]} for f in (*INPUT_FIELDS, "terms")]})  # exactly one input, in the published schema
+    terms: list[Term] | None = Field(default=None, min_length=1, max_length=MAX_TERMS,
+                                     description="weighted inputs: the query is their weighted sum")
     k: int = Field(default=24, ge=1, le=MAX_K, description="results per page (omitted: the server's default_k)")
     weights: Weights = Field(default_factory=Weights)
     filters: Filters = Field(default_factory=Filters)
@@ -95,17 +133,8 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> SearchRequest:
-        given = [f for f in INPUT_FIELDS if getattr(self, f) is not None]
-        if len(given) != 1:
-            what = "none" if not given else ", ".join(given)
-            raise ValueError(f"give exactly one of {', '.join(INPUT_FIELDS)} (got {what})")
-        if self.text is not None and not self.text.strip():
-            raise ValueError("text is empty")
+        self._check_one((*INPUT_FIELDS, "terms"))
         return self
-
-    @property
-    def input_kind(self) -> str:
-        return next(f for f in INPUT_FIELDS if getattr(self, f) is not None)
 
 
 class SearchResult(BaseModel):

@@ -8,7 +8,7 @@ const TELEMETRY_KEY = "memescale.telemetry";
 const COL_WIDTH = 260;
 
 const state = {
-  query: null,        // {text} | {like} | {image_url} | {image}: the current query input
+  query: null,        // {text} | {terms} | {like} | {image_url} | {image}: the current query input
   label: "",          // what the status line calls it
   cursor: null,       // next_cursor of the last page
   loading: false,
@@ -77,11 +77,72 @@ function requestBody(cursor) {
   return body;
 }
 
+// ---------------------------------------------------------------- multi-term queries
+// The search box is the first term; "+ term" adds rows of text and weight (negative: away
+// from it). With extra terms the request is {terms: [{text, weight}, ...]}.
+function addTermRow(text, weight) {
+  const row = el("div", { class: "term" });
+  const input = el("input", { class: "term-text", type: "search", maxlength: "1000", "aria-label": "Term text",
+                              placeholder: "another term…" });
+  input.value = text || "";
+  const w = el("input", { class: "term-weight", type: "number", step: "0.1", min: "-10", max: "10",
+                          "aria-label": "Term weight" });
+  w.value = String(weight === undefined ? -0.5 : weight);
+  const remove = el("button", { class: "term-remove", type: "button", "aria-label": "Remove term" }, "×");
+  remove.addEventListener("click", () => {
+    row.remove();
+    showTermWeights();
+    if (state.query && state.query.terms) submitText();
+  });
+  row.append(input, w, remove);
+  $("terms").appendChild(row);
+  showTermWeights();
+  return input;
+}
+
+function showTermWeights() {
+  $("q-weight").hidden = !document.querySelector("#terms .term");
+}
+
+function termWeight(input, fallback) {
+  const v = Number(input.value);
+  return Number.isFinite(v) && v !== 0 ? Math.max(-10, Math.min(10, v)) : fallback;
+}
+
+function extraTerms() {
+  return Array.from(document.querySelectorAll("#terms .term"))
+    .map((row) => ({ text: row.querySelector(".term-text").value.trim(),
+                     weight: termWeight(row.querySelector(".term-weight"), 0) }))
+    .filter((t) => t.text && t.weight !== 0);
+}
+
+function describeTerms(terms) {
+  return terms.map((t, i) => {
+    const sign = t.weight < 0 ? "− " : (i ? "+ " : "");
+    const w = Math.abs(t.weight) === 1 ? "" : `${Math.abs(t.weight)} × `;
+    return `${sign}${w}"${t.text}"`;
+  }).join(" ");
+}
+
+function submitText() {
+  const text = $("q").value.trim();
+  if (!text) return;
+  const extra = extraTerms();
+  if (!extra.length) return startSearch({ text }, `"${text}"`);
+  const terms = [{ text, weight: termWeight($("q-weight"), 1) }, ...extra];
+  return startSearch({ terms }, describeTerms(terms));
+}
+
 // ---------------------------------------------------------------- URL state
 function writeUrl(push) {
   const p = new URLSearchParams();
   const q = state.query || {};
   if (q.text !== undefined) p.set("q", q.text);
+  if (q.terms) {
+    p.set("q", q.terms[0].text);
+    if (q.terms[0].weight !== 1) p.set("qw", String(q.terms[0].weight));
+    for (const t of q.terms.slice(1)) p.append("t", `${t.weight}:${t.text}`);
+  }
   if (q.like !== undefined) p.set("like", String(q.like));
   if (q.image_url !== undefined) p.set("url", q.image_url);
   for (const [k, v] of Object.entries(currentWeights())) p.set("w." + k, String(v));
@@ -113,8 +174,20 @@ function readUrl() {
   $("exclude-subreddits").value = (p.get("xsub") || "").split(",").filter(Boolean).join(", ");
   $("min-score").value = /^-?[0-9]{1,12}$/.test(p.get("score") || "") ? p.get("score") : "";
   $("q").value = p.get("q") || "";
+  $("q-weight").value = p.get("qw") || "1";
+  $("terms").replaceChildren();
+  for (const t of p.getAll("t")) {
+    const m = /^(-?[0-9]*\.?[0-9]+):(.+)$/.exec(t);
+    if (m) addTermRow(m[2], Number(m[1]));
+  }
+  showTermWeights();
   $("image-url").value = p.get("url") || "";
-  if (p.has("q") && p.get("q").trim()) return { query: { text: p.get("q") }, label: `"${p.get("q")}"` };
+  if (p.has("q") && p.get("q").trim()) {
+    const extra = extraTerms();
+    if (!extra.length) return { query: { text: p.get("q") }, label: `"${p.get("q")}"` };
+    const terms = [{ text: p.get("q").trim(), weight: termWeight($("q-weight"), 1) }, ...extra];
+    return { query: { terms }, label: describeTerms(terms) };
+  }
   const like = p.get("like") || "";
   if (/^[0-9]{1,19}$/.test(like)) return { query: { like }, label: `images like ${like}` };
   if (p.get("url")) return { query: { image_url: p.get("url") }, label: "the image at that URL" };
@@ -237,7 +310,11 @@ function showQueryImage(src, label) {
 function startSearch(query, label, fromResult) {
   state.query = query;
   state.label = label;
-  if (query.text === undefined) $("q").value = "";
+  if (query.text === undefined && !query.terms) {
+    $("q").value = "";
+    $("terms").replaceChildren();  // terms belong to a text search
+    showTermWeights();
+  }
   if (fromResult) showQueryImage(fromResult.url, label);
   else if (query.image_url) showQueryImage(query.image_url, label);
   else if (!query.image) showQueryImage(null);
@@ -360,9 +437,9 @@ async function init() {
   });
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    const text = $("q").value.trim();
-    if (text) startSearch({ text }, `"${text}"`);
+    submitText();
   });
+  $("add-term").addEventListener("click", () => addTermRow("", -0.5).focus());
   $("url-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const url = safeUrl($("image-url").value.trim());
