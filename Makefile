@@ -2,11 +2,24 @@
 # make test-fast: the same without the end-to-end, Ray, Serve and browser tests (-m "not slow").
 # make lint: ruff and a type check (mypy) of the packages.
 # make demo: the same install, then ingest -> build -> serve -> a query on bundled samples.
+# make install GPU=1: the same with a CUDA torch (see below).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# GPU=1: the registry's CUDA build of the same torch and torchvision instead of the local CPU
+# wheel (about 5.5 GB more). The venv remembers it: later make calls keep it; `make clean` to drop.
+GPU ?= $(shell test -f $(VENV)/.gpu && echo 1)
+ifeq ($(GPU),1)
+FLAVOUR := gpu
+CONSTRAINTS := $(VENV)/constraints-gpu.txt
+PIP_ENV := PIP_FIND_LINKS=" "
+else
+FLAVOUR := cpu
+CONSTRAINTS := constraints.txt
+PIP_ENV :=
+endif
+STAMP := $(VENV)/.installed-$(FLAVOUR)
 CHROMIUM := /usr/bin/chromium
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
@@ -18,7 +31,11 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
+ifeq ($(GPU),1)
+	sed 's/^\(torch==[^+]*\)+cpu$$/\1/' constraints.txt > $(CONSTRAINTS)
+	touch $(VENV)/.gpu
+endif
+	$(PIP_ENV) $(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[test,bench]"
 	touch $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
@@ -29,7 +46,7 @@ test-fast: $(STAMP)
 
 LINT_STAMP := $(VENV)/.lint-stamp
 $(LINT_STAMP): $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[lint]"
+	$(PIP_ENV) $(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[lint]"
 	touch $(LINT_STAMP)
 
 lint: $(LINT_STAMP)

@@ -48,6 +48,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "histogram", "Seconds per index update command, by operation", ("op",), [0.1, 0.3, 1, 3, 10, 30, 100, 300,
                                                                                 1000, 3000]),
     "memescale_serve_index_refreshes": ("counter", "Committed index updates a Searcher took in", (), None),
+    "memescale_build_phase_seconds": ("gauge", "Wall seconds of each finished build phase", ("phase",), None),
+    "memescale_build_shard_peak_bytes": ("gauge", "Peak anonymous memory of each shard graph task, and what it "
+                                         "declared", ("shard", "kind"), None),
+    "memescale_build_driver_rss_bytes": ("gauge", "Anonymous memory of the build driver at the end of each phase",
+                                         (), None),
 }
 
 _made: dict[str, Any] = {}
@@ -67,6 +72,8 @@ def _metric(name: str):
                 kind, desc, tags, bounds = METRICS[name]
                 if kind == "counter":
                     _made[name] = metrics.Counter(name, description=desc, tag_keys=tags)
+                elif kind == "gauge":
+                    _made[name] = metrics.Gauge(name, description=desc, tag_keys=tags)
                 else:
                     assert bounds is not None, f"histogram {name} declares no boundaries"
                     _made[name] = metrics.Histogram(name, description=desc, boundaries=bounds, tag_keys=tags)
@@ -74,11 +81,13 @@ def _metric(name: str):
 
 
 def record(name: str, value: float = 1, **tags: str) -> None:
-    """Add `value` to a counter, or observe it on a histogram, declared in METRICS."""
+    """Add `value` to a counter, set a gauge to it, or observe it on a histogram, declared in METRICS."""
     m = _metric(name)
     if m is None or value == 0 and METRICS[name][0] == "counter":
         return
     if METRICS[name][0] == "counter":
         m.inc(value, tags=tags or None)
+    elif METRICS[name][0] == "gauge":
+        m.set(value, tags=tags or None)
     else:
         m.observe(value, tags=tags or None)

@@ -37,7 +37,7 @@ from memescale.build.plan import BuildPlan, plan_for_config
 from memescale.config import Config, IndexConfig
 from memescale.index.build import IndexParams
 from memescale.index.partition import DiskPartition
-from memescale.memwatch import PeakRssAnon, release_free_memory
+from memescale.memwatch import PeakRssAnon, release_free_memory, rss_anon
 from memescale.metrics import record
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: 
             results.append(r)
             record("memescale_build_shards_built")
             record("memescale_build_shard_seconds", r.seconds)
+            record("memescale_build_shard_peak_bytes", r.peak_rss_anon, shard=str(r.shard), kind="peak")
+            record("memescale_build_shard_peak_bytes", r.declared_memory, shard=str(r.shard), kind="declared")
             bar.update(1)
     return sorted(results, key=lambda r: r.shard)
 
@@ -110,6 +112,8 @@ class _Phases:
         now = time.perf_counter()
         self.seconds[name] = now - self.last
         self.last = now
+        record("memescale_build_phase_seconds", self.seconds[name], phase=name)
+        record("memescale_build_driver_rss_bytes", rss_anon())
         if reused:
             self.reused.append(name)
 

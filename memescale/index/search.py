@@ -64,7 +64,7 @@ from .disk import (
     unpack_arrays,
     verify_records,
 )
-from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_bytes, resolve_threads
+from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_address, prefetch_bytes, resolve_threads
 from .labels import LABELS_FILE, MAGIC_POSTINGS, NO_FILTER, POSTINGS_FILE, LabelFilter, load_labels
 from .pq import PQCodec, adc_score
 from .weighting import WEIGHTING_FILE, Weighting
@@ -76,6 +76,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the v
 _VISIT_LOAD = 2  # visited sets stay at most half full
 _NO_EXCLUDE = np.zeros(0, np.uint8)  # an exclusion bitmap that excludes nothing
 _NO_STARTS = np.zeros(0, np.int64)  # no entry points beyond the index's
+SCAN_AHEAD = 16  # `Index.scan` prefetches the PQ codes of the member this many ahead
 
 
 class IndexView(NamedTuple):
@@ -368,6 +369,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     L, W = par.L, par.W
     exclude = par.exclude
     codes, entry, lay = ix.codes, ix.entry, ix.lay
+    code_base, code_row = codes.ctypes.data, codes.shape[1]
     r16, r32, c16, c32, b16, b32 = ix.r16, ix.r32, ix.c16, ix.c32, io.b16, io.b32
     reads, cmps = out.reads, out.cmps
     shift = _hash_shift(vis.shape[1])
@@ -435,6 +437,8 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                 if deg < 0 or deg > lay[_R]:
                     raise ValueError("corrupt record: degree out of range")
                 nb0 = (off + lay[_NBR]) >> 2
+                for t in range(deg):  # each neighbour's PQ code is a cache miss: start them all
+                    prefetch_address(code_base + np.int64(r32b[nb0 + t]) * code_row)
                 for t in range(deg):
                     u = r32b[nb0 + t]
                     if u < 0 or u >= n_nodes:
@@ -509,9 +513,14 @@ def matching_nodes(members: np.ndarray, flt: LabelFilter, labels: np.ndarray) ->
 @njit(nogil=True, cache=True)
 def _matching(members, flt, labels):
     """The nodes of `members` (m,) int64 whose labels meet `flt` (`_accepts`), in order."""
-    out = np.empty(members.shape[0], np.int64)
+    m = members.shape[0]
+    out = np.empty(m, np.int64)
+    base = labels.ctypes.data
     n = 0
-    for u in members:
+    for i in range(m):
+        if i + SCAN_AHEAD < m:
+            prefetch_address(base + members[i + SCAN_AHEAD] * 8)  # LABEL_DTYPE rows are 8 bytes
+        u = members[i]
         if _accepts(u, _NO_EXCLUDE, flt, labels):
             out[n] = u
             n += 1
@@ -520,9 +529,17 @@ def _matching(members, flt, labels):
 
 @njit(nogil=True, cache=True)
 def _adc_scores(table, codes, members):
-    """ADC scores (m,) float32 of nodes `members` (m,) int64 from their PQ codes."""
-    out = np.empty(members.shape[0], np.float32)
-    for i in range(members.shape[0]):
+    """ADC scores (m,) float32 of nodes `members` (m,) int64 from their PQ codes. Each code
+    row is a cache miss: the rows SCAN_AHEAD members on are prefetched, so the misses overlap."""
+    n = members.shape[0]
+    out = np.empty(n, np.float32)
+    base = codes.ctypes.data
+    row = codes.shape[1]
+    for i in range(n):
+        if i + SCAN_AHEAD < n:
+            at = base + members[i + SCAN_AHEAD] * row
+            prefetch_address(at)
+            prefetch_address(at + row - 1)  # a row may straddle two cache lines
         out[i] = adc_score(table, codes[members[i]])
     return out
 

@@ -1,0 +1,113 @@
+"""Ray's metrics export carries the ingest job's counts: a small ingest submitted to a Ray
+head started with `--metrics-export-port` (as a user runs it for Prometheus and the Grafana
+dashboard in configs/grafana/), then the Prometheus text of that port is read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+
+import pytest
+from conftest import ROOT, free_port
+
+from memescale.testing.sample_data import ImageServer, image_files, sample_records, write_sample_dump
+from memescale.testing.sample_index import write_images
+
+pytestmark = pytest.mark.slow
+
+DASHBOARD = ROOT / "configs" / "grafana" / "memescale.json"
+_LINE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sum of each metric over its series (workers), by name."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m and m.group(1).startswith("ray_memescale_"):
+            out[m.group(1)] += float(m.group(3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray-head")
+    gcs, metrics = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_metrics_report_interval_ms": "500"}
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray",
+                             "start", "--head", "--block", f"--port={gcs}", f"--metrics-export-port={metrics}",
+                             "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={tmp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # up once its metrics endpoint answers
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("ray start --head did not come up")
+                time.sleep(0.2)
+        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ingest_counters_in_rays_metrics_export_match_the_jobs_summary(head, tmp_path):
+    write_images(tmp_path / "img", 12)
+    with ImageServer(tmp_path / "img") as srv:
+        dump = write_sample_dump(tmp_path / "RS_2020-01.zst", sample_records(image_files(tmp_path / "img"),
+                                                                             srv.base_url))
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "ray_jobs" / "ingest.py"), "--config", str(ROOT / "configs" / "tiny.toml"),
+             "--dumps", str(dump), "--out", str(tmp_path / "out"), "--allow-private", "--no-progress"],
+            env={**head["env"], "RAY_ADDRESS": head["address"]}, capture_output=True, text=True, timeout=240,
+            cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    want = {"ray_memescale_ingest_posts_read_total": summary["posts"],
+            "ray_memescale_ingest_images_found_total": summary["refs"],
+            "ray_memescale_ingest_images_encoded_total": summary["encoded"],
+            "ray_memescale_ingest_bytes_total": summary["bytes"],
+            "ray_memescale_ingest_bad_lines_total": summary["bad_lines"]}
+    assert summary["encoded"] == 12 and summary["bad_lines"] >= 0
+    deadline = time.monotonic() + 60
+    got = scrape(head["metrics"])
+    while any(got.get(k, 0) != v for k, v in want.items()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # workers report every RAY_metrics_report_interval_ms
+        got = scrape(head["metrics"])
+    assert {k: got.get(k, 0) for k in want} == {k: float(v) for k, v in want.items()}
+    assert got["ray_memescale_ingest_fetch_seconds_count"] == summary["encoded"]
+
+
+def test_the_dashboard_queries_name_metrics_the_project_emits():
+    """Every metric a panel of configs/grafana/memescale.json queries is declared in
+    memescale.metrics (with Ray's prefix and Prometheus' suffixes)."""
+    from memescale.metrics import METRICS
+
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 12
+    names = set(re.findall(r"\bray_memescale_\w+", " ".join(exprs)))
+    declared = set()
+    for name, (kind, *_rest) in METRICS.items():
+        base = "ray_" + name
+        declared |= {base + "_total"} if kind == "counter" else (
+            {base} if kind == "gauge" else {base + "_bucket", base + "_sum", base + "_count"})
+    assert names and names <= declared, names - declared
+    stages = {p["title"].split(":")[0] for p in board["panels"] if p.get("type") != "row"}
+    assert {"Ingest", "Build", "Serve"} <= stages
