@@ -78,3 +78,29 @@ def test_cli_defaults_come_from_the_configs(monkeypatch, tmp_path):
     b, s, ic, sc = seen["build"], seen["search"], IndexConfig(), ServeConfig()
     assert (b.R, b.L, b.alpha, b.pq_bytes, b.seed) == (ic.R, ic.L, ic.alpha, ic.pq_bytes, ic.seed)
     assert (s.L, s.beam_width, s.io_budget, s.io) == (sc.search_L, sc.beam_width, sc.io_budget, sc.index_io)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "gpu", "cluster"])
+def test_every_shipped_config_loads_and_holds_together(name):
+    """What each shipped config promises: its model, where it runs, and a build plan that
+    fits its memory budget at the scale it is for."""
+    from memescale.build.plan import plan_for_config
+    from memescale.config import parse_bytes
+
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    assert cfg.serve.search_L >= cfg.serve.default_k and 0 < cfg.serve.dedup_threshold <= 1
+    assert cfg.ingest.encoder_actors >= 1 and cfg.ingest.download_actors >= 1
+    if name in ("cpu", "tiny"):
+        assert cfg.model.device in ("cpu", "auto") and cfg.ingest.gpus_per_encoder == 0
+        assert cfg.serve.encoder_gpus <= 0
+    if name == "cpu":
+        assert cfg.model.precision == "fp32" and cfg.model.name.startswith("ViT-SO400M")
+    if name in ("gpu", "cluster"):
+        assert cfg.model.precision == "fp16" and cfg.ingest.gpus_per_encoder == 1.0
+    if name == "cluster":
+        assert cfg.ray.address == "auto" and cfg.ingest.encoder_actors > 1 and cfg.index.shards
+    n = {"tiny": 10**5, "cpu": 10**7, "gpu": 230 * 10**6, "cluster": 230 * 10**6}[name]
+    plan = plan_for_config(cfg, n, 1152 if name != "tiny" else 64, 0, threads=12)
+    assert plan.peak_memory_bytes <= plan.budget_bytes
+    if cfg.index.build_memory:
+        assert plan.budget_bytes == parse_bytes(cfg.index.build_memory)

@@ -1,6 +1,7 @@
-"""Ray's metrics export carries the ingest job's counts: a small ingest submitted to a Ray
-head started with `--metrics-export-port` (as a user runs it for Prometheus and the Grafana
-dashboard in configs/grafana/), then the Prometheus text of that port is read back."""
+"""Against a Ray head started as a user starts one (`ray start --head`, dashboard on, a fixed
+metrics export port): Ray's metrics export carries an ingest job's counts (what Prometheus
+and the Grafana dashboard in configs/grafana/ read), and `serve deploy configs/serve.yaml`
+(with the tiny config and a small index substituted) serves the API."""
 
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ def scrape(port: int) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-head")
-    gcs, metrics = free_port(), free_port()
+    gcs, metrics, dashboard = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_metrics_report_interval_ms": "500"}
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray",
                              "start", "--head", "--block", f"--port={gcs}", f"--metrics-export-port={metrics}",
-                             "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dashboard}",
+                             "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={tmp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -58,7 +60,8 @@ def head(tmp_path_factory):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail("ray start --head did not come up")
                 time.sleep(0.2)
-        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env}
+        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env,
+               "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -92,6 +95,47 @@ def test_ingest_counters_in_rays_metrics_export_match_the_jobs_summary(head, tmp
         got = scrape(head["metrics"])
     assert {k: got.get(k, 0) for k in want} == {k: float(v) for k, v in want.items()}
     assert got["ray_memescale_ingest_fetch_seconds_count"] == summary["encoded"]
+
+
+def test_serve_deploy_of_the_shipped_serve_yaml(head, tmp_path):
+    import requests
+    import yaml
+
+    from memescale.testing.sample_index import build_sample_index, sample_corpus
+
+    x, md = sample_corpus(200, 64, seed=2)
+    build_sample_index(tmp_path / "index", x, md)
+    spec = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    port = free_port()
+    spec["http_options"].update(host="127.0.0.1", port=port)
+    app = spec["applications"][0]
+    assert app["import_path"] == "serve.app:build_app" and app["args"]["config"] == "configs/gpu.toml"
+    app["args"].update(index=str(tmp_path / "index"), config=str(ROOT / "configs" / "tiny.toml"))
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
+    serve_cli = [str(ROOT / ".venv" / "bin" / "serve")] if (ROOT / ".venv" / "bin" / "serve").exists() else ["serve"]
+    env = {**head["env"], "RAY_ADDRESS": head["address"]}
+    proc = subprocess.run([*serve_cli, "deploy", str(tmp_path / "serve.yaml"), "-a", head["dashboard"]],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:  # serve deploy returns at once; the app comes up in the background
+            try:
+                if requests.get(base + "/api/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the deployed app never answered /api/health"
+            time.sleep(1)
+        r = requests.post(base + "/api/search", json={"embedding": x[5].tolist(), "k": 3, "dedup": False,
+                                                      "filters": {"nsfw": True}}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["id"] == 5
+        assert requests.get(base + "/api/info", timeout=10).json()["size"] == 200
+    finally:
+        subprocess.run([*serve_cli, "shutdown", "-y", "-a", head["dashboard"]], env=env, capture_output=True,
+                       timeout=120)
 
 
 def test_the_dashboard_queries_name_metrics_the_project_emits():
