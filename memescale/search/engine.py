@@ -44,6 +44,9 @@ REDDIT = "https://www.reddit.com"
 # A member scan may score this many times the PQ codes a filtered traversal would: one of its
 # expansions (a read, R PQ scores, an exact score) cost about 2.2 R member scores (bench/filters.py)
 SCAN_OVER_TRAVERSAL = 2.0
+# A filtered traversal's list: L / share ** FILTER_L_EXPONENT (bench/filters.py at 1M: with
+# filter_mismatch, exponent 1 spends 2.5x the reads of 0.6 at a 10% filter for +0.02 recall@10)
+FILTER_L_EXPONENT = 0.6
 FILTER_STARTS = 64  # a filtered traversal also enters the graph at up to this many matching nodes
 MATCHING_FIRST = 16.0  # a mismatch penalty beyond any score gap of unit vectors: matching candidates first
 FIRST_PASS_SLACK = 1.25  # first pass of a filtered/deduplicated search: need x this (+ 8)
@@ -247,7 +250,7 @@ class SearchEngine:
 
     def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> Plan:
         """How to run a filtered search. Plans: "graph" (no filter, or an index without
-        labels: post-filter only), "graph-filtered" (the filter inside the traversal, L / share
+        labels: post-filter only), "graph-filtered" (the filter inside the traversal, L / share ** FILTER_L_EXPONENT
         up to filter_L_max, non-matching candidates ranked `filter_mismatch` lower, entered also at
         up to FILTER_STARTS matching nodes spread over the smallest candidate set; when it comes
         up short, a second pass expands matching candidates first from there, so a filter whose
@@ -262,8 +265,9 @@ class SearchEngine:
                             filters.exclude_subreddits, filters.min_score)
         share = labels.selectivity(flt)
         # cost in PQ scores: a scan scores every member; the filtered traversal expands about
-        # L / share nodes (at most filter_L_max) of R neighbours each, plus a read per expansion
-        traversal = min(L / max(share, 1e-9), max(self.cfg.filter_L_max, L)) * getattr(ix, "degree", 64)
+        # its list size of nodes (at most filter_L_max) of R neighbours each, plus a read each
+        traversal = min(L / max(share, 1e-9) ** FILTER_L_EXPONENT, max(self.cfg.filter_L_max, L)) * getattr(
+            ix, "degree", 64)
         # candidate sets a scan can take: the included subreddits' members, the months' members
         sizes: dict[str, int] = {}
         if flt.sub_mode == 1:
@@ -344,7 +348,7 @@ class SearchEngine:
         L = max(base_L, k1)
         plan = self._plan(ix, filters, L)
         if plan.name == "graph-filtered":
-            L = min(max(L, math.ceil(L / max(plan.share, 1e-9))), max(cfg.filter_L_max, L))
+            L = min(max(L, math.ceil(L / max(plan.share, 1e-9) ** FILTER_L_EXPONENT)), max(cfg.filter_L_max, L))
         mismatch = cfg.filter_mismatch
         previous: tuple[np.ndarray, np.ndarray] | None = None
         while True:
