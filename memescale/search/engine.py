@@ -157,11 +157,18 @@ def _union(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -
     return ids[keep], scores[keep]
 
 
-def _spread(nodes: np.ndarray, m: int) -> np.ndarray:
-    """Up to m of `nodes`, evenly spaced over the array (int64)."""
-    if nodes.shape[0] <= m:
-        return np.asarray(nodes, np.int64)
-    return np.asarray(nodes[np.linspace(0, nodes.shape[0] - 1, m).astype(np.int64)], np.int64)
+def _spread(lists: list[np.ndarray], m: int) -> np.ndarray:
+    """Up to m node ids (int64) evenly spaced over the concatenation of `lists` (posting lists,
+    memory-mapped: only the m chosen entries are read, nothing is concatenated)."""
+    sizes = np.array([a.shape[0] for a in lists], np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    at = np.unique(np.linspace(0, total - 1, min(m, total)).astype(np.int64))
+    ends = np.cumsum(sizes)
+    which = np.searchsorted(ends, at, side="right")
+    offs = at - (ends - sizes)[which]
+    return np.array([lists[w][o] for w, o in zip(which.tolist(), offs.tolist())], np.int64)
 
 
 class IndexLike(Protocol):
@@ -249,15 +256,19 @@ class SearchEngine:
         return int(live) if live is not None else len(ix)
 
     def _plan(self, ix: IndexLike, filters: FilterSpec, L: int) -> Plan:
-        """How to run a filtered search. Plans: "graph" (no filter, or an index without
-        labels: post-filter only), "graph-filtered" (the filter inside the traversal, L / share ** FILTER_L_EXPONENT
-        up to filter_L_max, non-matching candidates ranked `filter_mismatch` lower, entered also at
-        up to FILTER_STARTS matching nodes spread over the smallest candidate set; when it comes
-        up short, a second pass expands matching candidates first from there, so a filter whose
-        nodes sit far from the query's neighbourhood is still reached, and the two are merged), "scan" (the smallest of the included subreddits', the time
-        range's and the score range's members, when at most filter_scan_max and within
-        SCAN_OVER_TRAVERSAL of the traversal's PQ scores, scored directly and filtered on
-        their labels)."""
+        """How to run a filtered search. Plans:
+
+        - "graph": no filter, or an index without labels (post-filter only);
+        - "graph-filtered": the filter inside the traversal, list size L / share **
+          FILTER_L_EXPONENT up to filter_L_max, non-matching candidates ranked
+          `filter_mismatch` lower, entered also at up to FILTER_STARTS matching nodes spread
+          over the smallest candidate set; when it comes up short, a second pass expands
+          matching candidates first, so a filter whose nodes sit far from the query's
+          neighbourhood is still reached, and the two are merged (`search`);
+        - "scan": the smallest of the included subreddits', the time range's and the score
+          range's members, when at most filter_scan_max and within SCAN_OVER_TRAVERSAL of the
+          traversal's PQ scores, scored directly and filtered on their labels.
+        """
         labels = getattr(ix, "labels", None)
         if not filters.active or labels is None:
             return Plan("graph", NO_FILTER, None, None, 1.0)
@@ -281,17 +292,16 @@ class SearchEngine:
         best = min(sizes, key=sizes.__getitem__)
         size = sizes[best]
 
-        def members() -> np.ndarray:
-            if best == "sub":
-                parts = [labels.members(int(s)) for s in flt.sub_ids]
-                return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            if best == "month":
-                return np.asarray(labels.month_members(flt.month_lo, flt.month_hi))
-            return np.asarray(labels.score_members(flt.min_bucket))
-
+        if best == "sub":
+            lists = [labels.members(int(s)) for s in flt.sub_ids]
+        elif best == "month":
+            lists = [labels.month_members(flt.month_lo, flt.month_hi)]
+        else:
+            lists = [labels.score_members(flt.min_bucket)]
         if size <= self.cfg.filter_scan_max and size <= SCAN_OVER_TRAVERSAL * traversal:
-            return Plan("scan", flt, members(), None, share)
-        return Plan("graph-filtered", flt, None, _spread(members(), FILTER_STARTS), share)
+            members = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+            return Plan("scan", flt, members, None, share)
+        return Plan("graph-filtered", flt, None, _spread(lists, FILTER_STARTS), share)
 
     def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: Plan = NO_PLAN, mismatch: float = 0.0,
              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
