@@ -122,6 +122,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--dataset", choices=["shared", "synthetic-1m"], default="shared")
+    p.add_argument("--search-L", type=int, default=ServeConfig().search_L,
+                   help="serve.search_L of every engine (the unfiltered list size; filters scale it)")
     p.add_argument("--work", default=None, help="default /tmp/memescale-bench-filters-<dataset>")
     args = p.parse_args()
     if not DATA.exists():
@@ -147,8 +149,9 @@ def main() -> None:
     filters["not 'half', score >= 100"] = Filters(nsfw=True, exclude_subreddits=["half"], min_score=100)
     report = []
     with Index.open(work / "index", threads=1) as index:
-        planned = SearchEngine(index, index.weighting, ServeConfig())
-        post = SearchEngine(WithoutLabels(index), index.weighting, ServeConfig())  # type: ignore[arg-type]
+        planned = SearchEngine(index, index.weighting, ServeConfig(search_L=args.search_L))
+        post = SearchEngine(WithoutLabels(index), index.weighting, ServeConfig(search_L=args.search_L))  # type: ignore[arg-type]
+        run(planned, q_all, filters["none"], np.ones(len(md), bool), x)  # warm: the page cache holds the records
         for name, f in filters.items():
             spec = parse_filters(f)
             keep = np.fromiter((spec.keep(m) for m in md), bool, len(md))
@@ -159,8 +162,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         # the planner's crossover: each plan forced, for the filters a scan can take
         sweep = []
-        forced_graph = SearchEngine(index, index.weighting, ServeConfig(filter_scan_max=0))
-        forced_scan = SearchEngine(index, index.weighting, ServeConfig(filter_scan_max=len(x)))
+        forced_graph = SearchEngine(index, index.weighting, ServeConfig(search_L=args.search_L, filter_scan_max=0))
+        forced_scan = SearchEngine(index, index.weighting, ServeConfig(search_L=args.search_L, filter_scan_max=len(x)))
         q_sweep = q_all[: min(100, len(q_all))]
         for name, f in filters.items():
             if not (f.subreddits or f.after):
@@ -180,6 +183,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "filters" if args.dataset == "shared" else f"filters-{args.dataset}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"dataset": args.dataset, "n": len(x), "queries": len(q_all),
+                                                      "search_L": args.search_L,
                                                       "rows": report, "sweep": sweep}, indent=1))
     lines = ["| filter | share | matches | plan | recall@10 planner / post-filter | QPS planner / post-filter "
              "(planner / unfiltered) | reads/query planner / post-filter | page 10 of 24 full: planner / post |",

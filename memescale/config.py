@@ -167,6 +167,9 @@ class ServeConfig:
     api_cpus: float = 0.25
     encoder_gpus: float = -1.0  # -1: one GPU per encoder replica when the cluster has GPUs
     encode_batch: int = 32  # @serve.batch max_batch_size (texts and images alike)
+    image_queries: bool = True  # false: the Encoder loads the text tower alone; image queries are 422
+    text_int8: bool = False  # the text tower in int8 dynamic quantisation (CPU encoders; bench/encode.py)
+    text_cache_size: int = 4096  # text embeddings each Encoder replica keeps (LRU; dim x 4 bytes each)
     encode_batch_wait_s: float = 0.002
     search_threads: int = 2  # Index.search calls in flight at once per Searcher replica
     index_io: str = "mmap"  # record reads: "mmap" (page cache) or "direct" (O_DIRECT + native AIO)

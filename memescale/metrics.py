@@ -34,6 +34,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "histogram", "Index sector reads per search request", (), [4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]),
     "memescale_serve_encode_batch_size": (
         "histogram", "Encoder batch sizes, by input kind", ("kind",), [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+    "memescale_serve_text_cache": ("counter", "Encoder text embedding cache lookups, by outcome", ("outcome",), None),
     "memescale_serve_telemetry_events": ("counter", "Telemetry events, by outcome", ("outcome",), None),
     "memescale_curate_rows": ("counter", "Curate decisions per row, by outcome", ("outcome",), None),
     "memescale_curate_rows_written": ("counter", "Curated rows written", (), None),

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,6 @@ from memescale.search.requests import (
     SearchResponse,
     decode_base64_image,
     embedding_vector,
-    token_count,
 )
 from serve import bodylimit, prom
 from serve.bodylimit import BodyLimitMiddleware
@@ -109,38 +109,58 @@ class Encoder:
 
         if cfg.model.device != "cuda":
             torch.set_num_threads(max(1, round(cfg.serve.encoder_cpus)))
-        self.enc = ImageTextEncoder(cfg.model)
-        self.tokenizer = self.enc.tokenizer
+        self.enc = ImageTextEncoder(cfg.model, text_only=not cfg.serve.image_queries, text_int8=cfg.serve.text_int8)
         self.context_length = self.enc.context_length
         for method in (self._texts, self._images):
-            method.set_max_batch_size(max(1, cfg.serve.encode_batch))  # type: ignore[union-attr]
-            method.set_batch_wait_timeout_s(max(0.0, cfg.serve.encode_batch_wait_s))  # type: ignore[union-attr]
+            method.set_max_batch_size(max(1, cfg.serve.encode_batch))  # type: ignore[attr-defined]
+            method.set_batch_wait_timeout_s(max(0.0, cfg.serve.encode_batch_wait_s))  # type: ignore[attr-defined]
+        # text -> (dim,) float32, least recently used first: repeated queries and every next page
+        # of a text search skip the text tower
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = max(0, cfg.serve.text_cache_size)
         self.enc.encode_texts(["warm up"])  # first calls allocate; keep that off the first request
-        self.enc.encode_images(np.zeros((1, self.enc.image_size, self.enc.image_size, 3), np.uint8))
+        if not self.enc.text_only:
+            self.enc.encode_images(np.zeros((1, self.enc.image_size, self.enc.image_size, 3), np.uint8))
 
     def info(self) -> dict[str, Any]:
         return {"model": self.enc.model_tag, "dim": self.enc.dim, "image_size": self.enc.image_size,
-                "context_length": self.context_length, "device": self.enc.device}
+                "context_length": self.context_length, "device": self.enc.device,
+                "image_queries": not self.enc.text_only, "text_int8": self.enc.text_int8}
 
     async def encode_text(self, text: str) -> np.ndarray:
         """(dim,) float32. SearchInputError when the text is over the model's context."""
-        n = token_count(self.tokenizer, text)
-        if n is not None and n > self.context_length:
-            raise SearchInputError(f"text is {n} tokens long (start and end included); "
-                                   f"the model reads at most {self.context_length}")
-        return await self._texts(text)
+        hit = self.cache.get(text)
+        if hit is not None:
+            self.cache.move_to_end(text)
+            prom.REGISTRY.record("memescale_serve_text_cache", outcome="hit")
+            return hit
+        from memescale.embed.encoder import TextTooLong
+
+        try:
+            tokens = self.enc.tokenize(text)
+        except TextTooLong as e:
+            raise SearchInputError(str(e)) from None
+        v = await self._texts(tokens)
+        prom.REGISTRY.record("memescale_serve_text_cache", outcome="miss")
+        if self.cache_size:
+            self.cache[text] = v
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return v
 
     async def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """(S, S, 3) uint8 at S = image_size -> (dim,) float32. SearchInputError otherwise."""
+        if self.enc.text_only:
+            raise SearchInputError("image queries are off on this server (serve.image_queries = false)")
         s = self.enc.image_size
         if pixels.shape != (s, s, 3) or pixels.dtype != np.uint8:
             raise SearchInputError(f"expected ({s}, {s}, 3) uint8 pixels")
         return await self._images(pixels)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _texts(self, texts: list[str]) -> list[np.ndarray]:
-        prom.REGISTRY.record("memescale_serve_encode_batch_size", len(texts), kind="text")
-        out = await asyncio.to_thread(self.enc.encode_texts, texts)
+    async def _texts(self, tokens: list[np.ndarray]) -> list[np.ndarray]:
+        prom.REGISTRY.record("memescale_serve_encode_batch_size", len(tokens), kind="text")
+        out = await asyncio.to_thread(self.enc.encode_tokens, np.stack(tokens))
         return list(out.astype(np.float32))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
@@ -292,6 +312,7 @@ class InfoResponse(BaseModel):
     index_dim: int = Field(description="width of the stored vectors (embedding + weighting dims)")
     encoder_dim: int
     text_search: bool = Field(description="text and image queries work (encoder and index widths agree)")
+    image_search: bool = Field(True, description="image and image_url queries are on (serve.image_queries)")
     weights: list[str] = Field(description="weights this index honours; others must be 0")
     weight_range: list[float]
     inputs: list[str]
@@ -366,6 +387,7 @@ class Api:
         return {
             "size": now["size"], "generation": now["counts"]["generation"], "model": enc["model"], "dim": sea["base_dim"], "index_dim": sea["index_dim"],
             "encoder_dim": enc["dim"], "text_search": enc["dim"] == sea["base_dim"],
+            "image_search": bool(enc.get("image_queries", True)) and enc["dim"] == sea["base_dim"],
             "weights": list(sea["weighting"]["names"]), "weight_range": [WEIGHT_MIN, WEIGHT_MAX],
             "inputs": [*INPUT_FIELDS, "terms"], "max_terms": MAX_TERMS, "max_k": MAX_K, "default_k": self.s.default_k,
             "max_depth": self.s.max_depth, "dedup_threshold": self.s.dedup_threshold,
@@ -409,7 +431,7 @@ class Api:
         """(query vector, None), or (None, image_id) for a single `like` (the Searcher looks it up)."""
         if req.terms is not None:
             vectors = await asyncio.gather(*(self._input_vector(t, i) for t in req.terms))
-            q = np.sum([t.weight * v for t, v in zip(req.terms, vectors)], axis=0, dtype=np.float64)
+            q = np.asarray(np.sum([t.weight * v for t, v in zip(req.terms, vectors)], axis=0, dtype=np.float64))
             n = float(np.linalg.norm(q))
             if n < 1e-6:
                 raise SearchInputError("the terms cancel out: their weighted sum is a zero vector")
@@ -435,6 +457,8 @@ class Api:
         with _backend_errors():
             if kind == "text":
                 vector = await self.encoder.encode_text.remote(inp.text)
+            elif not enc.get("image_queries", True):
+                raise SearchInputError("image queries are off on this server (serve.image_queries = false)")
             else:
                 if kind == "image":
                     assert inp.image is not None

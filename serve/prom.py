@@ -35,7 +35,7 @@ def _num(x: float) -> str:
 
 
 class LocalMetrics:
-    """Counters and histograms keyed by (name, tag values)."""
+    """Counters, gauges and histograms keyed by (name, tag values)."""
 
     def __init__(self, forward: bool = True):
         self._lock = threading.Lock()
@@ -49,6 +49,8 @@ class LocalMetrics:
         with self._lock:
             if kind == "counter":
                 self._counters[key] = self._counters.get(key, 0.0) + value
+            elif kind == "gauge":
+                self._counters[key] = value
             else:
                 assert bounds is not None, f"histogram {name} declares no boundaries"
                 h = self._hists.get(key)
@@ -71,7 +73,7 @@ class LocalMetrics:
             hists = {k: list(v) for k, v in self._hists.items()}
         for name in sorted(METRICS):
             kind, desc, _, bounds = METRICS[name]
-            recorded: dict[tuple[str, tuple], Any] = counters if kind == "counter" else hists
+            recorded: dict[tuple[str, tuple], Any] = hists if kind == "histogram" else counters
             series = [(k, v) for k, v in recorded.items() if k[0] == name]
             if not series:
                 continue
@@ -79,7 +81,7 @@ class LocalMetrics:
             out.append(f"# HELP {exported} {desc}")
             out.append(f"# TYPE {exported} {kind}")
             for (_, pairs), v in sorted(series):
-                if kind == "counter":
+                if kind != "histogram":
                     out.append(f"{exported}{_labels(pairs)} {_num(v)}")
                     continue
                 assert bounds is not None, f"histogram {name} declares no boundaries"

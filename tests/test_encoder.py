@@ -80,3 +80,32 @@ def test_the_fp16_path_on_a_mocked_device(monkeypatch, tiny):
     assert float(np.min(np.sum(a * b, axis=1))) > 0.99
     t = half.encode_texts(["a cat", "success kid"]).astype(np.float32)
     assert float(np.min(np.sum(t * tiny.encode_texts(["a cat", "success kid"]).astype(np.float32), axis=1))) > 0.99
+
+
+def test_tokenize_once_matches_the_tokenizer_and_refuses_overflow(tiny):
+    from memescale.embed.encoder import TextTooLong, token_count
+
+    for text in ("a cat", "success kid when the code compiles", ""):
+        assert np.array_equal(tiny.tokenize(text), tiny.tokenizer([text])[0].numpy())
+    ctx = tiny.context_length
+    fits = " ".join(["cat"] * (ctx - 2))  # exactly the context: start + ctx-2 words + end
+    assert token_count(tiny.tokenizer, fits) == ctx and tiny.tokenize(fits).shape == (ctx,)
+    with pytest.raises(TextTooLong, match=f"{ctx + 1} tokens long"):
+        tiny.tokenize(fits + " cat")
+    a = tiny.encode_tokens(np.stack([tiny.tokenize("a cat"), tiny.tokenize("a dog")]))
+    assert np.array_equal(a, tiny.encode_texts(["a cat", "a dog"]))
+
+
+def test_text_only_and_int8_text_towers(tiny):
+    cfg = load_config(ROOT / "configs" / "tiny.toml").model
+    texts = [f"{w} meme number {i}" for i, w in enumerate(["cat", "dog", "boss", "coffee", "bug", "pizza"])]
+    ref = tiny.encode_texts(texts).astype(np.float32)
+    text = ImageTextEncoder(cfg, text_only=True)
+    assert not hasattr(text.model, "visual") and text.dim == tiny.dim
+    assert np.array_equal(text.encode_texts(texts), tiny.encode_texts(texts))
+    with pytest.raises(RuntimeError, match="text-only"):
+        text.encode_images(np.zeros((1, 64, 64, 3), np.uint8))
+    q = ImageTextEncoder(cfg, text_only=True, text_int8=True)
+    assert q.text_int8
+    got = q.encode_texts(texts).astype(np.float32)
+    assert float(np.min(np.sum(got * ref, axis=1))) > 0.99

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from memescale.config import ServeConfig
+from memescale.embed.encoder import token_count
 from memescale.index.weighting import WeightError, Weighting
 from memescale.search.cursor import decode_cursor, encode_cursor, query_hash
 from memescale.search.engine import SearchEngine, dedup_order, parse_filters
@@ -19,7 +20,6 @@ from memescale.search.requests import (
     SearchRequest,
     decode_base64_image,
     embedding_vector,
-    token_count,
 )
 from memescale.testing.sample_index import XSS_ROW, XSS_TITLE, build_sample_index, sample_corpus
 

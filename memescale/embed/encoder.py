@@ -58,14 +58,25 @@ def resolve_device(device: str, precision: str, cuda: bool, n_cuda: int) -> tupl
     return device, "fp32"
 
 
+class TextTooLong(ValueError):
+    """A text over the model's context (`tokens` counts the start and end tokens)."""
+
+    def __init__(self, tokens: int, context: int):
+        super().__init__(f"text is {tokens} tokens long (start and end included); the model reads at most {context}")
+        self.tokens = tokens
+
+
 class ImageTextEncoder:
     """A loaded open_clip model on one device.
 
     Attributes: `image_size` (square input side in pixels), `dim` (embedding width),
     `model_tag` ("name/pretrained" recorded next to every vector).
+    `text_only`: the image tower is dropped after loading (its memory freed; encode_images
+    raises). `text_int8`: the text tower's linear layers run int8 dynamic quantisation (CPU
+    only: the fast path for text queries on a CPU server; ignored with a warning on CUDA).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, text_only: bool = False, text_int8: bool = False):
         ensure_torchvision()
         import open_clip
         import torch
@@ -79,6 +90,7 @@ class ImageTextEncoder:
         self.model = self._create(open_clip, torch, precision)
         self.model.eval()
         self._tokenizer = None
+        self._pad: int | None = None
         visual = self.model.visual
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -91,9 +103,32 @@ class ImageTextEncoder:
         with torch.no_grad():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=dtype, device=self.device)
             self.dim = int(self.model.encode_image(probe).shape[-1])
+        self.text_only = text_only
+        if text_only:
+            del self.model.visual  # text queries only: the image tower's memory goes back
+        self.text_int8 = False
+        if text_int8:
+            if self.device.startswith("cuda"):
+                log.warning("text_int8 asked for on %s: int8 dynamic quantisation runs on CPUs only; ignored",
+                            self.device)
+            else:
+                self._quantize_text_tower()
+                self.text_int8 = True
         self.model_tag = f"{cfg.name}/{cfg.pretrained or f'random-seed{cfg.seed}'}"
-        log.info("encoder %s on %s (%s), %d px -> %d-d", self.model_tag, self.device, precision,
-                 self.image_size, self.dim)
+        log.info("encoder %s on %s (%s%s%s), %d px -> %d-d", self.model_tag, self.device, precision,
+                 ", text only" if text_only else "", ", text int8" if self.text_int8 else "", self.image_size, self.dim)
+
+    def _quantize_text_tower(self) -> None:
+        """int8 dynamic quantisation of the text tower's linear layers (open_clip's CLIP keeps
+        it in `transformer`, CustomTextCLIP such as SigLIP in `text`); the image tower stays."""
+        torch = self._torch
+        name = "text" if hasattr(self.model, "text") else "transformer"
+        tower = torch.ao.quantization.quantize_dynamic(getattr(self.model, name), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+        for m in tower.modules():
+            if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+                m.int8_original_dtype = torch.float32  # what open_clip asks a quantised layer for
+        setattr(self.model, name, tower)
 
     def _create(self, open_clip, torch, precision: str):
         cfg = self.cfg
@@ -116,7 +151,7 @@ class ImageTextEncoder:
         """The dtype the image tower takes: its first convolution's or linear layer's weights
         (open_clip's fp16 keeps some parameters, e.g. embeddings and norms, in fp32)."""
         torch = self._torch
-        for m in self.model.visual.modules():
+        for m in getattr(self.model, "visual", self.model).modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 return m.weight.dtype
         return next(self.model.parameters()).dtype
@@ -143,6 +178,8 @@ class ImageTextEncoder:
         Normalisation (mean/std) happens on the device; cost is one forward pass.
         """
         torch = self._torch
+        if self.text_only:
+            raise RuntimeError("this encoder was loaded text-only: it encodes no images")
         if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected (B, {self.image_size}, {self.image_size}, 3) uint8, got {pixels.shape}")
         with torch.no_grad():
@@ -153,14 +190,41 @@ class ImageTextEncoder:
             v = torch.nn.functional.normalize(v, dim=-1)
         return v.cpu().numpy().astype(np.float16)
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Texts -> (B, dim) float16, L2-normalised (tokens past the context length are cut)."""
+    def tokenize(self, text: str) -> np.ndarray:
+        """One text's model input: (context_length,) int64 tokens. TextTooLong when the text
+        does not fit. The text is tokenized once; only a text that fills the whole context is
+        counted again without truncation, to tell a fit from an overflow."""
+        if self._pad is None:
+            self._pad = int(self.tokenizer([""])[0][-1])  # what fills the unused positions
+        row = self.tokenizer([text])[0].numpy().astype(np.int64)
+        if row[-1] != self._pad:  # every position taken: exactly full, or cut
+            n = token_count(self.tokenizer, text)
+            if n is not None and n > row.shape[0]:
+                raise TextTooLong(n, row.shape[0])
+        return row
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, context_length) int64 tokens (`tokenize`) -> (B, dim) float16, L2-normalised."""
         torch = self._torch
         with torch.no_grad():
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            v = self.model.encode_text(tokens).float()
+            v = self.model.encode_text(torch.from_numpy(np.ascontiguousarray(tokens)).to(self.device)).float()
             v = torch.nn.functional.normalize(v, dim=-1)
         return v.cpu().numpy().astype(np.float16)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (B, dim) float16, L2-normalised (tokens past the context length are cut)."""
+        return self.encode_tokens(self.tokenizer(list(texts)).numpy())
+
+
+def token_count(tokenizer, text: str) -> int | None:
+    """Tokens `text` takes in the model's context, start/end tokens included; None if unknown."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):
+        return len(tokenizer.encode(text)) + 2
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None:
+        clean = getattr(tokenizer, "clean_fn", lambda t: t)
+        return len(hf(clean(text), truncation=False)["input_ids"])
+    return None
 
 
 def model_image_size(cfg: ModelConfig) -> int:

@@ -108,7 +108,7 @@ class SearchParams(NamedTuple):
     # order) of nodes never returned, still traversed; (0,): none
     flt: LabelFilter  # label conditions a returned node meets (NO_FILTER: none)
     starts: np.ndarray  # (S,) int64 entry points added to the index's for this call (0,): none
-    mismatch: float  # under an active flt: taken off the list score of a node that fails it
+    mismatch: np.float32  # under an active flt: taken off the list score of a node that fails it
 
 
 class Results(NamedTuple):
@@ -817,12 +817,12 @@ class Index:
                 direct.give_back(slot)
 
         chunk = self.interleave * max(1, min(32 // self.interleave, nq // (4 * self.threads * self.interleave)))
-        starts = list(range(0, nq, chunk))
+        firsts = list(range(0, nq, chunk))
         try:
-            if self._pool is None or len(starts) == 1:
+            if self._pool is None or len(firsts) == 1:
                 run(0, nq)
             else:
-                list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), starts))
+                list(self._pool.map(lambda lo: run(lo, min(nq, lo + chunk)), firsts))
         except DirectIOUnavailable:  # a new slot's io_setup failed: says why already
             raise
         except OSError as e:  # raised by the direct-read kernels

@@ -16,7 +16,6 @@ import binascii
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -213,14 +212,3 @@ def embedding_vector(values: Sequence[float], dim: int) -> np.ndarray:
     if n == 0.0 or not math.isfinite(n):
         raise SearchInputError("embedding is a zero vector")
     return (v / n).astype(np.float32)
-
-
-def token_count(tokenizer: Any, text: str) -> int | None:
-    """Tokens `text` takes in the model's context, start/end tokens included; None if unknown."""
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):
-        return len(tokenizer.encode(text)) + 2
-    hf = getattr(tokenizer, "tokenizer", None)
-    if hf is not None:
-        clean = getattr(tokenizer, "clean_fn", lambda t: t)
-        return len(hf(clean(text), truncation=False)["input_ids"])
-    return None

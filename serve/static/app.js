@@ -470,6 +470,7 @@ async function init() {
     state.info = await resp.json();
     buildSliders(state.info.weights || []);
     if (!state.info.text_search) $("q").placeholder = "This index takes embedding queries only";
+    if (state.info.image_search === false) $("by-image").hidden = true;
     setStatus(`${state.info.size.toLocaleString()} images · ${state.info.model}`);
   } catch (e) {
     setStatus("The search service is not reachable.", true);
