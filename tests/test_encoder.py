@@ -109,3 +109,14 @@ def test_text_only_and_int8_text_towers(tiny):
     assert q.text_int8
     got = q.encode_texts(texts).astype(np.float32)
     assert float(np.min(np.sum(got * ref, axis=1))) > 0.99
+
+
+def test_an_int8_text_tower_that_drifts_from_fp32_is_refused(monkeypatch, tiny, caplog):
+    import memescale.embed.encoder as enc
+
+    monkeypatch.setattr(enc, "INT8_MIN_COSINE", 1.01)  # nothing quantised can keep this
+    cfg = load_config(ROOT / "configs" / "tiny.toml").model
+    with caplog.at_level("WARNING", logger="memescale.embed.encoder"):
+        q = ImageTextEncoder(cfg, text_only=True, text_int8=True)
+    assert not q.text_int8 and "int8 text tower refused" in caplog.text
+    assert np.array_equal(q.encode_texts(["a cat"]), tiny.encode_texts(["a cat"]))

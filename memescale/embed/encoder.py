@@ -20,6 +20,12 @@ from memescale.embed.torchvision_shim import ensure_torchvision
 log = logging.getLogger(__name__)
 
 
+INT8_MIN_COSINE = 0.995  # an int8 text tower must keep this cosine with fp32 on every probe text
+PROBE_TEXTS = ("cat", "when the code finally compiles", "success kid", "distracted boyfriend meme",
+               "a dog wearing sunglasses at the beach", "monday morning coffee", "this is fine",
+               "one does not simply walk into mordor")
+
+
 class WeightsUnavailableError(RuntimeError):
     """The configured model weights (or tokenizer files) could not be loaded."""
 
@@ -112,23 +118,53 @@ class ImageTextEncoder:
                 log.warning("text_int8 asked for on %s: int8 dynamic quantisation runs on CPUs only; ignored",
                             self.device)
             else:
-                self._quantize_text_tower()
-                self.text_int8 = True
+                self.text_int8 = self._quantize_text_tower()
         self.model_tag = f"{cfg.name}/{cfg.pretrained or f'random-seed{cfg.seed}'}"
         log.info("encoder %s on %s (%s%s%s), %d px -> %d-d", self.model_tag, self.device, precision,
                  ", text only" if text_only else "", ", text int8" if self.text_int8 else "", self.image_size, self.dim)
 
-    def _quantize_text_tower(self) -> None:
+    def _quantize_text_tower(self) -> bool:
         """int8 dynamic quantisation of the text tower's linear layers (open_clip's CLIP keeps
-        it in `transformer`, CustomTextCLIP such as SigLIP in `text`); the image tower stays."""
+        it in `transformer`, CustomTextCLIP such as SigLIP in `text`); the image tower stays.
+        Checked on load: unless every probe text's int8 embedding keeps a cosine of at least
+        INT8_MIN_COSINE with the fp32 one, the fp32 tower stays (a warning says so) and this
+        returns False."""
         torch = self._torch
         name = "text" if hasattr(self.model, "text") else "transformer"
-        tower = torch.ao.quantization.quantize_dynamic(getattr(self.model, name), {torch.nn.Linear},
-                                                       dtype=torch.qint8)
+        original = getattr(self.model, name)
+        probe = self._probe_tokens()
+        before = self.encode_tokens(probe).astype(np.float32)
+        tower = torch.ao.quantization.quantize_dynamic(original, {torch.nn.Linear}, dtype=torch.qint8)
         for m in tower.modules():
             if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
                 m.int8_original_dtype = torch.float32  # what open_clip asks a quantised layer for
+        projection = getattr(original, "text_projection", None)
+        if isinstance(projection, torch.nn.Linear):  # open_clip calls it only as an nn.Linear (SigLIP's)
+            tower.text_projection = projection
         setattr(self.model, name, tower)
+        cosine = float(np.min(np.sum(self.encode_tokens(probe).astype(np.float32) * before, axis=1)))
+        if cosine < INT8_MIN_COSINE:
+            setattr(self.model, name, original)
+            log.warning("int8 text tower refused: cosine %.4f with fp32 on the probe texts (< %.3f); fp32 it is",
+                        cosine, INT8_MIN_COSINE)
+            return False
+        log.info("int8 text tower: cosine %.4f with fp32 on the probe texts", cosine)
+        return True
+
+    def _probe_tokens(self) -> np.ndarray:
+        """Token rows to compare text towers on: PROBE_TEXTS through the model's tokenizer, or
+        (a tokenizer that cannot be loaded here) seeded ids across its vocabulary."""
+        try:
+            return self.tokenizer(list(PROBE_TEXTS)).numpy().astype(np.int64)
+        except WeightsUnavailableError:
+            ctx = int(getattr(getattr(self.model, "text", self.model), "context_length", 77))
+            vocab = int(getattr(getattr(self.model, "text", self.model), "vocab_size", 32000))
+            rng = np.random.default_rng(0)
+            rows = np.zeros((len(PROBE_TEXTS), ctx), np.int64)
+            for i in range(len(PROBE_TEXTS)):
+                n = int(rng.integers(3, min(ctx, 16)))
+                rows[i, :n] = rng.integers(1, vocab, n)
+            return rows
 
     def _create(self, open_clip, torch, precision: str):
         cfg = self.cfg

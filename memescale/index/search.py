@@ -370,6 +370,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     exclude = par.exclude
     codes, entry, lay = ix.codes, ix.entry, ix.lay
     code_base, code_row = codes.ctypes.data, codes.shape[1]
+    label_base, filtered = ix.labels.ctypes.data, par.flt.active
     r16, r32, c16, c32, b16, b32 = ix.r16, ix.r32, ix.c16, ix.c32, io.b16, io.b32
     reads, cmps = out.reads, out.cmps
     shift = _hash_shift(vis.shape[1])
@@ -437,8 +438,10 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                 if deg < 0 or deg > lay[_R]:
                     raise ValueError("corrupt record: degree out of range")
                 nb0 = (off + lay[_NBR]) >> 2
-                for t in range(deg):  # each neighbour's PQ code is a cache miss: start them all
+                for t in range(deg):  # each neighbour's PQ code (and label) is a cache miss: start them all
                     prefetch_address(code_base + np.int64(r32b[nb0 + t]) * code_row)
+                    if filtered:
+                        prefetch_address(label_base + np.int64(r32b[nb0 + t]) * 8)  # LABEL_DTYPE: 8 bytes
                 for t in range(deg):
                     u = r32b[nb0 + t]
                     if u < 0 or u >= n_nodes:
