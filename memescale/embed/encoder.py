@@ -218,7 +218,7 @@ class ImageTextEncoder:
             raise RuntimeError("this encoder was loaded text-only: it encodes no images")
         if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected (B, {self.image_size}, {self.image_size}, 3) uint8, got {pixels.shape}")
-        with torch.no_grad():
+        with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self._dtype())
             x = (x - self._mean) / self._std
@@ -242,7 +242,7 @@ class ImageTextEncoder:
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """(B, context_length) int64 tokens (`tokenize`) -> (B, dim) float16, L2-normalised."""
         torch = self._torch
-        with torch.no_grad():
+        with torch.inference_mode():
             v = self.model.encode_text(torch.from_numpy(np.ascontiguousarray(tokens)).to(self.device)).float()
             v = torch.nn.functional.normalize(v, dim=-1)
         return v.cpu().numpy().astype(np.float16)
