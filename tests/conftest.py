@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the environment running the tests (ray, serve, ...)."""
+    return str(Path(sys.executable).with_name(name))
 
 
 def start_local_ray() -> None:

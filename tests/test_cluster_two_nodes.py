@@ -15,16 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, shared_path
+from conftest import ROOT, free_port, shared_path, venv_bin
 
 from memescale.index.disk import INDEX_FILES
 from memescale.testing.sample_data import write_vector_shards
 
 pytestmark = pytest.mark.slow  # Ray jobs end to end
-
-
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
 
 
 def _stop_nodes(*temp_dirs: Path) -> None:
@@ -54,13 +50,13 @@ def cluster():
     # (and the two nodes here) must not collide
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
               "--disable-usage-stats"]
-    subprocess.run([_ray_bin(), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+    subprocess.run([venv_bin("ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--resources={\"node_a\": 1}", f"--temp-dir={temp}",
                     f"--dashboard-agent-listen-port={free_port()}", *common],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
         # its own temp dir: two nodes on one machine must not share (and GC) each other's files
-        subprocess.run([_ray_bin(), "start", f"--address=127.0.0.1:{gcs}", "--resources={\"node_b\": 1}",
+        subprocess.run([venv_bin("ray"), "start", f"--address=127.0.0.1:{gcs}", "--resources={\"node_b\": 1}",
                         f"--temp-dir={temp_b}", f"--dashboard-agent-listen-port={free_port()}", *common],
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}", env
@@ -79,7 +75,7 @@ def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path
     deadline = time.monotonic() + 90
     while True:  # the head's job agent takes a few seconds to come up after `ray start`
         sub = subprocess.run(
-            [_ray_bin(), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+            [venv_bin("ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
              "python", "ray_jobs/build_index.py", *args, "--out", str(tmp_path / "cluster")],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent" not in sub.stdout + sub.stderr or time.monotonic() > deadline:

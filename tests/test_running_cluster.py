@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, venv_bin
 
 from memescale.testing.sample_data import ImageServer, image_files, sample_records, write_sample_dump
 from memescale.testing.sample_index import write_images
@@ -39,13 +42,14 @@ def scrape(port: int) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray-head")
+def head():
+    # short path: Ray's unix sockets live under the temp dir and must fit in 107 bytes
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     gcs, metrics, dashboard = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_metrics_report_interval_ms": "500"}
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray",
-                             "start", "--head", "--block", f"--port={gcs}", f"--metrics-export-port={metrics}",
+    proc = subprocess.Popen([venv_bin("ray"), "start", "--head", "--block", f"--port={gcs}",
+                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={free_port()}",
                              "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dashboard}",
                              "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                              f"--temp-dir={tmp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -68,6 +72,7 @@ def head(tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_ingest_counters_in_rays_metrics_export_match_the_jobs_summary(head, tmp_path):
@@ -112,7 +117,7 @@ def test_serve_deploy_of_the_shipped_serve_yaml(head, tmp_path):
     assert app["import_path"] == "serve.app:build_app" and app["args"]["config"] == "configs/gpu.toml"
     app["args"].update(index=str(tmp_path / "index"), config=str(ROOT / "configs" / "tiny.toml"))
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
-    serve_cli = [str(ROOT / ".venv" / "bin" / "serve")] if (ROOT / ".venv" / "bin" / "serve").exists() else ["serve"]
+    serve_cli = [venv_bin("serve")]
     env = {**head["env"], "RAY_ADDRESS": head["address"]}
     proc = subprocess.run([*serve_cli, "deploy", str(tmp_path / "serve.yaml"), "-a", head["dashboard"]],
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
