@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memescale.index import build_vamana, exact_topk, greedy_search, prune_lists, robust_prune
-from memescale.index.kernels import dot_hf, squared_norms
+from memescale.index.kernels import dot_hf, int8_scale, quantize_int8, squared_norms
 from memescale.index.vamana import VISIT_TABLE
 
 
@@ -114,6 +114,58 @@ def test_build_is_deterministic_across_runs_and_thread_counts():
     np.testing.assert_array_equal(a[1], b[1])
     assert a[2] == b[2]
     assert not np.array_equal(a[0], c[0])
+
+
+def test_int8_quantization_scales_clips_and_streams():
+    X = unit_vectors(3000, 64, seed=4).astype(np.float32)
+    X[0, 0] = 5.0  # one outlier coordinate saturates instead of coarsening every other one
+    s = int8_scale(X)
+    assert s < 0.5 / 127
+    Q = quantize_int8(X, s, block=700)
+    assert Q.dtype == np.int8 and Q.shape == X.shape and Q[0, 0] == 127 and Q.min() >= -127
+    inside = np.abs(X) <= 127 * s
+    assert inside.mean() > 0.999
+    assert np.abs(Q * s - X)[inside].max() <= s / 2 + 1e-7  # rounding, nothing more
+    np.testing.assert_array_equal(quantize_int8(X.astype(np.float16), s, block=64),
+                                  quantize_int8(X.astype(np.float16).astype(np.float32), s))
+    norms = np.empty(3000, np.float32)
+    squared_norms(Q, 0, 3000, norms)
+    np.testing.assert_allclose(norms, (Q.astype(np.float32) ** 2).sum(1), rtol=1e-6)
+    assert dot_hf(Q[1], X[2]) == pytest.approx(float(Q[1].astype(np.float32) @ X[2]), rel=1e-5)
+
+
+def clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, d)).astype(np.float32)
+    x = centres[rng.integers(0, 40, n)] + 0.25 * rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def graph_recall(X: np.ndarray, nb: np.ndarray, deg: np.ndarray, medoid: int, Q: np.ndarray, L: int) -> float:
+    """recall@10 of greedy search over `nb` with exact fp16 distances."""
+    gt, _ = exact_topk(Q, X, 10)
+    X16 = X.astype(np.float16)
+    norms = (X16.astype(np.float32) ** 2).sum(1)
+    vis = np.zeros(VISIT_TABLE, np.int64)
+    hits = 0
+    for i, q in enumerate(Q):
+        ids, d, vis = greedy_search(X16.view(np.uint16), norms, nb, deg, medoid, q, np.float32(q @ q), L, vis, i + 1)
+        hits += len(set(ids[np.argsort(d, kind="stable")[:10]].tolist()) & set(gt[i].tolist()))
+    return hits / (10 * len(Q))
+
+
+def test_int8_graph_is_as_good_as_fp16_and_deterministic():
+    X = clustered(6000, 16, seed=1)
+    Q = clustered(200, 16, seed=2)
+    X8 = quantize_int8(X, int8_scale(X))
+    g16 = build_vamana(X, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False)
+    g8 = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False)
+    again = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=1, progress=False)
+    np.testing.assert_array_equal(g8[0], again[0])
+    r16 = graph_recall(X, *g16, Q, 40)
+    r8 = graph_recall(X, *g8, Q, 40)
+    assert r16 > 0.75
+    assert r8 >= r16 - 0.02, (r8, r16)
 
 
 def test_prune_lists_merges_shard_graphs():

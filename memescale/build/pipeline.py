@@ -35,6 +35,7 @@ from memescale.build import stages
 from memescale.build.fingerprint import Phase, phase_fingerprint
 from memescale.build.plan import BuildPlan, plan_for_config
 from memescale.config import Config, IndexConfig
+from memescale.durable import fsync_tree
 from memescale.index.build import IndexParams
 from memescale.index.partition import DiskPartition
 from memescale.memwatch import PeakRssAnon, release_free_memory, rss_anon
@@ -142,6 +143,7 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
     summary["driver_peak_rss_anon"] = driver.peak_bytes
     summary["driver_rss_anon_growth"] = driver.growth_bytes
     (Path(out_dir) / "build_summary.json").write_text(json.dumps(summary, indent=1))
+    fsync_tree(out_dir)  # the index is reported built only once every file of it is on disk
     return summary
 
 
@@ -176,7 +178,8 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
     log.info("partition", extra={"partition": report})
     phase.done("partition", reused)
 
-    gp = Phase(work, "graphs", phase_fingerprint(pp.fingerprint, R=ic.R, L=ic.L, alpha=ic.alpha, seed=ic.seed))
+    gp = Phase(work, "graphs", phase_fingerprint(pp.fingerprint, R=ic.R, L=ic.L, alpha=ic.alpha, seed=ic.seed,
+                                                 lanes="int8"))
     reused = gp.is_complete()
     if not reused:
         gp.resume()  # keeps the shard graphs an interrupted run of the same fingerprint finished

@@ -1,8 +1,10 @@
-"""Numba kernels: fp16 storage, fp32 arithmetic, and the few system calls the searcher needs.
+"""Numba kernels: fp16 (or int8) storage, fp32 arithmetic, and the few system calls the
+searcher needs.
 
 Numba has no float16 array type on the CPU, so fp16 arrays cross into kernels as their raw
-bits (``a.view(np.uint16)``) and `half_to_float` widens one element with the hardware
-conversion (LLVM ``fpext half``, F16C on x86). Every kernel here is ``nogil``: parallelism
+bits (``a.view(np.uint16)``) and `lane_to_float` widens one element with the hardware
+conversion (LLVM ``fpext half``, F16C on x86); the same kernels take int8 rows
+(`quantize_int8`, half the bytes per distance) where graph construction wants them. Every kernel here is ``nogil``: parallelism
 comes from Python threads running kernels on disjoint slices (`parallel_for`), which works
 from any number of caller threads (unlike numba's own parallel layer) and keeps results
 independent of scheduling.
@@ -28,15 +30,18 @@ MADV_WILLNEED = 3
 
 
 @intrinsic
-def half_to_float(typingctx, bits):
-    """float32 value of one IEEE half given as its uint16 bits (exact, incl. subnormals)."""
-    if bits != types.uint16:
+def lane_to_float(typingctx, lane):
+    """float32 value of one stored vector element: uint16 (IEEE half bits, widened exactly)
+    or int8 (a scalar-quantized coordinate, `quantize_int8`, returned unscaled)."""
+    if lane == types.uint16:
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    elif lane == types.int8:
+        def codegen(context, builder, signature, args):
+            return builder.sitofp(args[0], ir.FloatType())
+    else:
         return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+    return types.float32(lane), codegen
 
 
 @intrinsic
@@ -125,28 +130,30 @@ def prefetch_bytes(addr, nbytes):
 
 @njit(nogil=True, cache=True, fastmath=True)
 def dot_hf(x, q):
-    """Inner product of one fp16 vector (uint16 bits, (d,)) with one float32 vector (d,)."""
+    """Inner product of one stored vector (d,) (uint16 fp16 bits, or int8 codes) with one
+    float32 vector (d,)."""
     s = np.float32(0.0)
     for i in range(q.shape[0]):
-        s += half_to_float(x[i]) * q[i]
+        s += lane_to_float(x[i]) * q[i]
     return s
 
 
 @njit(nogil=True, cache=True, fastmath=True)
 def widen(x, out):
-    """Write the float32 values of fp16 vector `x` (uint16 bits, (d,)) into `out` (d,)."""
+    """Write the float32 values of stored vector `x` (d,) (uint16 fp16 bits, or int8 codes)
+    into `out` (d,)."""
     for i in range(out.shape[0]):
-        out[i] = half_to_float(x[i])
+        out[i] = lane_to_float(x[i])
 
 
 @njit(nogil=True, cache=True, fastmath=True)
 def squared_norms(X, lo, hi, out):
-    """out[i] = ||X[i]||^2 in float32 for i in [lo, hi); X: (N, d) uint16 fp16 bits."""
+    """out[i] = ||X[i]||^2 in float32 for i in [lo, hi); X: (N, d) uint16 fp16 bits or int8."""
     for i in range(lo, hi):
         s = np.float32(0.0)
         row = X[i]
         for j in range(row.shape[0]):
-            v = half_to_float(row[j])
+            v = lane_to_float(row[j])
             s += v * v
         out[i] = s
 
@@ -223,6 +230,42 @@ def gram(A: np.ndarray, B: np.ndarray, pool: ThreadPoolExecutor | None = None, r
     for p in parts:
         total += p
     return total
+
+
+INT8_CLIP_QUANTILE = 0.9999
+INT8_SAMPLE_ROWS = 20_000
+
+
+def int8_stride(n: int) -> int:
+    """Rows [::int8_stride(n)] of n are the sample `int8_scale` is taken from (about
+    INT8_SAMPLE_ROWS of them), wherever a graph is built over int8 rows."""
+    return max(1, n // INT8_SAMPLE_ROWS)
+
+
+def int8_scale(sample: np.ndarray) -> float:
+    """One scale for `quantize_int8` from a (n, d) float sample: its INT8_CLIP_QUANTILE
+    quantile of |x| maps to 127 (the rarer larger coordinates saturate)."""
+    a = np.abs(np.asarray(sample, np.float32)).ravel()
+    top = float(np.quantile(a, INT8_CLIP_QUANTILE)) if a.size else 0.0
+    return top / 127.0 if top > 0.0 else 1.0
+
+
+def quantize_int8(vectors: np.ndarray, scale: float, out: np.ndarray | None = None, block: int = 65536) -> np.ndarray:
+    """round(vectors / scale) clipped to [-127, 127] as (N, d) int8, in blocks of `block` rows
+    (vectors may be a float16 memmap; no float copy of more than one block).
+
+    One scale for every coordinate, so squared distances and inner products between
+    quantized rows are the originals' times 1 / scale^2, up to rounding: orderings and
+    ratio tests (robust pruning's alpha) need no scale at all.
+    """
+    n, d = vectors.shape
+    out = np.empty((n, d), np.int8) if out is None else out
+    inv = np.float32(1.0 / scale)
+    for lo in range(0, n, block):
+        v = np.asarray(vectors[lo:lo + block], np.float32) * inv
+        np.clip(np.rint(v, out=v), -127, 127, out=v)
+        out[lo:lo + block] = v
+    return out
 
 
 def as_fp16(vectors: np.ndarray) -> np.ndarray:

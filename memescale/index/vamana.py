@@ -113,7 +113,7 @@ def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
     vis_id = np.empty(2 * L + 8, np.int32)
     vis_d = np.empty(2 * L + 8, np.float32)
     n_vis = 0
-    rowbytes = X.shape[1] * 2
+    rowbytes = X.shape[1] * X.itemsize
     base = X.ctypes.data
 
     vis = _vs_reserve(vis, 0, 1 + graph.shape[1], tag)
@@ -488,7 +488,9 @@ def build_vamana(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Build a Vamana graph over `vectors` (usable on any subset, e.g. one shard).
 
-    vectors: (N, d) float16 or float32 (stored and compared as fp16 -> fp32). R: max degree;
+    vectors: (N, d) float16 or float32 (stored and compared as fp16 -> fp32), or int8 from
+    `kernels.quantize_int8` (compared as they are: half the bytes per distance, for the same
+    graph quality on normalised embeddings, as `tests/test_index_core.py` checks). R: max degree;
     L: search list size during construction (>= R recommended); alpha >= 1: pruning slack of
     the second pass; seed: insertion order (the result is identical for a seed at any thread
     count); max_batch: points inserted per batch (default max(1000, N / 50)); slack: out-lists
@@ -497,21 +499,20 @@ def build_vamana(
     Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32, medoid int).
     Time O(N * (L + R) * R * d) per pass (two passes); memory vectors + N * slack * R * 4 bytes.
     """
-    X16 = as_fp16(vectors)
-    N, d = X16.shape
+    X = np.ascontiguousarray(vectors) if vectors.dtype == np.int8 else as_fp16(vectors).view(np.uint16)
+    N, d = X.shape
     if N == 0:
         raise ValueError("cannot build a graph over zero vectors")
     if N >= 2**31 - 1:
         raise ValueError(f"{N} points exceed the int32 node id range of one graph")
     if R < 1 or L < 1 or alpha < 1.0:
         raise ValueError(f"need R >= 1, L >= 1, alpha >= 1 (got R={R}, L={L}, alpha={alpha})")
-    X = X16.view(np.uint16)
     threads = resolve_threads(threads)
     width = max(R, int(math.ceil(slack * R)))
     max_batch = max_batch or max(1000, N // 50)
 
     norms = np.empty(N, np.float32)
-    medoid = find_medoid(X16)
+    medoid = find_medoid(X if X.dtype == np.int8 else X.view(np.float16))
     graph = np.full((N, width), -1, np.int32)
     degrees = np.zeros(N, np.int32)
     order = np.random.default_rng(seed).permutation(N).astype(np.int32)
