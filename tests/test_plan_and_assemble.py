@@ -7,6 +7,7 @@ import random
 from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from memescale.config import CHOICES, ConfigError, load_config
@@ -128,3 +129,40 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(bad)
     for name in ("tiny", "cpu", "gpu", "cluster"):
         load_config(f"configs/{name}.toml")
+
+
+def test_chunk_commits_are_durable_and_a_redone_empty_chunk_removes_its_stale_file(tmp_path, monkeypatch):
+    """Rows are fsync'd before their rename and the manifest entry after them (file, then
+    directory); a chunk redone after a crash that now yields no rows deletes the Parquet file
+    the first attempt left, so the manifest and the files agree."""
+    import os
+
+    import memescale.shards.store as store_mod
+    from memescale.shards.store import ChunkResult, shard_schema
+
+    events: list[tuple[str, str]] = []
+    real_file, real_dir = store_mod.fsync_file, store_mod.fsync_dir
+
+    monkeypatch.setattr(store_mod, "fsync_file", lambda p: (events.append(("fsync", os.path.basename(p))),
+                                                            real_file(p)))
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda p: (events.append(("fsync_dir", os.path.basename(p))),
+                                                           real_dir(p)))
+    store = ShardStore(str(tmp_path / "out"))
+    schema = shard_schema(4)
+    row = {f.name: [None] for f in schema}
+    row.update(image_id=[7], post_id=["p7"], url=["https://i.example/7.jpg"], embedding=[[0.5, 0.5, 0.5, 0.5]])
+    table = pa.Table.from_pydict(row, schema=schema)
+    first = ChunkResult(dump="RS_2020-01.zst", index=3, first_line=0, lines=10, posts=1, encoded=1)
+    store.write_chunk(first, table)
+    part, entry = "part-RS_2020-01-000003.parquet", "RS_2020-01-000003.json"
+    assert events == [("fsync", f".{part}.tmp"), ("fsync_dir", "out"),
+                      ("fsync", f"{entry}.tmp"), ("fsync_dir", "_manifest")]
+    assert (tmp_path / "out" / part).exists() and read_shards(str(tmp_path / "out")).num_rows == 1
+    # the same chunk redone (a crash before its manifest entry, a source that changed): no rows now
+    events.clear()
+    again = ChunkResult(dump="RS_2020-01.zst", index=3, first_line=0, lines=10, posts=0, failed={"timeout": 1})
+    store.write_chunk(again, None)
+    assert not (tmp_path / "out" / part).exists()
+    assert read_shards(str(tmp_path / "out")).num_rows == 0
+    assert store.done()["RS_2020-01-000003"].file == "" and events[0] == ("fsync_dir", "out")
+    assert not list((tmp_path / "out").rglob("*.tmp"))

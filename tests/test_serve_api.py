@@ -416,3 +416,75 @@ def test_an_encoder_gpu_the_cluster_lacks_is_refused_before_serving(app):
     with pytest.raises(MissingGPUs, match=r"serve's encoder asks for 2 GPU\(s\) .* has 0"):
         serve_app._gpus_per_encoder(1.0, 2)
     assert serve_app._gpus_per_encoder(-1.0) == 0.0 and serve_app._gpus_per_encoder(0.0) == 0.0
+
+
+def _replica_rss_anon() -> tuple[int, int]:
+    """(count, summed RssAnon) of this app's live Serve replica processes (API, encoder,
+    searcher), found by their process titles."""
+    import os
+
+    count = total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ServeReplica:memescale:" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+            count += 1
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return count, total
+
+
+def _bomb_png(side: int = 60000) -> bytes:
+    """A valid PNG header claiming side x side pixels, with one tiny IDAT: a decompression
+    bomb as far as any decoder that trusts the header is concerned."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+
+
+def test_hostile_uploads_are_refused_fast_and_leave_no_memory_behind(app):
+    """Decompression bombs, truncated files, 100 MB bodies and non-images, each sent 20
+    times: every one a 4xx with a message (the median answer well under 2 s), no replica
+    dies, and the replicas' anonymous memory is back near its baseline afterwards."""
+    url = app["base"] + "/api/search"
+    jpeg = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (400, 300), (10, 200, 30)).save(jpeg, "JPEG", quality=90)
+    cases = {
+        "bomb": ({"image": base64.b64encode(_bomb_png()).decode()}, 422, "bomb"),
+        "truncated": ({"image": base64.b64encode(jpeg.getvalue()[: len(jpeg.getvalue()) // 3]).decode()}, 422,
+                      "could not be decoded"),
+        "not an image": ({"image": base64.b64encode(np.random.default_rng(0).bytes(50_000)).decode()}, 422,
+                         "could not be decoded"),
+    }
+    search(app, text="warm up")
+    before = _replica_rss_anon()
+    huge = b'{"image": "' + b"A" * (100 * 2**20) + b'"}'
+    for name, (body, status, needle) in cases.items():
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            r = search(app, **body)
+            times.append(time.perf_counter() - t0)
+            assert r.status_code == status and needle in r.text, (name, r.status_code, r.text[:200])
+        assert sorted(times)[10] < 2.0, (name, times)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        r = requests.post(url, data=huge, headers={"Content-Type": "application/json"}, timeout=60)
+        times.append(time.perf_counter() - t0)
+        assert r.status_code == 413 and "limit" in r.text
+    assert sorted(times)[10] < 2.0, times
+    assert search(app, text="still alive").status_code == 200
+    after = _replica_rss_anon()
+    assert before[0] >= 3 and after[0] == before[0]  # no replica died or was replaced
+    assert after[1] - before[1] < 64 * 2**20, (before, after)

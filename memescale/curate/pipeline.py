@@ -53,10 +53,7 @@ class CurateFiles:
             t0 = time.perf_counter()
             table = pq.read_table(path, filesystem=self.in_fs)
             out = curate_table(table, int(first), self.decisions, self.heads)
-            name = PurePosixPath(path).name
-            tmp = f"{self.store.root}/.{name}.tmp"
-            pq.write_table(out, tmp, filesystem=self.store.fs, compression="zstd")
-            self.store.fs.move(tmp, f"{self.store.root}/{name}")
+            self.store.write_table(out, PurePosixPath(path).name)
             written[i] = out.num_rows
             record("memescale_curate_file_seconds", time.perf_counter() - t0)
             record("memescale_curate_rows_written", out.num_rows)

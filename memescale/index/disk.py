@@ -69,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..durable import fsync_dir
 from .labels import LABELS_FILE, MONTH_POSTINGS_FILE, POSTINGS_FILE, SCORE_POSTINGS_FILE, VOCAB_FILE, LabelWriter
 
 FORMAT_VERSION = 1
@@ -115,13 +116,6 @@ class IndexFormatError(Exception):
 CURRENT_FILE = "CURRENT"
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, so that the names created, renamed or removed in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_durably(path: str | os.PathLike, data: bytes) -> None:

@@ -50,7 +50,8 @@ import numpy as np
 from numba import njit
 
 from ..crashpoints import crash_point
-from .disk import CURRENT_FILE, IndexFormatError, current_generation, decode_metadata, fsync_dir
+from ..durable import fsync_dir
+from .disk import CURRENT_FILE, IndexFormatError, current_generation, decode_metadata
 from .kernels import parallel_for, resolve_threads, squared_norms
 from .labels import LABEL_DTYPE, NO_FILTER, LabelFilter, NodeLabels, label_row
 from .search import BEAM_WIDTH, Index, SearchStats, exclusion_bitmap, matching_nodes

@@ -48,10 +48,11 @@ from numba import njit
 
 from .. import metrics
 from ..crashpoints import crash_point
+from ..durable import fsync_dir, fsync_tree
 from ..ingest.urls import image_id as post_image_id
 from ..memwatch import PeakRssAnon
 from .build import IndexParams, write_built_index
-from .disk import CURRENT_FILE, decode_metadata, fsync_dir, write_durably
+from .disk import CURRENT_FILE, decode_metadata, write_durably
 from .kernels import resolve_threads
 from .live import (
     UPDATES_DIR,
@@ -375,14 +376,6 @@ def consolidate(index_dir: str | os.PathLike, threads: int | None = None, memory
         return _consolidate_locked(Path(index_dir), threads, memory)
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
 def _consolidate_locked(index_dir: Path, threads: int | None, memory: int = 0,
                         block: int = CONSOLIDATE_BLOCK) -> dict[str, Any]:
     with PeakRssAnon() as rss:
@@ -499,7 +492,7 @@ def _consolidate(index_dir: Path, threads: int | None, memory: int, block: int) 
                                **extra)
         base.weighting.save(tmp_dir)
         crash_point("consolidate.written")
-        _fsync_tree(tmp_dir)
+        fsync_tree(tmp_dir)
         os.replace(tmp_dir, out_dir)
         fsync_dir(index_dir)
         crash_point("consolidate.renamed")

@@ -30,7 +30,8 @@ from typing import Any
 import msgpack
 
 from ..crashpoints import crash_point
-from .disk import IndexFormatError, fsync_dir
+from ..durable import fsync_dir
+from .disk import IndexFormatError
 
 MAGIC_WAL = b"MSIXWAL\x00"
 WAL_VERSION = 1

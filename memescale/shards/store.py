@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from memescale.durable import fsync_dir, fsync_file
+
 POST_FIELDS: list[tuple[str, pa.DataType]] = [
     ("image_id", pa.int64()),
     ("post_id", pa.string()),
@@ -131,19 +133,45 @@ class ShardStore:
             out[r.key] = r
         return out
 
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _durable_move(self, tmp: str, path: str) -> None:
+        """Rename a written temp file into place durably: on a local disk the file is fsync'd
+        before the rename and its directory after it (an object store's completed upload is
+        durable as it is)."""
+        if self.local:
+            fsync_file(tmp)
+        self.fs.move(tmp, path)
+        if self.local:
+            fsync_dir(os.path.dirname(path))
+
+    def write_table(self, table: pa.Table, name: str, compression: str = "zstd") -> None:
+        """Write `table` as the Parquet file `name` under the root: temp file, fsync, rename,
+        fsync of the directory. A reader sees the old file or the whole new one."""
+        tmp = f"{self.root}/.{name}.tmp"
+        pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
+        self._durable_move(tmp, f"{self.root}/{name}")
+
     def write_chunk(self, result: ChunkResult, table: pa.Table | None, compression: str = "zstd") -> None:
-        """Write the chunk's rows (if any) atomically, then its manifest entry."""
+        """Write the chunk's rows (if any), then its manifest entry, each durably: the entry,
+        which marks the chunk done, is on disk only after the rows it names. A chunk that now
+        has no rows removes the Parquet file an earlier attempt of it left, so the files and
+        the manifest always agree."""
         self.fs.create_dir(f"{self.root}/_manifest", recursive=True)
+        name = f"part-{result.key}.parquet"
         if table is not None and table.num_rows:
-            name = f"part-{result.key}.parquet"
-            tmp = f"{self.root}/.{name}.tmp"
-            pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
-            self.fs.move(tmp, f"{self.root}/{name}")
+            self.write_table(table, name, compression)
             result.file = name
+        elif self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.File:
+            self.fs.delete_file(f"{self.root}/{name}")
+            if self.local:
+                fsync_dir(self.root)
         entry = f"{self.root}/_manifest/{result.key}.json"
         with self.fs.open_output_stream(entry + ".tmp") as f:
             f.write(json.dumps(result.__dict__, sort_keys=True).encode())
-        self.fs.move(entry + ".tmp", entry)
+        self._durable_move(entry + ".tmp", entry)
 
     def shard_paths(self) -> list[str]:
         """Paths of every Parquet shard, sorted."""
