@@ -1,6 +1,7 @@
 """Side-by-side ANN benchmark: memescale's disk index against diskannpy, faiss and hnswlib.
 
     .venv/bin/python bench/ann.py --dataset ../shared/data/ann/pypi-minilm
+    .venv/bin/python bench/ann.py --dataset synthetic-gap   # 200k x 1152 images, text queries
     .venv/bin/python bench/ann.py --scaling            # synthetic 100k..800k scaling run
 
 Every library runs in its own process (and the peers in their own virtual environments, made
@@ -46,11 +47,19 @@ import _common as C  # noqa: E402
 
 PEERS_DIR = BENCH / "peers"
 VENV_DISKANN = ROOT / ".venv-diskann" / "bin" / "python"
+VENV_DISKANN_RUST = ROOT / ".venv-diskann-rust" / "bin" / "python"
+VENV_LANCEDB = ROOT / ".venv-lancedb" / "bin" / "python"
 VENV_PEERS = ROOT / ".venv-peers" / "bin" / "python"
 
 # Targets from the index's issue.
 TARGET_RECALL = 0.95
 TARGET_QPS_RATIO = 1.5
+# Against 2026's peers: QPS (direct I/O) over the better DiskANN and over LanceDB, build time
+# and p99 single-query latency relative to diskannpy-rust.
+TARGET_DISKANN_RATIO = 2.0
+TARGET_LANCEDB_RATIO = 5.0
+TARGET_BUILD_RATIO = 0.7
+TARGET_P99_RATIO = 0.7
 
 STYLE = {  # curve key -> (label, colour, line style, marker)
     "memescale-qa-warm": ("memescale, query-aware PQ, warm", "C3", "-", "o"),
@@ -61,6 +70,10 @@ STYLE = {  # curve key -> (label, colour, line style, marker)
     "memescale-plain-direct": ("memescale, plain PQ, direct I/O", "C1", ":", "s"),
     "diskannpy-t2": ("diskannpy disk index, 2 threads", "C0", "-", "^"),
     "diskannpy-t8": ("diskannpy disk index, 8 threads", "C0", ":", "^"),
+    "diskannpy-rust-t2": ("diskannpy-rust disk index, 2 threads", "C4", "-", "v"),
+    "diskannpy-rust-t8": ("diskannpy-rust disk index, 8 threads", "C4", ":", "v"),
+    "lancedb-r10": ("LanceDB IVF-PQ + refine x10, on disk", "C5", "-", "D"),
+    "lancedb-r40": ("LanceDB IVF-PQ + refine x40, on disk", "C5", "--", "D"),
     "faiss-ivfpq": ("faiss IVF-PQ (RAM)", "C2", "-", "v"),
     "faiss-ivfpq-rflat": ("faiss IVF-PQ + exact re-rank (RAM)", "C2", "--", "v"),
     "hnswlib": ("hnswlib (RAM, full vectors)", "C4", "-", "D"),
@@ -72,11 +85,15 @@ PLOT_SKIP = {"memescale-plain-cold", "memescale-plain-direct"}  # in the table a
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "ann" / "pypi-minilm"))
+    ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "ann" / "pypi-minilm"),
+                    help="a dataset folder (base.npy, queries_{id,ood}.npy, gt_{id,ood}.npy), or synthetic-gap: "
+                         "200k x 1152 'images' and 2,000 'text' queries across a modality gap (`synthetic_gap`)")
     ap.add_argument("--results", default=str(BENCH / "results"), help="output folder")
     ap.add_argument("--work", default="", help="index folder (default RESULTS/work)")
-    ap.add_argument("--systems", default="memescale,diskannpy,faiss,hnswlib",
-                    help="comma list among memescale, diskannpy, faiss, hnswlib")
+    ap.add_argument("--systems", default="memescale,diskannpy,diskannpy-rust,lancedb,faiss,hnswlib",
+                    help="comma list among memescale, diskannpy, diskannpy-rust, lancedb, faiss, hnswlib")
+    ap.add_argument("--latency-Ls", default="30,50,70,100,150",
+                    help="search L of the one-query-at-a-time latency sweep (memescale and the DiskANNs)")
     ap.add_argument("--R", type=int, default=64)
     ap.add_argument("--L", type=int, default=100, help="build list size")
     ap.add_argument("--alpha", type=float, default=1.2)
@@ -160,18 +177,26 @@ def run_systems(a, dataset: str, work: Path, systems: list[str], Ls: str, tag: s
                "--R", str(a.R), "--L", str(a.L), "--alpha", str(a.alpha),
                "--pq-bytes", str(a.pq_bytes), "--beam-width", str(a.beam_width), "--Ls", Ls,
                "--threads", str(a.threads), "--metadata", a.metadata,
-               "--cache-nodes", str(a.cache_nodes)]
+               "--cache-nodes", str(a.cache_nodes), "--latency-Ls", a.latency_Ls]
         jobs.append(("memescale", cmd, js))
-    if "diskannpy" in systems:
-        js = work / f"diskannpy{tag}.json"
+    for name, venv in (("diskannpy", VENV_DISKANN), ("diskannpy-rust", VENV_DISKANN_RUST)):
+        if name not in systems:
+            continue
+        js = work / f"{name}{tag}.json"
         threads = ",".join([str(a.threads)] + [t for t in a.diskann_threads.split(",") if t])
-        cmd = [need(VENV_DISKANN), str(PEERS_DIR / "diskann_runner.py"), *common_args(a, dataset),
-               "--workdir", str(work / f"diskannpy{tag}"), "--out", str(js),
+        cmd = [need(venv), str(PEERS_DIR / "diskann_runner.py"), *common_args(a, dataset),
+               "--workdir", str(work / f"{name}{tag}"), "--out", str(js),
                "--R", str(a.R), "--L", str(a.L), "--alpha", str(a.alpha),
                "--pq-bytes", str(a.pq_bytes), "--beam-width", str(a.beam_width), "--Ls", Ls,
                "--threads", threads, "--build-threads", str(a.threads),
-               "--cache-nodes", str(a.cache_nodes), "--cache-mechanism", "2"]
-        jobs.append(("diskannpy", cmd, js))
+               "--cache-nodes", str(a.cache_nodes), "--cache-mechanism", "2", "--latency-Ls", a.latency_Ls]
+        jobs.append((name, cmd, js))
+    if "lancedb" in systems:
+        js = work / f"lancedb{tag}.json"
+        cmd = [need(VENV_LANCEDB), str(PEERS_DIR / "lancedb_runner.py"), *common_args(a, dataset),
+               "--workdir", str(work / f"lancedb{tag}"), "--out", str(js), "--pq-bytes", str(a.pq_bytes),
+               "--nprobes", a.nprobes, "--threads", str(a.threads)]
+        jobs.append(("lancedb", cmd, js))
     libs = [x for x in ("faiss-ivfpq", "faiss-ivfpq-rflat") if "faiss" in systems]
     libs += ["hnswlib"] if "hnswlib" in systems else []
     if libs:
@@ -218,15 +243,23 @@ def curves_from(raw: dict) -> list[dict]:
                         v["build"]["seconds"], v["index_ram_files_bytes"],
                         {"ram_rss_delta_bytes": v["index_ram_rss_delta_bytes"],
                          "disk_bytes": sum(v["files"].values())})
-    if "diskannpy" in raw:
-        d = raw["diskannpy"]
+    for name in ("diskannpy", "diskannpy-rust"):
+        if name not in raw:
+            continue
+        d = raw[name]
         for run in d["runs"]:
             for qs in C.QUERY_SETS:
-                add(f"diskannpy-t{run['threads']}", qs, "L", run["points"], d["build"]["seconds"],
+                add(f"{name}-t{run['threads']}", qs, "L", run["points"], d["build"]["seconds"],
                     run["index_ram_files_bytes"],
                     {"ram_rss_delta_bytes": run["index_ram_rss_delta_bytes"],
                      "disk_bytes": sum(v for k, v in d["files"].items()
                                        if k.endswith("_disk.index"))})
+    if "lancedb" in raw:
+        d = raw["lancedb"]
+        for refine in sorted({p["refine"] for p in d["points"]}):
+            for qs in C.QUERY_SETS:
+                add(f"lancedb-r{refine}", qs, "param", [p for p in d["points"] if p["refine"] == refine],
+                    d["build"]["seconds"], d.get("index_ram_bytes"), {"disk_bytes": d.get("disk_bytes")})
     if "faiss_hnsw" in raw:
         for p in raw["faiss_hnsw"]["peers"]:
             run = p["runs"][0]
@@ -404,6 +437,98 @@ def verdict(curves: list[dict], threads: int) -> tuple[list[dict], str]:
     return out, text
 
 
+def latency_at(points: list[dict], qs: str, r: float) -> dict | None:
+    """The single-query latency point of set qs at the smallest swept L reaching recall r."""
+    ok = sorted((p for p in points if p["query_set"] == qs and p["recall"] >= r), key=lambda p: p["L"])
+    return ok[0] if ok else None
+
+
+def peers_verdict(curves: list[dict], raw: dict, threads: int) -> tuple[list[dict], str]:
+    """The targets against the better DiskANN (C++ or Rust), LanceDB, and diskannpy-rust's build
+    time and p99 latency; returns (structured verdicts, plain text)."""
+    out = []
+
+    def add(name, met, detail):
+        out.append({"target": name, "met": met, "detail": detail})
+
+    for qs in C.QUERY_SETS:
+        m = find(curves, "memescale-qa-direct", qs)
+        if not m:
+            continue
+        am = at_recall(m, TARGET_RECALL)
+        peers = [(k, at_recall(c, TARGET_RECALL)) for k in (f"diskannpy-t{threads}", f"diskannpy-rust-t{threads}")
+                 if (c := find(curves, k, qs))]
+        reached = [(k, r) for k, r in peers if r]
+        if peers:
+            if am is None:
+                add(f"QPS >= {TARGET_DISKANN_RATIO}x the better DiskANN at recall {TARGET_RECALL} ({qs})", False,
+                    "memescale does not reach the recall")
+            elif not reached:
+                add(f"QPS >= {TARGET_DISKANN_RATIO}x the better DiskANN at recall {TARGET_RECALL} ({qs})", True,
+                    "no DiskANN reaches the recall")
+            else:
+                k, best = max(reached, key=lambda kr: kr[1]["qps"])
+                ratio = am["qps"] / best["qps"]
+                add(f"QPS >= {TARGET_DISKANN_RATIO}x the better DiskANN at recall {TARGET_RECALL} ({qs})",
+                    ratio >= TARGET_DISKANN_RATIO,
+                    f"memescale direct I/O {am['qps']:.0f} QPS (L {am['knob']}) vs {k} {best['qps']:.0f} "
+                    f"(L {best['knob']}): {ratio:.2f}x")
+        lances = [c for c in curves if c["key"].startswith("lancedb-") and c["query_set"] == qs]
+        if lances:
+            top = max((p for c in lances for p in c["points"]), key=lambda p: (p["recall"], p["qps"]))
+            r = min(top["recall"], max(p["recall"] for p in m["points"]))
+            am_l = at_recall(m, r)
+            lq = max(p["qps"] for c in lances for p in c["points"] if p["recall"] >= r)
+            add(f"QPS >= {TARGET_LANCEDB_RATIO}x LanceDB at its best recall ({qs})",
+                am_l is not None and am_l["qps"] / lq >= TARGET_LANCEDB_RATIO,
+                f"LanceDB's best recall {top['recall']:.4f} (nprobes {top['param']}, refine x{top['refine']}); at "
+                f"recall {r:.4f}: memescale {am_l['qps'] if am_l else 0:.0f} QPS vs LanceDB {lq:.0f}"
+                + (f": {am_l['qps'] / lq:.2f}x" if am_l else "")
+                + ("" if top["recall"] >= TARGET_RECALL else f"; LanceDB cannot reach recall {TARGET_RECALL}"))
+    m = find(curves, "memescale-qa-direct", "id") or find(curves, "memescale-qa-warm", "id")
+    rust = raw.get("diskannpy-rust")
+    if m and rust:
+        ratio = m["build_s"] / rust["build"]["seconds"]
+        add(f"build time <= {TARGET_BUILD_RATIO}x diskannpy-rust's at equal R/L", ratio <= TARGET_BUILD_RATIO,
+            f"memescale {m['build_s']:.1f} s vs diskannpy-rust {rust['build']['seconds']:.1f} s: {ratio:.2f}x")
+    mlat = next((v["latency"] for v in raw.get("memescale", {}).get("variants", []) if v.get("latency")), None)
+    if mlat and rust and rust.get("latency"):
+        for qs in C.QUERY_SETS:
+            a, b = latency_at(mlat, qs, TARGET_RECALL), latency_at(rust["latency"], qs, TARGET_RECALL)
+            if a and b:
+                ratio = a["p99_ms"] / b["p99_ms"]
+                add(f"p99 single-query latency <= {TARGET_P99_RATIO}x diskannpy-rust's at recall {TARGET_RECALL} "
+                    f"({qs})", ratio <= TARGET_P99_RATIO,
+                    f"memescale L {a['L']}: p50 {a['p50_ms']:.2f} / p99 {a['p99_ms']:.2f} ms vs diskannpy-rust "
+                    f"L {b['L']}: p50 {b['p50_ms']:.2f} / p99 {b['p99_ms']:.2f} ms: {ratio:.2f}x")
+            else:
+                add(f"p99 single-query latency <= {TARGET_P99_RATIO}x diskannpy-rust's at recall {TARGET_RECALL} "
+                    f"({qs})", None, "recall not reached in the latency sweep by "
+                    + ("memescale" if not a else "diskannpy-rust"))
+    lines = ["\n=== Targets against 2026's peers ==="]
+    for v in out:
+        mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[v["met"]]
+        lines.append(f"[{mark}] {v['target']}: {v['detail']}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return out, text
+
+
+def latency_table(raw: dict) -> str:
+    """One-query-at-a-time latency of memescale (direct I/O) and the DiskANNs, per set and L."""
+    rows = []
+    mlat = next((v["latency"] for v in raw.get("memescale", {}).get("variants", []) if v.get("latency")), None)
+    for name, points in (("memescale (direct I/O)", mlat), ("diskannpy", raw.get("diskannpy", {}).get("latency")),
+                         ("diskannpy-rust", raw.get("diskannpy-rust", {}).get("latency"))):
+        for p in points or []:
+            rows.append(f"| {name} | {p['query_set']} | {p['L']} | {p['recall']:.4f} | {p['p50_ms']:.2f} | "
+                        f"{p['p99_ms']:.2f} |")
+    if not rows:
+        return ""
+    return "\n".join(["\n=== Single-query latency (one thread, one query at a time) ===",
+                      "| system | set | L | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|---|---|", *rows])
+
+
 def plot(curves: list[dict], path: Path, title: str, k: int) -> None:
     import matplotlib
 
@@ -452,6 +577,10 @@ def main_bench(a) -> None:
     work = Path(a.work) if a.work else results / "work"
     work.mkdir(parents=True, exist_ok=True)
     systems = [s for s in a.systems.split(",") if s]
+    if a.dataset == "synthetic-gap":
+        folder = work / "synthetic-gap"
+        write_synthetic_gap(folder, GAP_BASE, GAP_QUERIES)
+        a.dataset = str(folder)
     start = machine_state()
     print(f"machine at start: {start['uptime']}", flush=True)
     t0 = time.perf_counter()
@@ -462,23 +591,28 @@ def main_bench(a) -> None:
     curves = curves_from(raw)
     table = print_tables(curves, a.k)
     verdicts, vtext = verdict(curves, a.threads)
+    peer_verdicts, ptext = peers_verdict(curves, raw, a.threads)
+    lat = latency_table(raw)
+    print(lat, flush=True)
     notes = notes_text(a, raw, start, end)
     print(notes, flush=True)
 
     results.mkdir(parents=True, exist_ok=True)
     n = next(iter(raw.values()))["n"] if raw else 0
-    C.write_json(results / "ann.json", {
+    name = Path(a.dataset).name
+    stem = "ann" if name == "pypi-minilm" else f"ann-{name}"  # one set of result files per dataset
+    C.write_json(results / f"{stem}.json", {
         "command": " ".join(shlex.quote(x) for x in sys.argv), "args": vars(a),
-        "machine": {"start": start, "end": end}, "n": n, "targets": verdicts,
+        "machine": {"start": start, "end": end}, "n": n, "targets": verdicts + peer_verdicts,
         "curves": curves, "raw": raw})
-    (results / "ann_summary.txt").write_text(table + "\n" + vtext + "\n" + notes + "\n")
-    title = (f"{Path(a.dataset).name}: {n:,} base vectors, {a.threads} threads on {a.cores} "
+    (results / f"{stem}_summary.txt").write_text("\n".join([table, vtext, ptext, lat, notes]) + "\n")
+    title = (f"{name}: {n:,} base vectors, {a.threads} threads on {a.cores} "
              f"cores; R={a.R} L={a.L} alpha={a.alpha} PQ {a.pq_bytes} B; load avg "
              f"{start['loadavg'][0]:.1f} -> {end['loadavg'][0]:.1f}")
     if curves:
-        plot(curves, results / "ann_recall_qps.png", title, a.k)
-    print(f"\nwrote {results / 'ann.json'}, {results / 'ann_summary.txt'}, "
-          f"{results / 'ann_recall_qps.png'}")
+        plot(curves, results / f"{stem}_recall_qps.png", title, a.k)
+    print(f"\nwrote {results / (stem + '.json')}, {results / (stem + '_summary.txt')}, "
+          f"{results / (stem + '_recall_qps.png')}")
 
 
 def notes_text(a, raw, start, end) -> str:
@@ -493,6 +627,19 @@ def notes_text(a, raw, start, end) -> str:
             f"disk, node cache {d['params']['cache_nodes']} nodes, beam width "
             f"{d['params']['beam_width']}. Its batch_search returns no per-query statistics: reads "
             f"are /proc/self/io read_bytes / 4096 / queries (O_DIRECT, so every read is physical).")
+    if "diskannpy-rust" in raw:
+        d = raw["diskannpy-rust"]
+        lines.append(
+            f"diskannpy-rust {d['version']}: R={d['params']['R']} L={d['params']['L']} alpha "
+            f"{d['params']['alpha']}, {d['build'].get('pq_bytes_used')} PQ chunks (bytes) in RAM, full float32 "
+            f"vectors on disk, node cache {d['params']['cache_nodes']} nodes, beam width {d['params']['beam_width']}; "
+            "reads are its own search_stats mean_ios (and /proc/self/io agrees: its reads reach the device).")
+    if "lancedb" in raw:
+        d = raw["lancedb"]
+        lines.append(
+            f"LanceDB {d['version']}: IVF{d['params']['partitions']}-PQ{d['params']['pq_bytes']} (dot) over a local Lance "
+            f"table, refine factors {d['params']['refine']} (top k x r re-ranked with the full vectors), queries one "
+            f"per call from {d['params']['threads']} threads; it reports no reads per query.")
     if "memescale" in raw:
         m = raw["memescale"]
         lines.append(
@@ -557,6 +704,98 @@ def synthetic(n: int, nq: int, d: int = 384, clusters: int = 1024, rank: int = 2
     q_ood = draw(nq, np.random.default_rng(seed + 3)).astype(np.float32) + 0.6 * gap
     q_ood /= np.linalg.norm(q_ood, axis=1, keepdims=True)
     return {"base": base, "queries_id": q_id.astype(np.float16), "queries_ood": q_ood.astype(np.float16)}
+
+
+GAP_BASE, GAP_QUERIES = 200_000, 2000
+GAP_TARGETS = {"source": 0.30, "unrelated": 0.165, "centroid": 0.30}  # cosines of real CLIP caption/image pairs
+
+
+def synthetic_gap(n: int = 200_000, nq: int = 2000, d: int = 1152, clusters: int = 2048, rank: int = 32,
+                  seed: int = 0, block: int = 4096) -> dict:
+    """A cross-modal stress set: "images" from a clustered mixture in a cone, and "texts"
+    made from held-out images through one fixed linear map, a common offset and noise.
+
+    Images: unit vectors x = normalise(w g + c_k + B_k z + noise) around one common direction
+    g (embeddings of one model share a cone), clusters c_k with a rank-`rank` spread B_k,
+    Zipf-like cluster sizes. Texts: t = normalise(a x + a G x + c o + e), G a fixed Gaussian
+    map (d x d / sqrt d), o a fixed offset half along the images' mean direction, e fresh
+    isotropic noise; a and c are solved from the images' measured statistics (mean cosine to
+    their mean direction, mean cosine between unrelated pairs) so that a text's cosine to its
+    source image, to unrelated images and to the images' centroid land on GAP_TARGETS
+    (`tests/test_bench_synthetic_gap.py` checks them).
+
+    Returns float16 "base" (n, d), "queries_id" (nq, d): held-out images (image-to-image
+    search), "queries_ood" (nq, d): texts made from other held-out images, and "sources"
+    (nq, d) float32: those images. The base of size n is a prefix of any larger n's.
+    """
+    mix = np.random.default_rng(seed)
+    g = mix.standard_normal(d).astype(np.float32)
+    g /= np.linalg.norm(g)
+    centres = mix.standard_normal((clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    bases = mix.standard_normal((clusters, rank, d)).astype(np.float32) / math.sqrt(d)
+    weights = 1.0 / np.arange(1, clusters + 1) ** 0.5
+    weights /= weights.sum()
+    G = mix.standard_normal((d, d)).astype(np.float32) / math.sqrt(d)
+    w_off = mix.standard_normal(d).astype(np.float32)
+
+    def images(count: int, rng: np.random.Generator) -> np.ndarray:
+        out = np.empty((count, d), np.float32)
+        for lo in range(0, count, block):  # whole blocks drawn, so any count's rows are a prefix of more's
+            m = min(block, count - lo)
+            c = rng.choice(clusters, size=block, p=weights)
+            z = rng.standard_normal((block, rank)).astype(np.float32) * 0.25
+            e = rng.standard_normal((block, d)).astype(np.float32) * (0.1 / math.sqrt(d))
+            x = 1.1 * g + centres[c[:m]] + np.einsum("mr,mrd->md", z[:m], bases[c[:m]]) + e[:m]
+            out[lo:lo + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+    base = np.empty((n, d), np.float16)
+    rng = np.random.default_rng(seed + 1)
+    for lo in range(0, n, 16 * block):
+        base[lo:lo + 16 * block] = images(min(16 * block, n - lo), rng)
+    # the images' statistics, measured on a sample of their own (the texts do not depend on n)
+    sample = images(4096, np.random.default_rng(seed + 5))
+    mu = sample.mean(0)
+    mu /= np.linalg.norm(mu)
+    m1 = float((sample @ mu).mean())
+    half = len(sample) // 2
+    m2 = float(np.einsum("ij,ij->i", sample[:half], sample[half:2 * half]).mean())
+    k = 0.5  # the offset's cosine to the images' mean direction
+    o = w_off - (w_off @ mu) * mu
+    o = k * mu + math.sqrt(1 - k * k) * o / np.linalg.norm(o)
+    A, B = GAP_TARGETS["source"], GAP_TARGETS["unrelated"]
+    p = (A - B) / (1 - m2)  # a / |t|
+    q = (A - p) / (k * m1)  # c / |t|
+    inv_s2 = 1 - 2 * p * p - q * q - 2 * p * q * k * m1
+    if inv_s2 <= 0:
+        raise ValueError(f"image statistics m1={m1:.3f} m2={m2:.3f} cannot reach the gap targets")
+    scale = 1 / math.sqrt(inv_s2)
+    a, c = p * scale, q * scale
+
+    q_id = images(nq, np.random.default_rng(seed + 2))
+    sources = images(nq, np.random.default_rng(seed + 3))
+    noise = np.random.default_rng(seed + 4).standard_normal((nq, d)).astype(np.float32) / math.sqrt(d)
+    t = a * sources + a * (sources @ G.T) + c * o + noise
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    return {"base": base, "queries_id": q_id.astype(np.float16), "queries_ood": t.astype(np.float16),
+            "sources": sources}
+
+
+def write_synthetic_gap(folder: Path, n: int, nq: int) -> None:
+    """The synthetic-gap dataset folder (`synthetic_gap`, 1152-d) in the real one's layout:
+    queries_id are images, queries_ood texts; exact top-100 ground truth by inner product."""
+    if (folder / "gt_ood.npy").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    s = synthetic_gap(n, nq)
+    for qs in C.QUERY_SETS:
+        np.save(folder / f"queries_{qs}.npy", s[f"queries_{qs}"])
+        np.save(folder / f"gt_{qs}.npy", C.exact_topk(s["base"], s[f"queries_{qs}"].astype(np.float32), 100))
+    np.save(folder / "base.npy", s["base"])
+    print(f"   synthetic-gap {n:,} x {s['base'].shape[1]} written to {folder} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
 
 
 def write_synthetic(folder: Path, n: int, nq: int) -> None:

@@ -45,12 +45,23 @@ SUBREDDITS = np.array(["memes", "dankmemes", "me_irl", "funny", "pics", "wholeso
                        "gaming", "aww", "AdviceAnimals"], dtype=object)
 
 
+MIXTURE = "cone-1"  # the version of `clustered`'s mixture: sets written by another are redrawn
+
+
 def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, block: int = 100_000):
-    """Blocks of a clustered, normalised Gaussian mixture shaped like text embeddings, as
-    bench/ann.py's `synthetic` draws it (a unit centre per cluster plus a rank-`rank` spread
-    and a little isotropic noise, Zipf-like cluster sizes; the mixture is fixed by d, the
-    draws by `seed`), generated block by block; yields (first_row, (m, d) float32 block)."""
+    """Blocks of a clustered, normalised Gaussian mixture shaped like model embeddings: one
+    common direction (the cone every model's embeddings sit in: mean cosine between
+    unrelated rows about 0.3, as bench/ann.py's `synthetic_gap` images), a unit centre per
+    cluster plus a rank-`rank` spread and a little isotropic noise, Zipf-like cluster sizes;
+    the mixture is fixed by d, the draws by `seed`. Generated block by block; yields
+    (first_row, (m, d) float32 block).
+
+    Without the cone (1,024 mutually orthogonal clusters, as an earlier version drew them)
+    a graph routes between clusters only through the few edges that cross them, and recall
+    depends on the entry point more than on the build."""
     mix = np.random.default_rng(12345 + d)
+    cone = mix.standard_normal(d).astype(np.float32)
+    cone /= np.linalg.norm(cone)
     centres = mix.standard_normal((clusters, d)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     bases = mix.standard_normal((clusters, rank, d)).astype(np.float32) / math.sqrt(d)
@@ -64,7 +75,7 @@ def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, b
             b = min(m, a + 4096)
             c = rng.choice(clusters, size=b - a, p=weights)
             z = rng.standard_normal((b - a, rank)).astype(np.float32) * 0.3
-            x[a:b] = centres[c] + np.einsum("mr,mrd->md", z, bases[c])
+            x[a:b] = 1.1 * cone + centres[c] + np.einsum("mr,mrd->md", z, bases[c])
             x[a:b] += rng.standard_normal((b - a, d)).astype(np.float32) * (0.12 / math.sqrt(d))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         yield lo, x
@@ -73,7 +84,7 @@ def clustered(n: int, d: int, seed: int, clusters: int = 1024, rank: int = 24, b
 def write_set(folder: Path, n: int, d: int, per_file: int = 20_000) -> None:
     """Ingest-schema shards of the n x d set under folder/embeddings (skipped when complete)."""
     done = folder / "embeddings.done"
-    if done.exists():
+    if done.exists() and done.read_text() == f"{MIXTURE} {n}":
         return
     shutil.rmtree(folder / "embeddings", ignore_errors=True)
     for lo, x in clustered(n, d, seed=1):
@@ -83,7 +94,7 @@ def write_set(folder: Path, n: int, d: int, per_file: int = 20_000) -> None:
             "title": np.char.add("a meme about topic ", (rows % 9973).astype(str)).astype(object),
             "created_utc": 1_400_000_000 + rows * 37,
         })
-    done.write_text(str(n))
+    done.write_text(f"{MIXTURE} {n}")
 
 
 def du(path: Path) -> int:

@@ -7,8 +7,11 @@
 # ann (bench/ann.py):
 #   .venv-diskann     : diskannpy 0.7.0 (needs numpy 1.x)
 #   .venv-peers       : faiss-cpu 1.15 + hnswlib 0.8.0 (numpy 2)
-# The two ANN environments are separate because diskannpy's and faiss's numpy pins cannot
-# share one; none of them touches the project's .venv. Everything comes from pip.
+#   .venv-diskann-rust: diskannpy-rust 0.49.1 (Microsoft's Rust DiskANN; same module name as
+#                       diskannpy, so it cannot share .venv-diskann)
+#   .venv-lancedb     : lancedb 0.40.0 (IVF-PQ with refine, on disk)
+# The ANN environments are separate because their numpy pins and module names clash; none
+# of them touches the project's .venv. Everything comes from pip.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
@@ -55,6 +58,12 @@ if [[ $what == all || $what == ann ]]; then
   make_venv "$root/.venv-peers" \
     "import faiss, hnswlib, numpy; assert numpy.__version__.startswith('2.')" \
     "faiss-cpu==1.15.*" "hnswlib==0.8.0" "numpy>=2,<3" "psutil"
+  make_venv "$root/.venv-diskann-rust" \
+    "import diskannpy; from importlib.metadata import version; assert version('diskannpy-rust') == '0.49.1'" \
+    "diskannpy-rust==0.49.1" "psutil"
+  make_venv "$root/.venv-lancedb" "import lancedb, pyarrow, numpy" "lancedb==0.40.0" "pyarrow" "numpy>=2,<3" "psutil"
   "$root/.venv-diskann/bin/python" -c "import diskannpy, numpy; print('diskannpy 0.7.0 ready, numpy', numpy.__version__)"
+  "$root/.venv-diskann-rust/bin/python" -c "import numpy; print('diskannpy-rust 0.49.1 ready, numpy', numpy.__version__)"
+  "$root/.venv-lancedb/bin/python" -c "import lancedb; print('lancedb', lancedb.__version__, 'ready')"
   "$root/.venv-peers/bin/python" -c "import faiss, hnswlib, numpy; print('faiss', faiss.__version__, '+ hnswlib 0.8.0 ready, numpy', numpy.__version__)"
 fi

@@ -1,6 +1,16 @@
 """Build and sweep diskannpy's disk index (StaticDiskIndex); write the results as JSON.
 
-Runs in .venv-diskann (diskannpy 0.7.0, numpy 1.x); bench/ann.py starts it as a subprocess.
+Runs in .venv-diskann (diskannpy 0.7.0, the C++ DiskANN, numpy 1.x) or .venv-diskann-rust
+(diskannpy-rust 0.49.1, Microsoft's Rust rewrite with the same module name and the same
+build_disk_index / StaticDiskIndex entry points); bench/ann.py starts it as a subprocess.
+The installed package decides which API is called (`RUST` below).
+
+What diskannpy-rust 0.49.1 takes and returns, where it differs from 0.7.0:
+- Build: `distance_metric="innerproduct"`, `alpha` and `num_of_pq_chunks` (the in-RAM PQ
+  bytes per vector) are parameters; no search memory budget is needed to set the PQ size.
+- Search: `batch_search(queries, k, complexity, num_threads)` returns a response with
+  `search_stats` (mean_ios: the mean 4 KiB reads per query, mean_comps, latencies), reported
+  as its reads; /proc/self/io is recorded beside them.
 
 What diskannpy 0.7.0 exposes, and what this runner measures around it:
 - Build: `build_disk_index(R, L, search_memory_maximum, ...)`. Alpha is not a parameter of the
@@ -39,6 +49,23 @@ import _common as C  # noqa: E402
 SECTOR = 4096
 
 
+def _rust() -> bool:
+    import inspect
+
+    import diskannpy as dap
+    return "num_of_pq_chunks" in inspect.signature(dap.build_disk_index).parameters
+
+
+def _version() -> tuple[str, str]:
+    from importlib import metadata
+    for name in ("diskannpy-rust", "diskannpy"):
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "diskannpy", "unknown"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -64,6 +91,7 @@ def parse_args(argv=None):
                     help="1: nodes visited by sample queries; 2: breadth-first from the medoid "
                          "(what memescale does)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per point; best kept")
+    ap.add_argument("--latency-Ls", default="", help="comma list of L for the one-query-at-a-time latency sweep")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reuse", action="store_true",
                     help="reuse an index in --workdir built with the same parameters")
@@ -118,18 +146,25 @@ def build_index(a, base, work: Path, budget_gb: float, params: dict, meta_file: 
           f"(budget {budget_gb:.6f} GB)")
     # DiskANN logs to the C++ stdout: keep it in a file, and check the PQ size it used.
     log_path = work / "build.log"
+    rust = _rust()
     with redirect_stdout_fd(log_path):
         t0 = time.perf_counter()
-        dap.build_disk_index(
-            data=base, distance_metric="mips", index_directory=str(work),
-            complexity=a.L, graph_degree=a.R, search_memory_maximum=budget_gb,
-            build_memory_maximum=8.0, num_threads=a.build_threads, pq_disk_bytes=0,
-            vector_dtype=np.float32)
+        if rust:
+            dap.build_disk_index(
+                data=base, distance_metric="innerproduct", index_directory=str(work),
+                complexity=a.L, graph_degree=a.R, build_memory_maximum=8.0, num_threads=a.build_threads,
+                alpha=a.alpha, num_of_pq_chunks=a.pq_bytes, vector_dtype=np.float32)
+        else:
+            dap.build_disk_index(
+                data=base, distance_metric="mips", index_directory=str(work),
+                complexity=a.L, graph_degree=a.R, search_memory_maximum=budget_gb,
+                build_memory_maximum=8.0, num_threads=a.build_threads, pq_disk_bytes=0,
+                vector_dtype=np.float32)
         build_s = time.perf_counter() - t0
     text = log_path.read_text(errors="replace")
     m = re.findall(r"[Cc]ompressing .*?into (\d+) bytes", text)
     build = {"seconds": build_s, "peak_rss_bytes": C.peak_rss_bytes(),
-             "pq_bytes_used": int(m[-1]) if m else None,
+             "pq_bytes_used": a.pq_bytes if rust else (int(m[-1]) if m else None),
              "pq_log": [ln.strip() for ln in text.splitlines() if "ompressing" in ln][-1:]}
     meta_file.write_text(json.dumps({"params": params, "build": build}))
     C.log(f"[diskann] built in {build_s:.1f} s; PQ bytes per vector used: {build['pq_bytes_used']}")
@@ -159,20 +194,42 @@ def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
     n, d = data["base"].shape
     files = C.dir_bytes(work)
 
-    results = {"library": "diskannpy", "version": "0.7.0", "cpus": cpus, "n": n, "d": d,
-               "params": {**params, "alpha": 1.2, "beam_width": a.beam_width,
-                          "cache_nodes": a.cache_nodes, "cache_mechanism": a.cache_mechanism,
+    rust = _rust()
+    library, version = _version()
+    results = {"library": library, "version": version, "cpus": cpus, "n": n, "d": d,
+               "params": {**params, "alpha": a.alpha if rust else 1.2, "beam_width": a.beam_width,
+                          "cache_nodes": a.cache_nodes, "cache_mechanism": None if rust else a.cache_mechanism,
                           "pq_disk_bytes": 0,
-                          "metric": "mips"},
+                          "metric": "innerproduct" if rust else "mips"},
                "build": build, "files": files, "runs": []}
+
+    def open_index(threads: int):
+        if rust:
+            return dap.StaticDiskIndex(index_directory=str(work), num_threads=threads, beam_width=a.beam_width,
+                                       num_nodes_to_cache=a.cache_nodes, distance_metric="innerproduct",
+                                       vector_dtype=np.float32, dimensions=d)
+        return dap.StaticDiskIndex(index_directory=str(work), num_threads=threads,
+                                   num_nodes_to_cache=a.cache_nodes, cache_mechanism=a.cache_mechanism,
+                                   distance_metric="mips", vector_dtype=np.float32, dimensions=d)
+
+    def batch(index, Q, L: int, threads: int):
+        """(ids, reads per query from the library's own statistics or None)"""
+        if rust:
+            r = index.batch_search(Q, a.k, L, threads)
+            return r.identifiers, float(r.search_stats["mean_ios"])
+        ids, _ = index.batch_search(Q, a.k, L, threads, a.beam_width)
+        return ids, None
+
+    def one(index, q, L: int):
+        if rust:
+            return index.search(q, a.k, L).identifiers
+        # 0.7.0's single-query search waits forever for a thread context: a batch of one
+        return index.batch_search(q[None], a.k, L, 1, a.beam_width)[0][0]
+
     for threads in [int(t) for t in a.threads.split(",")]:
         rss0 = C.rss_parts()
         t0 = time.perf_counter()
-        index = dap.StaticDiskIndex(index_directory=str(work), num_threads=threads,
-                                    num_nodes_to_cache=a.cache_nodes,
-                                    cache_mechanism=a.cache_mechanism,
-                                    distance_metric="mips", vector_dtype=np.float32,
-                                    dimensions=d)
+        index = open_index(threads)
         load_s = time.perf_counter() - t0
         rss1 = C.rss_parts()
         ram = rss1["VmRSS"] - rss0["VmRSS"]
@@ -183,31 +240,61 @@ def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
                "index_ram_files_bytes": ram_files, "load_seconds": load_s, "points": []}
         C.log(f"[diskann] {threads} threads: loaded in {load_s:.2f} s, RSS +{ram / 2**20:.1f} MiB")
         # One untimed pass so one-time allocations do not land in the first point.
-        index.batch_search(data["queries"]["id"][:100], a.k, max(a.k, 20), threads, a.beam_width)
+        batch(index, data["queries"]["id"][:100], max(a.k, 20), threads)
         for qs in C.QUERY_SETS:
             Q, gt = data["queries"][qs], data["gt"][qs]
             for L in [int(x) for x in a.Ls.split(",")]:
                 L = max(L, a.k)
-                best, reads = None, None
+                best, reads, io_reads = None, None, None
                 for _ in range(a.reps):
                     io0 = C.io_read_bytes()
                     t0 = time.perf_counter()
-                    ids, dists = index.batch_search(Q, a.k, L, threads, a.beam_width)
+                    ids, own_reads = batch(index, Q, L, threads)
                     dt = time.perf_counter() - t0
                     io1 = C.io_read_bytes()
                     if best is None or dt < best:
                         best = dt
                     if io0 >= 0:
-                        reads = (io1 - io0) / SECTOR / len(Q)
+                        io_reads = (io1 - io0) / SECTOR / len(Q)
+                    reads = own_reads if own_reads is not None else io_reads
                 pt = {"query_set": qs, "L": L, "recall": C.recall_at_k(ids, gt, a.k),
-                      "qps": len(Q) / best, "seconds": best, "mean_reads": reads,
-                      "reads_source": "/proc/self/io read_bytes / 4096 (O_DIRECT)"}
+                      "qps": len(Q) / best, "seconds": best, "mean_reads": reads, "io_reads": io_reads,
+                      "reads_source": "search_stats mean_ios" if rust else "/proc/self/io read_bytes / 4096 (O_DIRECT)"}
                 run["points"].append(pt)
                 C.log(f"[diskann] t={threads} {qs:3s} L={L:4d} recall@{a.k}={pt['recall']:.4f} "
                       f"qps={pt['qps']:8.1f} reads/q={reads if reads is None else round(reads, 1)}")
         results["runs"].append(run)
+        if a.latency_Ls and "latency" not in results:
+            # on the first index loaded: 0.7.0 hangs when a second index is opened in one process
+            results["latency"] = latency_sweep(a, data, index, one)
         del index
     return results
+
+
+def latency_sweep(a, data, index, one) -> list[dict]:
+    """Interactive latency: one query at a time (each on one thread), each timed alone; p50
+    and p99 over the evaluated queries of both sets at each of --latency-Ls."""
+    import numpy as np
+
+    for q in data["queries"]["id"][:50]:
+        one(index, q, max(a.k, 20))
+    points = []
+    for qs in C.QUERY_SETS:
+        Q, gt = data["queries"][qs], data["gt"][qs]
+        for L in [max(int(x), a.k) for x in a.latency_Ls.split(",")]:
+            ids = np.full((len(Q), a.k), -1, np.int64)
+            lat = np.empty(len(Q))
+            for i, q in enumerate(Q):
+                t0 = time.perf_counter()
+                found = one(index, q, L)
+                lat[i] = time.perf_counter() - t0
+                ids[i, :len(found)] = found[:a.k]
+            pt = {"query_set": qs, "L": L, "recall": C.recall_at_k(ids, gt, a.k),
+                  "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+            points.append(pt)
+            C.log(f"[diskann] latency {qs:3s} L={L:4d} recall@{a.k}={pt['recall']:.4f} "
+                  f"p50={pt['p50_ms']:.2f} ms p99={pt['p99_ms']:.2f} ms")
+    return points
 
 
 if __name__ == "__main__":
