@@ -157,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-budget", default="64GiB")
     ap.add_argument("--target-threads", type=int, default=6)
     ap.add_argument("--target-config", default=str(ROOT / "configs" / "gpu.toml"), help="R and L of the target build")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report and extrapolation from bench/results/build_scale.json")
     a = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        report(json.loads((RESULTS / "build_scale.json").read_text()), a)
+        return 0
     Ls = [int(x) for x in a.Ls.split(",")]
     rows = []
     for spec in a.sets.split(","):
@@ -181,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128) -> dict:
     """The plan of an n x d build on `threads` cores within `budget`, priced with the costs
-    fitted on the largest measured set (`plan.fitted_costs`: each phase's measured seconds
-    over the seconds its own plan predicted), next to the plan's own default costs."""
+    fitted on the largest measured set of the target's width d if there is one, else the
+    largest (`plan.fitted_costs`: each phase's measured seconds over the seconds its own plan
+    predicted; per-vector costs do not scale exactly with d, so the same width is the better
+    reference), next to the plan's own default costs."""
     from memescale.build.plan import fitted_costs, plan_build
     from memescale.config import parse_bytes
 
-    ref = max(rows, key=lambda s: s["n"] * s["d"])
+    ref = max([s for s in rows if s["d"] == d] or rows, key=lambda s: s["n"] * s["d"])
     costs = fitted_costs(ref["plan"]["seconds"], ref["seconds"])
     kw = dict(R=R, L=L, overlap=2, pq_bytes=48, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
               threads_per_task=threads)

@@ -308,3 +308,18 @@ def test_writer_memory_is_bounded_with_memmapped_inputs(tmp_path):
         got = index.metadata([0, 5, n - 1])
     want = pq.read_table(tmp_path / "meta.parquet").take([0, 5, n - 1]).to_pylist()
     assert got == want
+
+
+def test_a_built_index_is_fsynced_before_build_returns(tmp_path, monkeypatch):
+    """Every file of the index and then its folder are fsync'd before `build_index` returns."""
+    import memescale.durable as durable
+
+    synced: list[str] = []
+    real_file, real_dir = durable.fsync_file, durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_file", lambda p: (synced.append(os.path.basename(p)), real_file(p)))
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (synced.append(f"dir:{os.path.basename(p)}"), real_dir(p)))
+    out = tmp_path / "idx"
+    build_index(unit_vectors(300, 16), metadata_for(300), out, small_params())
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert RECORDS_FILE in files and CODES_FILE in files
+    assert sorted(synced[:-1]) == files and synced[-1] == "dir:idx"
