@@ -4,10 +4,10 @@ searcher needs.
 Numba has no float16 array type on the CPU, so fp16 arrays cross into kernels as their raw
 bits (``a.view(np.uint16)``) and `lane_to_float` widens one element with the hardware
 conversion (LLVM ``fpext half``, F16C on x86); the same kernels take int8 rows
-(`quantize_int8`, half the bytes per distance) where graph construction wants them. Every kernel here is ``nogil``: parallelism
-comes from Python threads running kernels on disjoint slices (`parallel_for`), which works
-from any number of caller threads (unlike numba's own parallel layer) and keeps results
-independent of scheduling.
+(`quantize_int8`, half the bytes per distance) where graph construction wants them. Every
+kernel here is ``nogil``: parallelism comes from Python threads running kernels on disjoint
+slices (`parallel_for`), which works from any number of caller threads (unlike numba's own
+parallel layer) and keeps results independent of scheduling.
 """
 
 from __future__ import annotations
