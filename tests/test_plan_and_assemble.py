@@ -166,3 +166,74 @@ def test_chunk_commits_are_durable_and_a_redone_empty_chunk_removes_its_stale_fi
     assert read_shards(str(tmp_path / "out")).num_rows == 0
     assert store.done()["RS_2020-01-000003"].file == "" and events[0] == ("fsync_dir", "out")
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+WRITER = r'''
+import json, sys
+from dataclasses import asdict
+import numpy as np
+from memescale.ingest.assembler import ChunkAssembler
+from memescale.ingest.chunks import PostFilter, plan_chunks
+from memescale.shards.store import ShardStore
+
+dump, out = sys.argv[1], sys.argv[2]
+store = ShardStore(out)
+asm = ChunkAssembler()
+for result, refs in plan_chunks([dump], 7, store.done(), PostFilter(), None):  # resumes: done chunks skipped
+    n = len(refs) + 1
+    status = ["ok" if r.image_index % 3 else "failed" for r in refs] + ["marker"]
+    rows = {
+        "chunk": np.array([result.key] * n, dtype=object), "chunk_total": np.full(n, n), "seq": np.arange(n),
+        "status": np.array(status, dtype=object),
+        "reason": np.array(["timeout" if s == "failed" else "" for s in status], dtype=object),
+        "chunk_info": np.array([""] * len(refs) + [json.dumps(asdict(result))], dtype=object),
+        **{c: np.array([getattr(r, c) for r in refs] + [blank], dtype=object if isinstance(blank, str) else None)
+           for c, blank in (("image_id", -1), ("post_id", ""), ("image_index", -1), ("url", ""),
+                            ("subreddit", ""), ("title", ""), ("author", ""), ("created_utc", 0),
+                            ("score", 0), ("over_18", False), ("permalink", ""))},
+        "final_url": np.array([r.url for r in refs] + [""], dtype=object),
+        "mime": np.array(["image/jpeg"] * n, dtype=object), "bytes": np.full(n, 10),
+        "content_hash": np.array(["h"] * n, dtype=object), "width": np.full(n, 5, dtype=np.int32),
+        "height": np.full(n, 6, dtype=np.int32),
+        "embedding": (np.arange(n * 4).reshape(n, 4) % 7).astype(np.float16), "model": np.array(["m"] * n, dtype=object),
+    }
+    for done, table in asm.add(rows):
+        store.write_chunk(done, table)
+'''
+
+
+def test_shard_writes_killed_at_seeded_points_lose_and_double_nothing(dump, tmp_path):
+    """The ingest driver's commit path (assembler -> shard -> manifest), run as a process and
+    killed with SIGKILL at 5 seeded points among the store's crash points, rerun after each
+    kill, then to the end: the same manifest, the same rows, no duplicates and no leftovers
+    as one uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+
+    def run(out, **env) -> int:
+        return subprocess.run([sys.executable, str(script), dump, str(out)], env={**os.environ, **env},
+                              capture_output=True, timeout=300).returncode
+
+    log = tmp_path / "points.log"
+    assert run(tmp_path / "ref", MEMESCALE_CRASH_LOG=str(log)) == 0
+    points = log.read_text().split()
+    assert {"store.tmp_written", "store.renamed", "store.manifest_tmp_written"} <= set(points)
+    rng = random.Random(19)
+    out, kills = tmp_path / "out", 0
+    for _ in range(5):
+        log.write_text("")
+        rc = run(out, MEMESCALE_CRASH_AT=str(rng.randint(1, max(1, len(points) // 2))), MEMESCALE_CRASH_LOG=str(log))
+        kills += rc == -9
+        assert rc in (0, -9)
+    assert kills >= 4
+    assert run(out) == 0
+    ref, got = ShardStore(str(tmp_path / "ref")), ShardStore(str(out))
+    assert {k: asdict(v) for k, v in got.done().items()} == {k: asdict(v) for k, v in ref.done().items()}
+    a, b = read_shards(str(tmp_path / "ref")), read_shards(str(out))
+    assert b.num_rows == a.num_rows > 0 and len(set(b.column("image_id").to_pylist())) == b.num_rows
+    assert b.sort_by("image_id").equals(a.sort_by("image_id"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())

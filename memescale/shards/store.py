@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from memescale.crashpoints import crash_point
 from memescale.durable import fsync_dir, fsync_file
 
 POST_FIELDS: list[tuple[str, pa.DataType]] = [
@@ -143,7 +144,9 @@ class ShardStore:
         durable as it is)."""
         if self.local:
             fsync_file(tmp)
+        crash_point("store.tmp_synced")
         self.fs.move(tmp, path)
+        crash_point("store.renamed")
         if self.local:
             fsync_dir(os.path.dirname(path))
 
@@ -152,6 +155,7 @@ class ShardStore:
         fsync of the directory. A reader sees the old file or the whole new one."""
         tmp = f"{self.root}/.{name}.tmp"
         pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
+        crash_point("store.tmp_written")
         self._durable_move(tmp, f"{self.root}/{name}")
 
     def write_chunk(self, result: ChunkResult, table: pa.Table | None, compression: str = "zstd") -> None:
@@ -166,11 +170,13 @@ class ShardStore:
             result.file = name
         elif self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.File:
             self.fs.delete_file(f"{self.root}/{name}")
+            crash_point("store.stale_removed")
             if self.local:
                 fsync_dir(self.root)
         entry = f"{self.root}/_manifest/{result.key}.json"
         with self.fs.open_output_stream(entry + ".tmp") as f:
             f.write(json.dumps(result.__dict__, sort_keys=True).encode())
+        crash_point("store.manifest_tmp_written")
         self._durable_move(entry + ".tmp", entry)
 
     def shard_paths(self) -> list[str]:
