@@ -101,6 +101,8 @@ def parse_args(argv=None):
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--Ls", default="10,20,30,40,50,70,100,150,200", help="search L sweep")
     ap.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256", help="faiss sweep")
+    ap.add_argument("--lancedb-nprobes", default="4,8,16,32,64,128",
+                    help="LanceDB sweep (one query per call: about 100 QPS, so one pass per point)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -195,7 +197,7 @@ def run_systems(a, dataset: str, work: Path, systems: list[str], Ls: str, tag: s
         js = work / f"lancedb{tag}.json"
         cmd = [need(VENV_LANCEDB), str(PEERS_DIR / "lancedb_runner.py"), *common_args(a, dataset),
                "--workdir", str(work / f"lancedb{tag}"), "--out", str(js), "--pq-bytes", str(a.pq_bytes),
-               "--nprobes", a.nprobes, "--threads", str(a.threads)]
+               "--nprobes", a.lancedb_nprobes, "--threads", str(a.threads), "--reps", "1"]
         jobs.append(("lancedb", cmd, js))
     libs = [x for x in ("faiss-ivfpq", "faiss-ivfpq-rflat") if "faiss" in systems]
     libs += ["hnswlib"] if "hnswlib" in systems else []
