@@ -31,7 +31,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def fsync_tree(path: str | os.PathLike) -> None:
     """fsync every file directly in the folder `path`, then the folder (a written index)."""
-    with os.scandir(path) as entries:
+    with os.scandir(os.fspath(path)) as entries:
         for e in entries:
             if e.is_file(follow_symlinks=False):
                 fsync_file(e.path)
