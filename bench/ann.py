@@ -784,14 +784,14 @@ def synthetic_gap(n: int = 200_000, nq: int = 2000, d: int = 1152, clusters: int
             "sources": sources}
 
 
-def write_synthetic_gap(folder: Path, n: int, nq: int) -> None:
+def write_synthetic_gap(folder: Path, n: int, nq: int, block: int = 4096) -> None:
     """The synthetic-gap dataset folder (`synthetic_gap`, 1152-d) in the real one's layout:
     queries_id are images, queries_ood texts; exact top-100 ground truth by inner product."""
     if (folder / "gt_ood.npy").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    s = synthetic_gap(n, nq)
+    s = synthetic_gap(n, nq, block=block)
     for qs in C.QUERY_SETS:
         np.save(folder / f"queries_{qs}.npy", s[f"queries_{qs}"])
         np.save(folder / f"gt_{qs}.npy", C.exact_topk(s["base"], s[f"queries_{qs}"].astype(np.float32), 100))

@@ -11,10 +11,10 @@ from bench.ann import GAP_TARGETS, synthetic_gap, write_synthetic_gap
 
 
 def test_gap_statistics_match_real_caption_image_pairs():
-    s = synthetic_gap(6000, 300, block=1024)
+    s = synthetic_gap(4000, 300, block=1024)
     base = s["base"].astype(np.float32)
     texts = s["queries_ood"].astype(np.float32)
-    assert base.shape == (6000, 1152) and texts.shape == (300, 1152) and s["queries_id"].shape == (300, 1152)
+    assert base.shape == (4000, 1152) and texts.shape == (300, 1152) and s["queries_id"].shape == (300, 1152)
     np.testing.assert_allclose(np.linalg.norm(base, axis=1), 1.0, atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=2e-3)
     source = np.einsum("ij,ij->i", texts, s["sources"]).mean()
@@ -34,11 +34,11 @@ def test_gap_statistics_match_real_caption_image_pairs():
 
 
 def test_gap_set_is_seeded_and_prefix_stable(tmp_path):
-    a, b = synthetic_gap(3000, 40, seed=3, block=512), synthetic_gap(2000, 40, seed=3, block=512)
+    a, b = synthetic_gap(3000, 40, seed=3, block=512, clusters=256), synthetic_gap(2000, 40, seed=3, block=512, clusters=256)
     np.testing.assert_array_equal(a["base"][:2000], b["base"])
     np.testing.assert_array_equal(a["queries_ood"], b["queries_ood"])
-    assert not np.array_equal(synthetic_gap(2000, 40, seed=4, block=512)["queries_ood"], b["queries_ood"])
-    write_synthetic_gap(tmp_path, 3000, 40)
+    assert not np.array_equal(synthetic_gap(2000, 40, seed=4, block=512, clusters=256)["queries_ood"], b["queries_ood"])
+    write_synthetic_gap(tmp_path, 3000, 40, block=512)
     base = np.load(tmp_path / "base.npy").astype(np.float32)
     for qs in ("id", "ood"):
         q = np.load(tmp_path / f"queries_{qs}.npy").astype(np.float32)
