@@ -430,13 +430,18 @@ def verdict(curves: list[dict], threads: int) -> tuple[list[dict], str]:
         add("query-aware PQ beats plain PQ on OOD at fixed L", wins > losses and wins >= len(rows) / 2,
             f"OOD recall query-aware vs plain: {'; '.join(rows)} ({wins} better, {losses} worse); "
             f"mean ID change {id_delta:+.4f}")
-    lines = ["\n=== Targets ==="]
+    return out, verdict_text(out, "=== Targets ===")
+
+
+def verdict_text(out: list[dict], title: str) -> str:
+    """Structured verdicts as lines under `title` ([MET] / [NOT MET] / [n/a]), printed and returned."""
+    lines = ["\n" + title]
     for v in out:
         mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[v["met"]]
         lines.append(f"[{mark}] {v['target']}: {v['detail']}")
     text = "\n".join(lines)
     print(text, flush=True)
-    return out, text
+    return text
 
 
 def latency_at(points: list[dict], qs: str, r: float) -> dict | None:
@@ -507,13 +512,7 @@ def peers_verdict(curves: list[dict], raw: dict, threads: int) -> tuple[list[dic
                 add(f"p99 single-query latency <= {TARGET_P99_RATIO}x diskannpy-rust's at recall {TARGET_RECALL} "
                     f"({qs})", None, "recall not reached in the latency sweep by "
                     + ("memescale" if not a else "diskannpy-rust"))
-    lines = ["\n=== Targets against 2026's peers ==="]
-    for v in out:
-        mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[v["met"]]
-        lines.append(f"[{mark}] {v['target']}: {v['detail']}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return out, text
+    return out, verdict_text(out, "=== Targets against 2026's peers ===")
 
 
 def latency_table(raw: dict) -> str:

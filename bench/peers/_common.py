@@ -164,3 +164,29 @@ def _json_default(o):
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def latency_sweep(search_one, data: dict, Ls: str, k: int, tag: str) -> list[dict]:
+    """Interactive latency: `search_one(query (d,) float32, L)` -> ids (best first), called
+    one query at a time and each call timed alone, after 50 untimed warm-up queries; p50 and
+    p99 over the evaluated queries of both sets at each L of the comma list `Ls` (at least k).
+    Returns one point per (set, L): query_set, L, recall, p50_ms, p99_ms."""
+    for q in data["queries"]["id"][:50]:
+        search_one(q, max(k, 20))
+    points = []
+    for qs in QUERY_SETS:
+        Q, gt = data["queries"][qs], data["gt"][qs]
+        for L in [max(int(x), k) for x in Ls.split(",")]:
+            ids = np.full((len(Q), k), -1, np.int64)
+            lat = np.empty(len(Q))
+            for i, q in enumerate(Q):
+                t0 = time.perf_counter()
+                found = np.asarray(search_one(q, L))[:k]
+                lat[i] = time.perf_counter() - t0
+                ids[i, :len(found)] = found
+            pt = {"query_set": qs, "L": L, "recall": recall_at_k(ids, gt, k),
+                  "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+            points.append(pt)
+            log(f"[{tag}] latency {qs:3s} L={L:4d} recall@{k}={pt['recall']:.4f} "
+                f"p50={pt['p50_ms']:.2f} ms p99={pt['p99_ms']:.2f} ms")
+    return points

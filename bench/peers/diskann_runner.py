@@ -27,7 +27,7 @@ What diskannpy 0.7.0 exposes, and what this runner measures around it:
 
 Usage (normally via bench/ann.py):
   .venv-diskann/bin/python bench/peers/diskann_runner.py --dataset ../shared/data/ann/pypi-minilm \
-      --workdir bench/results/work/diskann --out bench/results/work/diskann.json
+      --workdir WORK/diskann --out WORK/diskann.json
 """
 
 from __future__ import annotations
@@ -266,35 +266,10 @@ def search(a, data, work: Path, params: dict, build: dict, cpus) -> dict:
         results["runs"].append(run)
         if a.latency_Ls and "latency" not in results:
             # on the first index loaded: 0.7.0 hangs when a second index is opened in one process
-            results["latency"] = latency_sweep(a, data, index, one)
+            results["latency"] = C.latency_sweep(lambda q, L, index=index: one(index, q, L), data, a.latency_Ls,
+                                                 a.k, "diskann")
         del index
     return results
-
-
-def latency_sweep(a, data, index, one) -> list[dict]:
-    """Interactive latency: one query at a time (each on one thread), each timed alone; p50
-    and p99 over the evaluated queries of both sets at each of --latency-Ls."""
-    import numpy as np
-
-    for q in data["queries"]["id"][:50]:
-        one(index, q, max(a.k, 20))
-    points = []
-    for qs in C.QUERY_SETS:
-        Q, gt = data["queries"][qs], data["gt"][qs]
-        for L in [max(int(x), a.k) for x in a.latency_Ls.split(",")]:
-            ids = np.full((len(Q), a.k), -1, np.int64)
-            lat = np.empty(len(Q))
-            for i, q in enumerate(Q):
-                t0 = time.perf_counter()
-                found = one(index, q, L)
-                lat[i] = time.perf_counter() - t0
-                ids[i, :len(found)] = found[:a.k]
-            pt = {"query_set": qs, "L": L, "recall": C.recall_at_k(ids, gt, a.k),
-                  "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
-            points.append(pt)
-            C.log(f"[diskann] latency {qs:3s} L={L:4d} recall@{a.k}={pt['recall']:.4f} "
-                  f"p50={pt['p50_ms']:.2f} ms p99={pt['p99_ms']:.2f} ms")
-    return points
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ building it (which also counts allocator slack and training buffers).
 
 Usage (normally via bench/ann.py):
   .venv-peers/bin/python bench/peers/faiss_hnsw_runner.py --dataset ../shared/data/ann/pypi-minilm \
-      --out bench/results/work/faiss_hnsw.json
+      --out WORK/faiss_hnsw.json
 """
 
 from __future__ import annotations

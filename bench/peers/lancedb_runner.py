@@ -11,7 +11,7 @@ sweep is over nprobes at each --refine factor. LanceDB reports no reads per quer
 
 Usage (normally via bench/ann.py):
   .venv-lancedb/bin/python bench/peers/lancedb_runner.py --dataset ../shared/data/ann/pypi-minilm \
-      --workdir bench/results/work/lancedb --out bench/results/work/lancedb.json
+      --workdir WORK/lancedb --out WORK/lancedb.json
 """
 
 from __future__ import annotations

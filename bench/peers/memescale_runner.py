@@ -302,32 +302,12 @@ def sweep_variant(a, data, variant: str, vdir: Path) -> dict:
 
 
 def latency_sweep(a, data, variant: str, vdir: Path) -> list[dict]:
-    """Interactive latency: the index opened with direct I/O and one thread, one query at a
-    time, each timed alone; p50 and p99 over the evaluated queries of both sets at each L."""
-    import numpy as np
-
+    """Interactive latency (`C.latency_sweep`) with the index opened with direct I/O and one thread."""
     from memescale.index import Index
 
-    points = []
     with Index.open(str(vdir), threads=1, cache_nodes=a.cache_nodes, io="direct") as index:
-        for q in data["queries"]["id"][:50]:
-            index.search(q[None], a.k, L=max(a.k, 20), beam_width=a.beam_width)
-        for qs in C.QUERY_SETS:
-            Q, gt = data["queries"][qs], data["gt"][qs]
-            for L in [max(int(x), a.k) for x in a.latency_Ls.split(",")]:
-                ids = np.full((len(Q), a.k), -1, np.int64)
-                lat = np.empty(len(Q))
-                for i in range(len(Q)):
-                    t0 = time.perf_counter()
-                    found, _, _ = index.search(Q[i:i + 1], a.k, L=L, beam_width=a.beam_width)
-                    lat[i] = time.perf_counter() - t0
-                    ids[i] = found[0]
-                pt = {"query_set": qs, "L": L, "recall": C.recall_at_k(ids, gt, a.k),
-                      "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
-                points.append(pt)
-                C.log(f"[memescale:{variant}] latency {qs:3s} L={L:4d} recall@{a.k}={pt['recall']:.4f} "
-                      f"p50={pt['p50_ms']:.2f} ms p99={pt['p99_ms']:.2f} ms")
-    return points
+        return C.latency_sweep(lambda q, L: index.search(q[None], a.k, L=L, beam_width=a.beam_width)[0][0],
+                               data, a.latency_Ls, a.k, f"memescale:{variant}")
 
 
 if __name__ == "__main__":
