@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     metavar="SECTION.KEY=VALUE", help="config overrides for every build")
     ap.add_argument("--threads-per-task", type=int, default=2)
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--Ls", default="50,100")
+    ap.add_argument("--Ls", default="50,100,200,400")
     ap.add_argument("--data", default="/tmp/memescale-build-scale", help="where sets and indexes go (tens of GB)")
     ap.add_argument("--target-vectors", type=int, default=230_000_000)
     ap.add_argument("--target-dim", type=int, default=1152)
@@ -159,16 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-config", default=str(ROOT / "configs" / "gpu.toml"), help="R and L of the target build")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report and extrapolation from bench/results/build_scale.json")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="measure recall again on the indexes already built for --sets (at --Ls), keeping "
+                         "their build figures")
     a = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = previous_sets()
     if a.report_only:
-        report(json.loads((RESULTS / "build_scale.json").read_text()), a)
+        report(rows, a)
         return 0
     Ls = [int(x) for x in a.Ls.split(",")]
-    rows = []
     for spec in a.sets.split(","):
         n, d = (int(x) for x in spec.lower().split("x"))
         folder = Path(a.data) / f"{n}x{d}"
+        if a.evaluate_only:
+            old = next((s for s in rows if (s["n"], s["d"]) == (n, d)), None)
+            if old is None or not (folder / "index").exists():
+                print(f"[{n}x{d}] no earlier build to evaluate; skipped", flush=True)
+                continue
+            old.update(evaluate(folder, n, d, a.queries, Ls))
+            print(json.dumps({k: v for k, v in old.items() if k.startswith("recall")}), flush=True)
+            continue
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         write_set(folder, n, d)
@@ -176,12 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         s = build(folder, a.config, a.budget, a.threads_per_task, a.set)
         s.update(evaluate(folder, n, d, a.queries, Ls))
         s.update(n=n, d=d, budget=a.budget, loadavg=os.getloadavg())
-        rows.append(s)
+        rows = sorted([r for r in rows if (r["n"], r["d"]) != (n, d)] + [s], key=lambda r: (r["d"], r["n"]))
         print(json.dumps({k: s[k] for k in ("n", "d", "wall_seconds", "driver_peak_rss_anon_external", "seconds")
                           if k in s}), flush=True)
-        (RESULTS / "build_scale.json").write_text(json.dumps(rows, indent=1, default=str))
+        (RESULTS / "build_scale.json").write_text(json.dumps({"sets": rows}, indent=1, default=str))
     report(rows, a)
     return 0
+
+
+def previous_sets() -> list[dict]:
+    """The sets measured by earlier runs (bench/results/build_scale.json): a run measures the sets it
+    names and keeps the others' rows, so one set can be redone without redoing all."""
+    try:
+        old = json.loads((RESULTS / "build_scale.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return list(old["sets"] if isinstance(old, dict) else old)
 
 
 def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128) -> dict:
