@@ -9,8 +9,10 @@ index's vectors came from):
 - ``minilm``: the 100k x 384 MiniLM vectors of ../shared/data/ann/pypi-minilm as the index,
   their sentences as titles plus synthetic Reddit metadata; queries are *embedding* queries
   (the set's out-of-distribution query vectors sent as JSON): no encoder in the path.
-- ``text``: 100k synthetic unit vectors at the tiny model's 64 dims with synthetic metadata;
-  queries are *text* (the set's query sentences), encoded by the tiny model in the Encoder.
+- ``text``: 100k synthetic unit vectors at the configured model's width with synthetic
+  metadata; queries are *text* (the set's query sentences), encoded in the Encoder (the tiny
+  model with tiny.toml; SigLIP SO400M with `--config configs/cpu.toml --set
+  model.random_weights=true --set 'model.pretrained=""'`, its int8 text tower as cpu.toml has it).
 
 Load: open loop at --rate requests/s (evenly spaced arrivals), at most --clients requests in
 flight; an arrival that finds every client busy waits, and its latency counts from its
@@ -22,6 +24,15 @@ text; search = the Index.search passes in the Searcher; metadata = records' meta
 vectors read for filters, dedup and the results;
 searcher hop = the Api -> Searcher -> Api call around those two; http = the rest: client ->
 Serve proxy -> Api request parsing and back).
+
+--overload: the overload drill instead of one load level, per scenario: capacity (closed
+loop, --clients), normal (open loop at half capacity, its p99 the reference), a burst at
+--overload-factor x capacity for --overload-duration s with enough clients that the client
+never throttles, then half capacity again. Reported: admitted requests' p99 against normal,
+503s (with Retry-After, and how fast), other errors, whether any Serve replica died, and the
+seconds after the burst until each second's throughput and p99 are normal again. Targets:
+admitted p99 <= 2x normal, every excess request a 503 with Retry-After, no replica lost,
+back to normal within 5 s.
 
 Indexes are built once into --work (default bench/results/serve_load/) and reused. The
 client shares the machine's cores with the app: on 2 cores it costs a few % of the budget.
@@ -86,28 +97,42 @@ def scenario_minilm(args) -> tuple[Path, list[dict]]:
 
 
 def scenario_text(args) -> tuple[Path, list[dict]]:
+    """100k synthetic unit vectors at the configured model's width and text queries that fit its
+    context. With --config configs/cpu.toml and random weights (SigLIP SO400M's tokenizer needs
+    `transformers` and the hub: stand-in tokens then, `encoder.StandInTokenizer`) this times the
+    real text tower in the serving path."""
+    from memescale.config import load_config
+    from memescale.embed.encoder import load_tokenizer, token_count
+    from memescale.embed.torchvision_shim import ensure_torchvision
     from memescale.testing.sample_index import random_unit_vectors, synthetic_metadata
 
-    out = Path(args.work) / f"synthetic64-{args.n}-R{args.R}-L{args.L_build}-pq{min(args.pq_bytes, 32)}"
+    ensure_torchvision()
+    cfg = load_config(args.config, [s for s in args.set if s.startswith("model.")])
+    dim = _model_dim(cfg.model)
+    out = Path(args.work) / f"synthetic{dim}-{args.n}-R{args.R}-L{args.L_build}-pq{min(args.pq_bytes, 32)}"
     if not (out / "records.bin").exists():
         pq = args.pq_bytes
         args.pq_bytes = min(pq, 32)
-        build_if_missing(out, random_unit_vectors(args.n, 64, seed=0),
+        build_if_missing(out, random_unit_vectors(args.n, dim, seed=0),
                          synthetic_metadata(args.n, seed=0, image_base_url="https://i.example.org"), args)
         args.pq_bytes = pq
     texts = (DATASET / "queries_ood.txt").read_text().splitlines() if DATASET.exists() else [
         f"synthetic query {i}" for i in range(2000)]
     # Sentences over the model's context would be (correctly) refused with a 422: leave them out.
-    from memescale.embed.torchvision_shim import ensure_torchvision
-    from memescale.search.requests import token_count
+    tok = load_tokenizer(cfg.model)
+    ctx = int(getattr(tok, "context_length", 77))
+    bodies = [{"text": t, "k": args.k} for t in texts[: args.max_queries]
+              if t.strip() and (token_count(tok, t) or 0) <= ctx]
+    return out, bodies
 
-    ensure_torchvision()
+
+def _model_dim(model_cfg) -> int:
+    """The embedding width of the configured open_clip model, from its config (not built)."""
     import open_clip
 
-    tok = open_clip.get_tokenizer("ViT-B-32")  # the tiny model's tokenizer (CLIP BPE, 77 tokens)
-    bodies = [{"text": t, "k": args.k} for t in texts[: args.max_queries]
-              if t.strip() and token_count(tok, t) <= tok.context_length]
-    return out, bodies
+    if model_cfg.config_file:
+        open_clip.add_model_config(model_cfg.config_file)
+    return int(open_clip.get_model_config(model_cfg.name)["embed_dim"])
 
 
 async def run_load(url: str, bodies: list[dict], rate: float, clients: int, duration: float) -> tuple[list[dict], float]:
@@ -129,6 +154,7 @@ async def run_load(url: str, bodies: list[dict], rate: float, clients: int, dura
                                             headers={"Content-Type": "application/json"}) as resp:
                         body = await resp.read()
                         rec["status"] = resp.status
+                        rec["retry_after"] = resp.headers.get("Retry-After")
                         if resp.status == 200:
                             rec["stats"] = json.loads(body)["stats"]
                 except Exception as e:  # timeouts, resets: counted as errors
@@ -201,6 +227,76 @@ def summarise(name: str, records: list[dict], wall: float, args) -> dict:
     return out
 
 
+def serve_replicas() -> set[str]:
+    """Actor ids of the Serve replicas alive now."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+            if "ServeReplica" in (a.class_name or "")}
+
+
+def per_second(records: list[dict], t0: float, seconds: int) -> list[dict]:
+    """Ok requests and their p99 latency (from the scheduled time) in each second after t0."""
+    out = []
+    for sec in range(seconds):
+        lat = [(r["done"] - r["scheduled"]) * 1000 for r in records
+               if r.get("status") == 200 and t0 + sec <= r["scheduled"] < t0 + sec + 1]
+        out.append({"second": sec, "ok": len(lat), "p99_ms": pct(lat, 99)})
+    return out
+
+
+def overload_drill(name: str, url: str, bodies: list[dict], args) -> dict:
+    """Capacity, normal, a burst at --overload-factor x capacity, then normal again (module doc)."""
+    records, wall = asyncio.run(run_load(url, bodies, 0, args.clients, 10.0))
+    capacity = sum(r.get("status") == 200 for r in records) / wall
+    normal_rate = 0.5 * capacity
+    records, wall = asyncio.run(run_load(url, bodies, normal_rate, args.clients, 15.0))
+    normal = [(r["done"] - r["scheduled"]) * 1000 for r in records if r.get("status") == 200]
+    normal_p99 = pct(normal, 99)
+    before = serve_replicas()
+    burst_rate = args.overload_factor * capacity
+    clients = int(min(4096, burst_rate * 2))  # never the client's limit: excess must reach the server
+    burst, burst_wall = asyncio.run(run_load(url, bodies, burst_rate, clients, args.overload_duration))
+    t_after = time.perf_counter()
+    after, _ = asyncio.run(run_load(url, bodies, normal_rate, args.clients, 15.0))
+    alive = serve_replicas()
+    ok = [r for r in burst if r.get("status") == 200]
+    shed = [r for r in burst if r.get("status") == 503]
+    other: dict[str, int] = {}
+    for r in burst + after:
+        if r.get("status") not in (200, 503):
+            other[str(r.get("status"))] = other.get(str(r.get("status")), 0) + 1
+    admitted_p99 = pct([(r["done"] - r["scheduled"]) * 1000 for r in ok], 99)
+    shed_ms = [(r["done"] - r["sent"]) * 1000 for r in shed]
+    seconds = per_second(after, t_after, 15)
+    good = [s["ok"] >= 0.9 * normal_rate and s["p99_ms"] <= 2 * normal_p99 for s in seconds[:-1]]
+    recovered_s = next((i for i in range(len(good)) if all(good[i:])), None)
+    out = {
+        "scenario": name, "mode": "overload", "capacity_qps": round(capacity, 1), "normal_rate": round(normal_rate, 1),
+        "normal_p99_ms": round(normal_p99, 2), "burst_rate": round(burst_rate, 1),
+        "burst_s": round(burst_wall, 1), "burst_requests": len(burst), "burst_ok": len(ok),
+        "burst_ok_qps": round(len(ok) / burst_wall, 1), "admitted_p99_ms": round(admitted_p99, 2),
+        "shed_503": len(shed), "shed_with_retry_after": sum(r.get("retry_after") is not None for r in shed),
+        "shed_ms": {"p50": round(pct(shed_ms, 50), 2), "p99": round(pct(shed_ms, 99), 2)},
+        "other_errors": other, "replicas_before": len(before), "replicas_lost": len(before - alive),
+        "after_per_second": seconds, "recovered_after_s": recovered_s, "loadavg": os.getloadavg(),
+    }
+    checks = {
+        "admitted p99 <= 2x normal": admitted_p99 <= 2 * normal_p99,
+        "excess refused with 503 + Retry-After": bool(shed) and out["shed_with_retry_after"] == len(shed) and not other,
+        "no replica lost": not (before - alive),
+        "normal again within 5 s": recovered_s is not None and recovered_s <= 5,
+    }
+    out["checks"] = checks
+    print(f"\n== {name} overload: capacity {capacity:.1f} QPS; normal {normal_rate:.1f} QPS p99 {normal_p99:.1f} ms; "
+          f"burst {burst_rate:.1f} QPS for {burst_wall:.0f} s: {len(ok)} ok ({out['burst_ok_qps']} QPS) p99 "
+          f"{admitted_p99:.1f} ms, {len(shed)} x 503 (p50 {out['shed_ms']['p50']:.1f} / p99 {out['shed_ms']['p99']:.1f} ms, "
+          f"{out['shed_with_retry_after']} with Retry-After), other errors {other or 'none'}; replicas lost "
+          f"{out['replicas_lost']} of {len(before)}; normal again after {recovered_s} s")
+    print("   " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+    return out
+
+
 def tree_cpu() -> dict[str, float]:
     """CPU seconds used so far by this process and each descendant (the local Ray cluster it
     started: raylet, GCS, Serve proxy, controller and replicas), keyed by a short name."""
@@ -248,6 +344,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "serve_load"))
     p.add_argument("--build-only", action="store_true", help="build (or check) the indexes and stop")
+    p.add_argument("--overload", action="store_true", help="run the overload drill (module doc)")
+    p.add_argument("--overload-factor", type=float, default=4.0)
+    p.add_argument("--overload-duration", type=float, default=30.0)
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
@@ -275,6 +374,9 @@ def main() -> None:
         url = base + "/api/search"
         try:
             asyncio.run(run_load(url, bodies[::7], max(args.rate, 20), args.clients, args.warmup))
+            if args.overload:
+                results.append(overload_drill(name, url, bodies, args))
+                continue
             cpu0 = tree_cpu()
             records, wall = asyncio.run(run_load(url, bodies, args.rate, args.clients, args.duration))
             cpu1 = tree_cpu()
@@ -296,7 +398,8 @@ def main() -> None:
     ray.shutdown()
     report = {"args": vars(args), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
               "results": results, "ray_env": RAY_ENV}
-    path = Path(args.work) / f"serve_load_{'closed' if args.rate == 0 else f'{args.rate:g}qps'}.json"
+    tag = "overload" if args.overload else ("closed" if args.rate == 0 else f"{args.rate:g}qps")
+    path = Path(args.work) / f"serve_load_{tag}.json"
     path.write_text(json.dumps(report, indent=1))
     log(f"wrote {path}")
 

@@ -175,7 +175,15 @@ class ServeConfig:
     index_io: str = "mmap"  # record reads: "mmap" (page cache) or "direct" (O_DIRECT + native AIO)
     # How often a Searcher looks for committed index updates and new generations (seconds)
     refresh_s: float = 1.0
-    max_ongoing_requests: int = 64
+    max_ongoing_requests: int = 64  # calls an Encoder or Searcher replica takes at once
+    # Admission (overload): an Api replica works on at most api_max_ongoing_requests HTTP
+    # requests at once; up to max_queued_requests more wait at each Serve proxy, and the rest
+    # get a fast 503 with Retry-After: retry_after_s (-1: queue without limit). Admitted requests
+    # then wait behind at most that many: their latency stays bounded (bench/serve_load.py
+    # --overload measures it).
+    api_max_ongoing_requests: int = 8
+    max_queued_requests: int = 8
+    retry_after_s: float = 1.0
     access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL
     # Search

@@ -5,6 +5,10 @@ process on the spot, as a power cut or the OOM killer would. ``MEMESCALE_CRASH_L
 each point reached appends its name to PATH (a test counts them, then picks seeded N).
 Neither set: `crash_point` is a no-op. Points sit between the steps of an operation whose
 durable state changes (after a write, before its fsync, after a rename).
+
+A job's driver calls `arm_from_env()` first thing: it takes both variables out of the
+environment, so the Ray workers the driver starts (which inherit it) never crash and the
+drill kills the driver alone, at the N-th point it reaches.
 """
 
 from __future__ import annotations
@@ -13,11 +17,23 @@ import os
 import signal
 
 _reached = 0
+_armed: tuple[str | None, str | None] | None = None
+
+
+def arm_from_env() -> None:
+    """Take ``MEMESCALE_CRASH_AT`` / ``MEMESCALE_CRASH_LOG`` out of os.environ into this process
+    (module doc). Idempotent."""
+    global _armed
+    if _armed is None:
+        _armed = (os.environ.pop("MEMESCALE_CRASH_AT", None), os.environ.pop("MEMESCALE_CRASH_LOG", None))
 
 
 def crash_point(name: str) -> None:
     """Count this point; die here when it is the one ``MEMESCALE_CRASH_AT`` names."""
-    at, path = os.environ.get("MEMESCALE_CRASH_AT"), os.environ.get("MEMESCALE_CRASH_LOG")
+    if _armed is not None:
+        at, path = _armed
+    else:
+        at, path = os.environ.get("MEMESCALE_CRASH_AT"), os.environ.get("MEMESCALE_CRASH_LOG")
     if at is None and path is None:
         return
     global _reached

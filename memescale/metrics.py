@@ -19,6 +19,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "memescale_ingest_images_failed": ("counter", "Images that failed, by reason", ("reason",), None),
     "memescale_ingest_images_discarded": ("counter", "Images discarded, by reason", ("reason",), None),
     "memescale_ingest_images_encoded": ("counter", "Images encoded to vectors", (), None),
+    "memescale_ingest_images_retried": ("counter", "Images given a retry pass after a transient failure", (), None),
     "memescale_ingest_bytes": ("counter", "Image bytes downloaded", (), None),
     "memescale_ingest_fetch_seconds": (
         "histogram", "Per-image download latency", (), [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
@@ -49,6 +50,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "histogram", "Seconds per index update command, by operation", ("op",), [0.1, 0.3, 1, 3, 10, 30, 100, 300,
                                                                                 1000, 3000]),
     "memescale_serve_index_refreshes": ("counter", "Committed index updates a Searcher took in", (), None),
+    "memescale_serve_corrupt_records": ("counter", "Damaged index records met by searches (failed their checksum), "
+                                        "skipped, never returned", (), None),
     "memescale_build_phase_seconds": ("gauge", "Wall seconds of each finished build phase", ("phase",), None),
     "memescale_build_shard_peak_bytes": ("gauge", "Peak anonymous memory of each shard graph task, and what it "
                                          "declared", ("shard", "kind"), None),

@@ -25,6 +25,7 @@ import sys
 
 from memescale.build.plan import BuildPlanError, format_plan, plan_for_config
 from memescale.config import ConfigError, load_config
+from memescale.crashpoints import arm_from_env
 from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
 from memescale.ray_runtime import init_ray
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and not args.plan_only:
         p.error("--out is required unless --plan-only")
     setup_logging()
+    arm_from_env()  # crash drills kill this driver, never its Ray workers
     try:
         cfg = load_config(args.config, args.set)
         if args.shards is not None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from memescale.config import ConfigError, load_config
+from memescale.crashpoints import arm_from_env
 from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.logs import setup_logging
 from memescale.quality.heads import HeadsError, QualityHeads
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     setup_logging()
+    arm_from_env()  # crash drills kill this driver, never its Ray workers
     try:
         cfg = load_config(args.config, args.set)
         if args.heads is not None:

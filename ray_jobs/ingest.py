@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python ray_jobs/ingest.py --config ... --dumps ... --out ...
 
 Rerunning with the same arguments resumes: completed chunks are skipped, nothing is lost or
-written twice. Exit status: 0 done, 2 bad arguments/config or model weights unavailable.
+written twice. `--retry-failed` also gives the images that failed for transient reasons in
+earlier runs one more try each (a retry pass per chunk, recorded like a chunk). Exit status: 0 done, 2 bad arguments/config or model weights unavailable.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 
 from memescale.config import ConfigError, load_config
+from memescale.crashpoints import arm_from_env
 from memescale.embed.encoder import WeightsUnavailableError, check_weights
 from memescale.ingest.chunks import PostFilter, parse_date
 from memescale.ingest.dumps import expand_dump_paths
@@ -34,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", default=None, help="only posts created on/after DATE (YYYY-MM-DD, UTC)")
     p.add_argument("--before", default=None, help="only posts created before DATE (YYYY-MM-DD, UTC)")
     p.add_argument("--allow-private", action="store_true", help="allow private/loopback image hosts")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also try once more the images that failed for transient reasons (timeout, 429, 5xx, "
+                        "connection, DNS) in chunks completed by earlier runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     setup_logging()
+    arm_from_env()  # crash drills kill this driver, never its Ray workers
     try:
         cfg = load_config(args.config, args.set)
         if args.allow_private:
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from memescale.ingest.pipeline import run_ingest
 
-    summary = run_ingest(cfg, dumps, args.out, post_filter, args.limit, progress=not args.no_progress)
+    summary = run_ingest(cfg, dumps, args.out, post_filter, args.limit, progress=not args.no_progress,
+                         retry_failed=args.retry_failed)
     log.info("ingest finished", extra={"summary": summary})
     print(json.dumps(summary, indent=1, sort_keys=True))
     return 0

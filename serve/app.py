@@ -25,7 +25,9 @@ Endpoints (OpenAPI at /docs and /openapi.json):
     GET  /               the search page (serve/static/ and memescale/web_static/: no build step)
 Invalid input is a 422 with a message (types, several inputs, undecodable image, wrong-length
 embedding, text over the model's context, refused image_url, bad cursor); a body over
-`serve.max_body_bytes` is a 413; a failed backend deployment is a 503.
+`serve.max_body_bytes` is a 413; a failed backend deployment is a 503. Overload: beyond
+`serve.api_max_ongoing_requests` per Api replica plus `serve.max_queued_requests` waiting at
+the proxy, a request is refused at once with 503 and `Retry-After`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
@@ -54,6 +56,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.config import BackpressureConfig
 
 import memescale
 from memescale.config import Config, IngestConfig, load_config
@@ -424,6 +427,8 @@ class Api:
                           ("metadata", st["metadata_ms"]), ("total", st["total_ms"])):
             prom.REGISTRY.record("memescale_serve_latency_seconds", ms / 1000, stage=stage)
         prom.REGISTRY.record("memescale_serve_index_reads", st["reads"])
+        if st.get("corrupt_records"):
+            prom.REGISTRY.record("memescale_serve_corrupt_records", st["corrupt_records"])
         nxt = encode_cursor(offset + k, qhash) if out["more"] else None
         return {"results": out["results"], "stats": st, "offset": offset, "next_cursor": nxt}
 
@@ -555,7 +560,9 @@ def app_for(cfg: Config, index_dir: str | os.PathLike):
         ray_actor_options={"num_cpus": s.searcher_cpus},
     ).bind(str(index_dir), cfg)
     return Api.options(  # type: ignore[attr-defined]
-        num_replicas=s.api_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        num_replicas=s.api_replicas, max_ongoing_requests=s.api_max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
         logging_config={"log_level": s.log_level, "enable_access_log": s.access_log},
         ray_actor_options={"num_cpus": s.api_cpus},
     ).bind(encoder, searcher, cfg, telemetry_path)

@@ -235,7 +235,7 @@ def test_4xx_is_not_retried_but_429_is(server, cfg):
     r = fetch_one(f"{server.base}/status/404", cfg)
     assert (r.reason, r.status, r.attempts) == ("http_4xx", 404, 1)
     r = fetch_one(f"{server.base}/status/429", cfg)
-    assert (r.reason, r.status, r.attempts) == ("http_4xx", 429, 3)
+    assert (r.reason, r.status, r.attempts) == ("http_429", 429, 3)
     assert server.hits["/status/429"] == 3
 
 

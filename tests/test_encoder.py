@@ -109,6 +109,41 @@ def test_text_only_and_int8_text_towers(tiny):
     assert q.text_int8
     got = q.encode_texts(texts).astype(np.float32)
     assert float(np.min(np.sum(got * ref, axis=1))) > 0.99
+    # the attention's projections are quantised too, not left in fp32 inside MultiheadAttention
+    import torch
+
+    tower = q.model.text if hasattr(q.model, "text") else q.model.transformer
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in tower.modules())
+    dyn = torch.ao.nn.quantized.dynamic.Linear
+    blocks = _blocks(tower)
+    assert blocks and sum(isinstance(m, dyn) for m in tower.modules()) >= 4 * len(blocks)
+
+
+def _blocks(tower):
+    import torch
+
+    return [m for m in tower.modules() if any(isinstance(c, torch.nn.LayerNorm) for c in m.children())
+            and hasattr(m, "mlp")]
+
+
+def test_split_attention_matches_multihead_attention():
+    """The quantisable self-attention gives MultiheadAttention's outputs, batch-first or not,
+    with and without an additive mask."""
+    import torch
+
+    from memescale.embed.encoder import _split_attention_projections
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = torch.nn.MultiheadAttention(48, 4, batch_first=batch_first).eval()
+        holder = torch.nn.Sequential(mha)
+        x = torch.randn(3, 7, 48) if batch_first else torch.randn(7, 3, 48)
+        mask = torch.triu(torch.full((7, 7), float("-inf")), 1)
+        want = [mha(x, x, x, need_weights=False, attn_mask=m)[0] for m in (None, mask)]
+        assert _split_attention_projections(torch, holder) == 1
+        got = [holder[0](x, x, x, need_weights=False, attn_mask=m)[0] for m in (None, mask)]
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_an_int8_text_tower_that_drifts_from_fp32_is_refused(monkeypatch, tiny, caplog):
@@ -120,3 +155,28 @@ def test_an_int8_text_tower_that_drifts_from_fp32_is_refused(monkeypatch, tiny, 
         q = ImageTextEncoder(cfg, text_only=True, text_int8=True)
     assert not q.text_int8 and "int8 text tower refused" in caplog.text
     assert np.array_equal(q.encode_texts(["a cat"]), tiny.encode_texts(["a cat"]))
+
+
+def test_random_weights_get_stand_in_tokens_where_the_tokenizer_cannot_load(monkeypatch):
+    """SigLIP's tokenizer needs `transformers` and the hub: a random-weight (timing) model gets
+    stand-in tokens of its context length and vocabulary; a real one gets the instructions."""
+    import open_clip
+
+    from memescale.embed.encoder import StandInTokenizer, load_tokenizer, token_count
+
+    real = open_clip.get_tokenizer
+
+    def unavailable(name, *a, **kw):
+        if "SigLIP" in name:
+            raise OSError("no tokenizer files here")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", unavailable)
+    cfg = load_config(ROOT / "configs" / "cpu.toml", ["model.random_weights=true", 'model.pretrained=""']).model
+    tok = load_tokenizer(cfg)
+    assert isinstance(tok, StandInTokenizer) and tok.context_length == 64
+    ids = tok(["a cat meme", "when the code compiles"])
+    assert tuple(ids.shape) == (2, 64) and int(ids.max()) < tok.vocab_size
+    assert token_count(tok, "a cat meme") == 5
+    with pytest.raises(WeightsUnavailableError, match="no tokenizer files here"):
+        load_tokenizer(load_config(ROOT / "configs" / "cpu.toml").model)

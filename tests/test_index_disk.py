@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from memescale.index import Index, IndexFormatError, IndexParams, build_index, train_pq, write_index
-from memescale.index.disk import ARRAYS_FILE, CODES_FILE, INDEX_FILES, OVERFLOW_FILE, RECORDS_FILE, SECTOR, RecordLayout
+from memescale.index.disk import (
+    ARRAYS_FILE,
+    CODES_FILE,
+    FORMAT_VERSION,
+    INDEX_FILES,
+    OVERFLOW_FILE,
+    RECORDS_FILE,
+    SECTOR,
+    RecordLayout,
+)
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -141,8 +150,8 @@ def rewrite_version(path, header_len, version):
 @pytest.mark.parametrize("name, header_len", [(RECORDS_FILE, 88), (CODES_FILE, 48), (ARRAYS_FILE, 48)])
 def test_wrong_version_is_rejected(built, tmp_path, name, header_len):
     d = copy_index(built[0], tmp_path / "v")
-    rewrite_version(d / name, header_len, 2)
-    with pytest.raises(IndexFormatError, match=f"{name}.*unsupported format version 2"):
+    rewrite_version(d / name, header_len, FORMAT_VERSION + 1)
+    with pytest.raises(IndexFormatError, match=f"{name}.*unsupported format version {FORMAT_VERSION + 1}"):
         Index.open(d)
 
 
@@ -167,20 +176,68 @@ def test_build_is_byte_identical_for_a_seed(tmp_path):
     assert (tmp_path / "a" / RECORDS_FILE).read_bytes() != (tmp_path / "c" / RECORDS_FILE).read_bytes()
 
 
-def test_corrupt_neighbour_id_stops_search_with_a_clear_error(built, tmp_path):
+def test_corrupt_neighbour_id_is_skipped_and_counted(built, tmp_path):
     d = copy_index(built[0], tmp_path / "n")
     with Index.open(d, threads=1, cache_nodes=0) as index:
         lay = index.layout
         entry = int(index.entry_points[0])
+        want, _, _ = index.search(np.ones((2, 32), np.float32), 5, L=20)
     raw = bytearray((d / RECORDS_FILE).read_bytes())
     at = int(lay.offset(entry)) + lay.nbr_off
     raw[at : at + 4] = struct.pack("<i", 10**9)
     (d / RECORDS_FILE).write_bytes(bytes(raw))
-    with Index.open(d, threads=1, cache_nodes=0) as index:
-        with pytest.raises(IndexFormatError, match=f"{RECORDS_FILE}.*neighbour id out of range"):
-            index.search(np.ones((2, 32), np.float32), 5, L=20)
-    with pytest.raises(IndexFormatError, match=f"{RECORDS_FILE}.*corrupt degree or neighbour ids"):
-        Index.open(d, threads=1, cache_nodes=10)
+    for cache in (0, 10):  # read from disk, or met while choosing the cached records
+        with Index.open(d, threads=1, cache_nodes=cache) as index:
+            assert entry not in index._cache_ids
+            ids, scores, st = index.search(np.ones((2, 32), np.float32), 5, L=20)
+            assert st.corrupt.tolist() == [1, 1] and st.summary()["corrupt_records"] == 2
+            assert entry not in ids and (ids >= 0).all()
+            assert len(set(ids[0].tolist()) & set(want[0].tolist())) >= 3  # the rest of its list still routes
+            with pytest.raises(IndexFormatError, match=f"node {entry}: record checksum mismatch"):
+                index.metadata([entry])
+            with pytest.raises(IndexFormatError, match=f"node {entry}: record checksum mismatch"):
+                index.vectors([entry])
+
+
+@pytest.mark.parametrize("io", ["mmap", "direct"])
+def test_flipped_bits_never_return_a_wrong_score_or_metadata(built, tmp_path, io):
+    """Bits flipped at random offsets of records.bin: every result still has its true score
+    and metadata; a damaged record that would have been a result is dropped and counted."""
+    out, X, meta, _ = built
+    d = copy_index(out, tmp_path / "flip")
+    with Index.open(d, threads=1) as index:
+        lay = index.layout
+    rng = np.random.default_rng(7)
+    raw = bytearray((d / RECORDS_FILE).read_bytes())
+    starts = lay.offset(np.arange(len(X)))
+    flipped = set()
+    while len(flipped) < 25:
+        at = int(rng.integers(lay.sector, len(raw)))
+        node = int(np.searchsorted(starts, at, side="right") - 1)
+        if at >= starts[node] + lay.record_size or node in flipped:
+            continue  # sector padding outside every record, or a node already hit
+        raw[at] ^= 1 << int(rng.integers(8))
+        flipped.add(node)
+    (d / RECORDS_FILE).write_bytes(bytes(raw))
+    X16 = X.astype(np.float16).astype(np.float32)
+    queries = np.concatenate([X[sorted(flipped)], unit_vectors(30, 32, seed=9)])
+    try:
+        index = Index.open(d, threads=2, io=io)
+    except Exception as e:  # noqa: BLE001 - the platform cannot read directly
+        pytest.skip(f"direct I/O unavailable here: {e}")
+    with index:
+        ids, scores, st = index.search(queries, 10, L=60)
+        got = ids[ids >= 0]
+        assert not set(got.tolist()) & flipped
+        np.testing.assert_allclose(scores[ids >= 0], np.einsum("ij,ij->i", X16[got], np.repeat(
+            queries, 10, axis=0)[(ids >= 0).ravel()]), rtol=1e-4, atol=1e-4)
+        assert index.metadata(np.unique(got)) == [meta[i] for i in np.unique(got)]
+        # each flipped node, queried with its own vector, was its own best match: dropped and counted
+        assert (st.corrupt[: len(flipped)] >= 1).all()
+        assert (ids[: len(flipped), 0] != np.array(sorted(flipped))).all()
+        assert (ids >= 0).sum(axis=1).min() >= 9  # the places are refilled from the rest
+        sound = index.records_ok(np.arange(len(X)))
+        assert set(np.flatnonzero(~sound).tolist()) == flipped
 
 
 def test_params_from_project_config():

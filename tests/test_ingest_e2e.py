@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,6 +33,7 @@ from memescale.testing.sample_data import ImageServer, image_files, sample_recor
 pytestmark = pytest.mark.slow  # Ray jobs end to end
 
 N_IMAGES = 72
+SERVERS: dict[Path, ImageServer] = {}  # the corpus's image server, by dump
 
 
 def _ingest_cmd(dump: Path, out: Path, *extra: str) -> list[str]:
@@ -55,6 +56,7 @@ def corpus(tmp_path_factory):
         records = sample_records(names, srv.base_url)
         dump = write_sample_dump(tmp / "RS_2020-09.zst", records)
         expected = {r.image_id: r for rec in records for r in extract_image_refs(rec)}
+        SERVERS[dump] = srv
         yield tmp, dump, expected
 
 
@@ -89,10 +91,16 @@ def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest):
     assert {p: os.stat(p).st_mtime_ns for p in ShardStore(str(out)).shard_paths()} == before
 
 
-def test_kill_9_then_resume_gives_the_same_images(corpus):
+def test_kill_9_then_resume_with_retry_failed_gives_the_same_images(corpus):
+    """The first run meets a host down (503) for one image of every chunk and is killed after
+    its first chunks; the rerun, with --retry-failed and the host back, redoes the rest and gives
+    the failed images of the finished chunks their retry: every image exactly once."""
     tmp, dump, expected = corpus
     out = tmp / "killed"
     manifest = out / "_manifest"
+    srv = SERVERS[dump]
+    down = {r.url.split("?")[0].rsplit("/", 1)[-1] for _, refs in _run_plan_chunks(dump) for r in refs[:1]}
+    srv.failing.update(unquote(name) for name in down)
     proc = subprocess.Popen(_ingest_cmd(dump, out), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
@@ -102,11 +110,15 @@ def test_kill_9_then_resume_gives_the_same_images(corpus):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(list(manifest.glob("*.json")))
+    srv.failing.clear()
+    finished = ShardStore(str(out)).done()
     total_chunks = len(_run_plan_chunks(dump))
-    assert 0 < partial < total_chunks, "the kill did not land in the middle of the run"
+    assert 0 < len(finished) < total_chunks, "the kill did not land in the middle of the run"
+    failed = sum(r.failed.get("http_5xx", 0) for r in finished.values())
+    assert failed == len(finished), "one image of each finished chunk failed"
 
-    _run(_ingest_cmd(dump, out))
+    summary = _run(_ingest_cmd(dump, out, "--retry-failed"))
+    assert (summary["retried"], summary["recovered"], summary["failed"]) == (failed, failed, {})
     ids = read_shards(str(out), columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids))
     assert set(ids) == set(expected)
@@ -178,3 +190,4 @@ def test_a_config_asking_for_gpus_the_cluster_lacks_exits_with_a_message(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ingest's encoder asks for 2 GPU(s) (2 x ingest.gpus_per_encoder=1) but the Ray cluster has 0" in proc.stderr
     assert not (tmp_path / "o").exists()
+

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from memescale.config import CHOICES, ConfigError, load_config
@@ -63,15 +64,16 @@ def test_post_filter_dates_and_sample(dump):
     assert 0.2 < len(set(half)) / len(set(_posts(list(plan_chunks([dump], 7, {}))))) < 0.8
 
 
-def _rows(result, refs, dim=4):
+def _rows(result, refs, dim=4, fail=None):
+    """Pipeline output rows of one chunk: ref i failed for reason fail[i] (default: ref 0 timed
+    out), the others encoded."""
     n = len(refs) + 1
-    status = ["ok"] * len(refs) + ["marker"]
-    if refs:
-        status[0] = "failed"
+    fail = {0: "timeout"} if fail is None and refs else (fail or {})
+    status = ["failed" if i in fail else "ok" for i in range(len(refs))] + ["marker"]
     return {
         "chunk": np.array([result.key] * n, dtype=object), "chunk_total": np.full(n, n),
         "seq": np.arange(n), "status": np.array(status, dtype=object),
-        "reason": np.array(["timeout" if s == "failed" else "" for s in status], dtype=object),
+        "reason": np.array([fail.get(i, "") for i in range(n)], dtype=object),
         "chunk_info": np.array([""] * len(refs) + [json.dumps(asdict(result))], dtype=object),
         **{c: np.array([getattr(r, c) for r in refs] + [blank], dtype=object if isinstance(blank, str) else None)
            for c, blank in (("image_id", -1), ("post_id", ""), ("image_index", -1), ("url", ""),
@@ -98,8 +100,8 @@ def test_assembler_emits_each_chunk_once_in_input_order(dump, tmp_path):
     store = ShardStore(str(tmp_path / "out"))
     emitted = []
     for p in pieces:
-        for result, table in asm.add(p):
-            store.write_chunk(result, table)
+        for result, table, failures in asm.add(p):
+            store.write_chunk(result, table, failures=failures)
             emitted.append(result.key)
     assert sorted(emitted) == sorted(c.key for c, _ in chunks) and not asm.pending()
     done = store.done()
@@ -109,6 +111,45 @@ def test_assembler_emits_each_chunk_once_in_input_order(dump, tmp_path):
     assert sorted(t.column("image_id").to_pylist()) == sorted(expect)
     first = [r.image_id for r in chunks[0][1][1:]]
     assert t.column("image_id").to_pylist()[: len(first)] == first
+
+
+def test_retry_passes_take_transient_failures_once_and_never_double(dump, tmp_path):
+    """A chunk's transient failures (timeout, 5xx, ...) go to its failures file, permanent ones
+    (404) do not; `plan_retries` plans one pass per chunk from the latest pass's failures (the
+    same pass again after a crash), and the summary replaces retried failures by the pass's own."""
+    from memescale.ingest.chunks import plan_retries
+    from memescale.shards.store import summarize
+
+    chunks = [(c, refs) for c, refs in plan_chunks([dump], 7, {}) if len(refs) >= 2]
+    assert len(chunks) >= 3
+    store = ShardStore(str(tmp_path / "out"))
+    asm = ChunkAssembler()
+    for c, refs in chunks:
+        for result, table, failures in asm.add(_rows(c, refs, fail={0: "timeout", 1: "http_4xx"})):
+            store.write_chunk(result, table, failures=failures)
+    done = store.done()
+    assert all(r.retry_file == f"_failed/{r.key}.parquet" for r in done.values())
+    planned = list(plan_retries(done, store.read_failures))
+    assert [(r.key, r.retry, r.retried, [x.image_id for x in rr]) for r, rr in planned] == [
+        (f"{c.key}-r1", 1, {"timeout": 1}, [refs[0].image_id]) for c, refs in chunks]
+    assert [r.key for r, _ in plan_retries(done, store.read_failures)] == [r.key for r, _ in planned]  # same again
+
+    # the retry pass: the first chunk's image times out again, the others' arrive
+    for j, (result, rr) in enumerate(planned):
+        for res, table, failures in asm.add(_rows(result, rr, fail={0: "timeout"} if j == 0 else {})):
+            store.write_chunk(res, table, failures=failures)
+    done = store.done()
+    total = summarize(list(done.values()))
+    assert total["chunks"] == len(chunks) and total["refs"] == sum(len(refs) for _, refs in chunks)
+    assert total["failed"] == {"timeout": 1, "http_4xx": len(chunks)}
+    assert (total["retried"], total["recovered"]) == (len(chunks), len(chunks) - 1)
+    ids = read_shards(str(tmp_path / "out"), columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == total["encoded"]
+    assert set(ids) == {r.image_id for _, refs in chunks for r in refs[2:]} | {refs[0].image_id for _, refs in chunks[1:]}
+    again = list(plan_retries(done, store.read_failures))
+    assert [(r.key, [x.image_id for x in rr]) for r, rr in again] == [(f"{chunks[0][0].key}-r2", [chunks[0][1][0].image_id])]
+    # a pass with nothing left to retry removes no data and plans nothing more
+    assert not (tmp_path / "out" / "_failed" / f"{chunks[1][0].key}-r1.parquet").exists()
 
 
 def test_config_overrides_and_errors(tmp_path):
@@ -197,8 +238,8 @@ for result, refs in plan_chunks([dump], 7, store.done(), PostFilter(), None):  #
         "height": np.full(n, 6, dtype=np.int32),
         "embedding": (np.arange(n * 4).reshape(n, 4) % 7).astype(np.float16), "model": np.array(["m"] * n, dtype=object),
     }
-    for done, table in asm.add(rows):
-        store.write_chunk(done, table)
+    for done, table, failures in asm.add(rows):
+        store.write_chunk(done, table, failures=failures)
 '''
 
 
@@ -237,3 +278,7 @@ def test_shard_writes_killed_at_seeded_points_lose_and_double_nothing(dump, tmp_
     assert b.num_rows == a.num_rows > 0 and len(set(b.column("image_id").to_pylist())) == b.num_rows
     assert b.sort_by("image_id").equals(a.sort_by("image_id"))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    fails = sorted(p.name for p in (out / "_failed").iterdir())
+    assert fails == sorted(p.name for p in (tmp_path / "ref" / "_failed").iterdir()) and fails
+    for name in fails:
+        assert pq.read_table(out / "_failed" / name).equals(pq.read_table(tmp_path / "ref" / "_failed" / name))

@@ -284,6 +284,32 @@ def test_concurrent_requests(app):
     assert time.perf_counter() - t0 < 30
 
 
+def test_a_burst_beyond_the_admission_limit_gets_fast_503s_with_retry_after(app):
+    """tiny.toml admits serve.api_max_ongoing_requests + serve.max_queued_requests requests at
+    once; a burst of 4x that many simultaneous searches: the excess is refused with 503 and
+    Retry-After, the admitted ones answer 200, nothing else, and the server serves on."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memescale.config import load_config
+
+    s = load_config("configs/tiny.toml").serve
+    n = 4 * (s.api_max_ongoing_requests + s.max_queued_requests)
+    gate = threading.Barrier(n)
+
+    def one(i: int) -> tuple[int, str | None]:
+        gate.wait()
+        r = search(app, text=f"burst {i}", k=10)
+        return r.status_code, r.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(one, range(n)))
+    codes = [c for c, _ in got]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    assert all(ra == str(int(s.retry_after_s)) for c, ra in got if c == 503)
+    assert search(app, text="after the burst", k=10).status_code == 200
+
+
 # -- without Serve: error hand-over and the Api's downloader ---------------------------------
 
 

@@ -35,6 +35,7 @@ from memescale.build import stages
 from memescale.build.fingerprint import Phase, phase_fingerprint
 from memescale.build.plan import BuildPlan, plan_for_config
 from memescale.config import Config, IndexConfig
+from memescale.crashpoints import crash_point
 from memescale.durable import fsync_tree
 from memescale.index.build import IndexParams
 from memescale.index.partition import DiskPartition
@@ -96,6 +97,7 @@ def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: 
             record("memescale_build_shard_peak_bytes", r.peak_rss_anon, shard=str(r.shard), kind="peak")
             record("memescale_build_shard_peak_bytes", r.declared_memory, shard=str(r.shard), kind="declared")
             bar.update(1)
+            crash_point("build.shard_graph_done")
     return sorted(results, key=lambda r: r.shard)
 
 
@@ -109,6 +111,7 @@ class _Phases:
         self.reused: list[str] = []
 
     def done(self, name: str, reused: bool = False) -> None:
+        crash_point(f"build.{name}_done")
         release_free_memory()  # this phase's temporaries are not kept resident through the next
         now = time.perf_counter()
         self.seconds[name] = now - self.last

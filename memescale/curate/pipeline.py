@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 import ray
 
 from memescale.config import Config
+from memescale.crashpoints import crash_point
 from memescale.curate.decide import DECIDE_FIELDS, DROP_REASONS, Decisions, curate_table, decide, file_offsets
 from memescale.curate.screens import reference_embeddings
+from memescale.durable import fsync_tree
 from memescale.metrics import record
 from memescale.shards.corpus import collect_corpus
 from memescale.shards.store import ShardStore
@@ -66,11 +68,13 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
     work_dir = Path(work or f"{out.rstrip('/')}.work")
     paths, offsets, total = file_offsets(embeddings)
     corpus = collect_corpus(embeddings, work_dir, fields=DECIDE_FIELDS, skip_duplicates=False)
+    crash_point("curate.collected")
     if len(corpus) != total:
         raise RuntimeError(f"collected {len(corpus)} rows, the shard footers say {total}")
     references = reference_embeddings(cfg, cfg.curate.placeholder_images)
     t_collect = time.perf_counter()
     decisions, report = decide(cfg, corpus, references)
+    crash_point("curate.decided")
     t_decide = time.perf_counter()
     for outcome, n in report["counts"].items():
         if outcome != "rows":
@@ -83,13 +87,17 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
     store.fs.create_dir(store.root, recursive=True)
     for stale in store.shard_paths():
         store.fs.delete_file(stale)
+    crash_point("curate.stale_removed")
     refs = {k: ray.put(v) for k, v in asdict(decisions).items()}
     ds = ray.data.from_items([{"path": p, "first_row": o} for p, o in zip(paths, offsets)],
                              override_num_blocks=max(1, min(len(paths), 64)))
-    done = ds.map_batches(CurateFiles, batch_size=1, concurrency=max(1, cfg.curate.score_actors),
-                          fn_constructor_kwargs={"decisions": refs, "heads_path": cfg.curate.quality_heads,
-                                                 "embeddings": embeddings, "out": out}).take_all()
-    written = int(sum(r["written"] for r in done))
+    written = 0
+    for batch in ds.map_batches(CurateFiles, batch_size=1, concurrency=max(1, cfg.curate.score_actors),
+                                fn_constructor_kwargs={"decisions": refs, "heads_path": cfg.curate.quality_heads,
+                                                       "embeddings": embeddings, "out": out}).iter_batches(
+                                                           batch_size=None, batch_format="numpy"):
+        written += int(np.sum(batch["written"]))
+        crash_point("curate.file_written")
     expected = report["counts"]["kept"]
     if written != expected:
         raise RuntimeError(f"wrote {written} rows, decided to keep {expected}")
@@ -100,8 +108,13 @@ def run_curate(cfg: Config, embeddings: str, out: str, work: str | None = None) 
         "seconds": {"collect": round(t_collect - t0, 2), "decide": round(t_decide - t_collect, 2),
                     "write": round(time.perf_counter() - t_decide, 2)},
     }
-    with store.fs.open_output_stream(f"{store.root}/{SUMMARY_FILE}") as f:
+    tmp = f"{store.root}/.{SUMMARY_FILE}.tmp"
+    with store.fs.open_output_stream(tmp) as f:
         f.write(json.dumps(summary, indent=1, default=float).encode())
+    crash_point("curate.summary_written")
+    store.fs.move(tmp, f"{store.root}/{SUMMARY_FILE}")
+    if store.local:
+        fsync_tree(store.root)
     return summary
 
 

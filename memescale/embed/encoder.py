@@ -8,6 +8,7 @@ constructor raises `WeightsUnavailableError` whose message says how to provide t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -125,7 +126,10 @@ class ImageTextEncoder:
 
     def _quantize_text_tower(self) -> bool:
         """int8 dynamic quantisation of the text tower's linear layers (open_clip's CLIP keeps
-        it in `transformer`, CustomTextCLIP such as SigLIP in `text`); the image tower stays.
+        it in `transformer`, CustomTextCLIP such as SigLIP in `text`), the self-attention's
+        input and output projections included (`_split_attention_projections`: torch's
+        MultiheadAttention keeps them out of reach of dynamic quantisation, about a third of
+        the tower's weights); the image tower stays.
         Checked on load: unless every probe text's int8 embedding keeps a cosine of at least
         INT8_MIN_COSINE with the fp32 one, the fp32 tower stays (a warning says so) and this
         returns False."""
@@ -134,7 +138,9 @@ class ImageTextEncoder:
         original = getattr(self.model, name)
         probe = self._probe_tokens()
         before = self.encode_tokens(probe).astype(np.float32)
-        tower = torch.ao.quantization.quantize_dynamic(original, {torch.nn.Linear}, dtype=torch.qint8)
+        tower = copy.deepcopy(original)
+        _split_attention_projections(torch, tower)  # so the attention's projections quantise too
+        tower = torch.ao.quantization.quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8)
         for m in tower.modules():
             if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
                 m.int8_original_dtype = torch.float32  # what open_clip asks a quantised layer for
@@ -196,12 +202,7 @@ class ImageTextEncoder:
     def tokenizer(self):
         """The model's tokenizer, loaded on first use (SigLIP's needs the Hugging Face cache)."""
         if self._tokenizer is None:
-            import open_clip
-
-            try:
-                self._tokenizer = open_clip.get_tokenizer(self.cfg.name)
-            except Exception as e:
-                raise WeightsUnavailableError(_how_to_provide(self.cfg, e)) from e
+            self._tokenizer = load_tokenizer(self.cfg)
         return self._tokenizer
 
     @property
@@ -250,6 +251,46 @@ class ImageTextEncoder:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (B, dim) float16, L2-normalised (tokens past the context length are cut)."""
         return self.encode_tokens(self.tokenizer(list(texts)).numpy())
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The configured model's open_clip tokenizer (without building the model). Where it cannot
+    be loaded: WeightsUnavailableError, except for random weights (timing runs, whose outputs
+    mean nothing anyway), which get a `StandInTokenizer` and a warning."""
+    ensure_torchvision()
+    import open_clip
+
+    if cfg.config_file:
+        open_clip.add_model_config(cfg.config_file)
+    try:
+        return open_clip.get_tokenizer(cfg.name)
+    except Exception as e:
+        if not cfg.random_weights:
+            raise WeightsUnavailableError(_how_to_provide(cfg, e)) from e
+        log.warning("the tokenizer of %s cannot be loaded (%s); random weights, so stand-in tokens: "
+                    "open_clip's built-in BPE at the model's context length, ids folded into its vocabulary",
+                    cfg.name, e)
+        return StandInTokenizer(open_clip, cfg.name)
+
+
+class StandInTokenizer:
+    """Tokens of the right shape for a model whose own tokenizer cannot be loaded (SigLIP's
+    needs the Hugging Face hub), for random-weight timing runs only: open_clip's built-in CLIP
+    BPE at the model's context length, ids folded into its vocabulary. Callable like an
+    open_clip tokenizer: list of texts -> (n, context_length) int64 tensor."""
+
+    def __init__(self, open_clip, name: str):
+        text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+        self.context_length = int(text_cfg.get("context_length", 77))
+        self.vocab_size = int(text_cfg.get("vocab_size", 49408))
+        self._bpe = open_clip.get_tokenizer("ViT-B-32", context_length=self.context_length)
+        self.sot_token_id = self._bpe.sot_token_id
+
+    def __call__(self, texts, context_length: int | None = None):
+        return self._bpe(texts, context_length=context_length or self.context_length) % self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._bpe.encode(text)
 
 
 def token_count(tokenizer, text: str) -> int | None:
@@ -305,3 +346,51 @@ def check_weights(cfg: ModelConfig) -> None:
 
 def _is_path(pretrained: str) -> bool:
     return os.sep in pretrained or Path(pretrained).suffix in {".bin", ".pt", ".pth", ".safetensors"}
+
+
+def _split_attention_projections(torch, module) -> int:
+    """Replace every self-attention `torch.nn.MultiheadAttention` under `module` (batch-first
+    or not, q/k/v of one width, as open_clip's text towers use it) by `_SelfAttention`: the
+    same weights as plain `nn.Linear` layers around `scaled_dot_product_attention`, so that
+    dynamic quantisation reaches them. Same outputs up to float rounding; returns how many
+    were replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim:
+            setattr(module, name, _SelfAttention.from_mha(torch, child))
+            n += 1
+        else:
+            n += _split_attention_projections(torch, child)
+    return n
+
+
+class _SelfAttention:
+    """Built by `from_mha` as a torch.nn.Module subclass (torch is imported lazily here)."""
+
+    @staticmethod
+    def from_mha(torch, mha):
+        F = torch.nn.functional
+
+        class SelfAttention(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                d = mha.embed_dim
+                self.heads, self.batch_first = mha.num_heads, mha.batch_first
+                self.in_proj = torch.nn.Linear(d, 3 * d, bias=mha.in_proj_bias is not None)
+                self.in_proj.weight = torch.nn.Parameter(mha.in_proj_weight.detach().clone())
+                if mha.in_proj_bias is not None:
+                    self.in_proj.bias = torch.nn.Parameter(mha.in_proj_bias.detach().clone())
+                self.out_proj = torch.nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+                self.out_proj.load_state_dict(mha.out_proj.state_dict())
+
+            def forward(self, q, k=None, v=None, need_weights=False, attn_mask=None, **_):
+                if not (k is None or k is q) or not (v is None or v is q):
+                    raise ValueError("SelfAttention takes self-attention only (q is k is v)")
+                x = q if self.batch_first else q.transpose(0, 1)
+                B, L, D = x.shape
+                qkv = self.in_proj(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+                out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+                out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+                return (out if self.batch_first else out.transpose(0, 1)), None
+
+        return SelfAttention()

@@ -12,7 +12,9 @@ An index is a folder of four files, all little-endian:
     straddle one; larger records (only when the vector and neighbour list alone exceed a
     sector) take ``sectors_per_node`` whole sectors. A record holds, at fixed offsets:
     the fp16 vector (dim x 2 bytes), the degree (uint32), R neighbour ids (int32, -1
-    padded) and the metadata field: a uint32 length followed by ``meta_budget`` bytes.
+    padded), the record's CRC-32 (uint32, at ``meta_off - 4``: zlib's CRC of the record's
+    ``record_size`` bytes with this field read as zero) and the metadata field: a uint32
+    length followed by ``meta_budget`` bytes.
 
 ``pq_codes.bin``
     64-byte header (rows = N, cols = M, payload CRC-32) + N x M uint8 PQ codes.
@@ -48,8 +50,10 @@ with generation g's files (generation 0, as built, is the folder itself: ``"dir"
 the folder), so a reader sees the old or the new generation, never a mix.
 
 Integrity: opening checks every header (magic, version, CRC) and sizes, and the CRC-32 of
-the three small files; the record file's payload CRC is checked by `verify_records` (a full
-read). Any failure raises `IndexFormatError` naming the file and the problem.
+the small files; the record file's payload CRC is checked by `verify_records` (a full
+read). Any failure raises `IndexFormatError` naming the file and the problem. Each record's
+own CRC is checked where search would return it (`search.Index`): a damaged record is
+dropped from the results and counted, never returned with a wrong score or metadata.
 """
 
 from __future__ import annotations
@@ -69,10 +73,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..crashpoints import crash_point
 from ..durable import fsync_dir
+from .kernels import record_crcs
 from .labels import LABELS_FILE, MONTH_POSTINGS_FILE, POSTINGS_FILE, SCORE_POSTINGS_FILE, VOCAB_FILE, LabelWriter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CRC-32 in every record
 SECTOR = 4096
 RECORDS_FILE = "records.bin"
 CODES_FILE = "pq_codes.bin"
@@ -323,13 +329,18 @@ class RecordLayout:
     meta_budget: int
     sector: int = SECTOR
 
+    @property
+    def crc_off(self) -> int:
+        """Offset of the record's own CRC-32 (uint32), just before the metadata field."""
+        return self.meta_off - 4
+
     @classmethod
     def plan(cls, dim: int, R: int, count: int, meta_sizes: np.ndarray) -> RecordLayout:
         """Choose the record size and metadata budget for `count` nodes (see module doc)."""
         vec_off = 0
         deg_off = _align(2 * dim, 4)
         nbr_off = deg_off + 4
-        meta_off = nbr_off + 4 * R
+        meta_off = nbr_off + 4 * R + 4  # the record's CRC-32 sits between
         fixed = meta_off + 4
         want = int(np.quantile(meta_sizes, META_QUANTILE, method="higher")) if len(meta_sizes) else 0
         want = max(want, META_MIN_BUDGET)
@@ -367,7 +378,7 @@ class RecordLayout:
         """int64 layout vector handed to the numba searcher (field order: search._REC ... _R)."""
         return np.array(
             [self.record_size, self.nodes_per_sector, self.sectors_per_node, self.sector,
-             self.vec_off, self.deg_off, self.nbr_off, self.meta_off, self.dim, self.R],
+             self.vec_off, self.deg_off, self.nbr_off, self.meta_off, self.dim, self.R, self.crc_off],
             np.int64,
         )
 
@@ -528,6 +539,14 @@ def _place_metadata(rec: np.ndarray, sizes: np.ndarray, buf: np.ndarray, layout:
     return int(spill.size)
 
 
+def _seal_records(rec: np.ndarray, m: int, layout: RecordLayout) -> None:
+    """Write the CRC-32 of each of the first m records of `rec` ((rows, record_size) uint8,
+    C-contiguous) into its CRC field. O(m * record_size)."""
+    crcs = np.zeros(m, np.uint32)
+    record_crcs(rec.view(np.int32).ravel(), layout.record_size // 4, layout.crc_off // 4, m, crcs)
+    rec[:m, layout.crc_off : layout.crc_off + 4] = crcs.astype("<u4")[:, None].view(np.uint8)
+
+
 ID_SORT_ROWS = 1 << 23  # image ids sorted in RAM at a time by `write_id_map` (~16 B each)
 _ID_SCAN = 1 << 20  # image ids scanned per block
 
@@ -678,6 +697,7 @@ def write_index(
                         raise OSError(f"{spool}: metadata spool is short")
                     spilled += _place_metadata(rec, sz, buf, layout, overflow)
                     del buf
+                _seal_records(rec, m, layout)
                 if nps > 1 and nps * rs < SECTOR:
                     page = np.zeros((len(rec) // nps, SECTOR), np.uint8)
                     page[:, : nps * rs] = rec.reshape(-1, nps * rs)
@@ -687,7 +707,9 @@ def write_index(
                 del rec
             f.seek(0)
             f.write(layout.pack_header(crc))
+        crash_point("index.records_written")
         os.replace(tmp, rec_path)
+        crash_point("index.records_renamed")
         sizes = None
         spool.unlink(missing_ok=True)
 

@@ -138,6 +138,48 @@ def dot_hf(x, q):
     return s
 
 
+def _crc32_tables() -> np.ndarray:
+    """(4, 256) uint32 slicing-by-4 tables of CRC-32 (IEEE 802.3, reflected, as zlib.crc32)."""
+    t = np.zeros((4, 256), np.uint32)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
+        t[0, i] = c
+    for k in range(1, 4):
+        for i in range(256):
+            t[k, i] = (int(t[k - 1, i]) >> 8) ^ int(t[0, int(t[k - 1, i]) & 0xFF])
+    return t
+
+
+CRC32_TABLES = _crc32_tables()
+
+
+@njit(nogil=True, cache=True)
+def crc32_words(w32, lo, hi, skip):
+    """CRC-32 (the value ``zlib.crc32`` gives) of the little-endian bytes of 32-bit words
+    `w32[lo:hi]` (int32 or uint32), with word `skip` (absolute index; outside [lo, hi):
+    none) read as zero. Returns int64 in [0, 2^32). Slicing-by-4: four table lookups per
+    word, O(hi - lo)."""
+    t = CRC32_TABLES
+    c = np.int64(0xFFFFFFFF)
+    for i in range(lo, hi):
+        w = np.int64(0) if i == skip else np.int64(w32[i]) & 0xFFFFFFFF
+        c ^= w
+        c = (np.int64(t[3, c & 0xFF]) ^ np.int64(t[2, (c >> 8) & 0xFF]) ^ np.int64(t[1, (c >> 16) & 0xFF])
+             ^ np.int64(t[0, c >> 24]))
+    return c ^ 0xFFFFFFFF
+
+
+@njit(nogil=True, cache=True)
+def record_crcs(w32, record_words, crc_word, n, out):
+    """out[i] = the CRC-32 of record i of `w32` (records of `record_words` 32-bit words laid
+    end to end), its word `crc_word` read as zero, for i in [0, n). O(n * record_words)."""
+    for i in range(n):
+        lo = i * record_words
+        out[i] = crc32_words(w32, lo, lo + record_words, lo + crc_word)
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def widen(x, out):
     """Write the float32 values of stored vector `x` (d,) (uint16 fp16 bits, or int8 codes)

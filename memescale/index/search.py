@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import mmap
 import os
 import time
@@ -64,13 +65,23 @@ from .disk import (
     unpack_arrays,
     verify_records,
 )
-from .kernels import dot_hf, madvise_willneed, monotonic_ns, prefetch_address, prefetch_bytes, resolve_threads
+from .kernels import (
+    crc32_words,
+    dot_hf,
+    madvise_willneed,
+    monotonic_ns,
+    prefetch_address,
+    prefetch_bytes,
+    resolve_threads,
+)
 from .labels import LABELS_FILE, MAGIC_POSTINGS, NO_FILTER, POSTINGS_FILE, LabelFilter, load_labels
 from .pq import PQCodec, adc_score
 from .weighting import WEIGHTING_FILE, Weighting
 
+log = logging.getLogger(__name__)
+
 # Layout vector fields (disk.RecordLayout.as_array).
-_REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R = range(10)
+_REC, _NPS, _SPN, _SECTOR, _VEC, _DEG, _NBR, _META, _DIM, _R, _CRC = range(11)
 _CACHED, _MAPPED, _BUFFER = 0, 1, 2  # where a beam's record is read from
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
 _VISIT_LOAD = 2  # visited sets stay at most half full
@@ -87,7 +98,7 @@ class IndexView(NamedTuple):
     centroids: np.ndarray  # (M, 256, dsub) float32: the codec's codebooks
     codes: np.ndarray  # (N, M) uint8: PQ codes of every node
     entry: np.ndarray  # (E,) int64: entry points
-    lay: np.ndarray  # (10,) int64: record layout vector (fields _REC ... _R)
+    lay: np.ndarray  # (11,) int64: record layout vector (fields _REC ... _CRC)
     r16: np.ndarray  # uint16 view of the whole record file, mapped read-only
     r32: np.ndarray  # int32 view of the same mapping
     base_addr: int  # address of the mapping's first byte
@@ -121,6 +132,9 @@ class Results(NamedTuple):
     cmps: np.ndarray  # (n,) int64: ADC evaluations
     ns: np.ndarray  # (n,) int64: beam_search writes the monotonic ns at which each query
     # finished; _search_range turns that into the latency from the start of its group
+    corrupt: np.ndarray  # (n,) int64: records that failed their CRC (or held impossible
+    # neighbour lists) and were skipped
+    bad: np.ndarray  # (n,) int64: the last such node, -1 if none
 
 
 class Candidates(NamedTuple):
@@ -389,9 +403,15 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     pool_id = np.empty((G, 2 * L), np.int64)
     pool_s = np.empty((G, 2 * L), np.float32)
     n_pool = np.zeros(G, np.int64)
+    k = out.ids.shape[1]
+    top_s = np.empty((G, k), np.float32)  # each query's k best pool scores, descending
+    n_top = np.zeros(G, np.int64)
+    rec_words, crc_word = lay[_REC] >> 2, lay[_CRC] >> 2
     for g in range(G):
         reads[g] = 0
         cmps[g] = 0
+        out.corrupt[g] = 0
+        out.bad[g] = -1
         while _VISIT_LOAD * (n_seen[g] + n_entry) > vis.shape[1]:
             vis = _grow_visited(vis, seen, n_seen)
         shift = _hash_shift(vis.shape[1])
@@ -430,13 +450,32 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                     pool_id = _grow_rows(pool_id)
                     pool_s = _grow_rows(pool_s)
                 bu = beam_id[g, b]
+                damaged = False
                 if _accepts(bu, exclude, par.flt, ix.labels):
-                    pool_id[g, n_pool[g]] = bu
-                    pool_s[g, n_pool[g]] = dot_hf(r16b[v0 : v0 + dim], Q[g])
-                    n_pool[g] += 1
+                    s = dot_hf(r16b[v0 : v0 + dim], Q[g])
+                    if n_top[g] < k or s > top_s[g, k - 1]:
+                        # a would-be result: its record must pass its CRC first (a score
+                        # below the k-th best can never be returned, so it needs no check)
+                        w0 = off >> 2
+                        damaged = crc32_words(r32b, w0, w0 + rec_words, w0 + crc_word) != (
+                            np.int64(r32b[w0 + crc_word]) & 0xFFFFFFFF)
+                        if not damaged:
+                            t = min(n_top[g], k - 1)
+                            while t > 0 and top_s[g, t - 1] < s:
+                                top_s[g, t] = top_s[g, t - 1]
+                                t -= 1
+                            top_s[g, t] = s
+                            n_top[g] = min(n_top[g] + 1, k)
+                    if not damaged:
+                        pool_id[g, n_pool[g]] = bu
+                        pool_s[g, n_pool[g]] = s
+                        n_pool[g] += 1
                 deg = r32b[(off + lay[_DEG]) >> 2]
-                if deg < 0 or deg > lay[_R]:
-                    raise ValueError("corrupt record: degree out of range")
+                if deg < 0 or deg > lay[_R]:  # damaged: its neighbours are unknown
+                    damaged = True
+                    deg = 0
+                # a damaged record is never returned but still expanded: its in-range
+                # neighbour ids are real nodes, and skipping it could strand the search
                 nb0 = (off + lay[_NBR]) >> 2
                 for t in range(deg):  # each neighbour's PQ code (and label) is a cache miss: start them all
                     prefetch_address(code_base + np.int64(r32b[nb0 + t]) * code_row)
@@ -445,7 +484,8 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                 for t in range(deg):
                     u = r32b[nb0 + t]
                     if u < 0 or u >= n_nodes:
-                        raise ValueError("corrupt record: neighbour id out of range")
+                        damaged = True
+                        continue
                     if not _visit(vis, g, u, shift):
                         continue
                     if n_seen[g] == seen.shape[1]:
@@ -457,6 +497,9 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                                         _priority(u, tables[g], codes, par, ix.labels))
                     if pos < lowest:
                         lowest = pos
+                if damaged:
+                    out.corrupt[g] += 1
+                    out.bad[g] = bu
             c = min(cur[g], lowest)
             while c < n[g] and done[g, c]:
                 c += 1
@@ -473,7 +516,6 @@ def beam_search(Q, tables, ix, par, io, vis, out):
             for e in range(got):
                 pending[io.events[e, 0] // W] -= 1
             in_flight -= got
-    k = out.ids.shape[1]
     for g in range(G):
         for t in range(n_seen[g] - 1, -1, -1):  # reverse insertion order keeps every chain intact
             _unvisit(vis, g, seen[g, t], shift)
@@ -561,10 +603,20 @@ def _search_range(lo, hi, group, Q, ix, par, io, out):
         t0 = monotonic_ns()
         for i in range(s, e):
             _adc_table(Q[i], ix.qtransform, qt, ix.centroids, tables[i - s])
-        part = Results(out.ids[s:e], out.scores[s:e], out.reads[s:e], out.cmps[s:e], out.ns[s:e])
+        part = Results(out.ids[s:e], out.scores[s:e], out.reads[s:e], out.cmps[s:e], out.ns[s:e],
+                       out.corrupt[s:e], out.bad[s:e])
         vis = beam_search(Q[s:e], tables[: e - s], ix, par, io, vis, part)
         for i in range(s, e):
             out.ns[i] -= t0
+
+
+@njit(nogil=True, cache=True)
+def _records_ok(r32, offsets, rec_words, crc_word, ok):
+    """ok[i] = whether the record at byte offset offsets[i] of the record file (int32 view
+    `r32`) passes its CRC-32. O(len(offsets) * rec_words)."""
+    for i in range(offsets.shape[0]):
+        w0 = offsets[i] >> 2
+        ok[i] = crc32_words(r32, w0, w0 + rec_words, w0 + crc_word) == (np.int64(r32[w0 + crc_word]) & 0xFFFFFFFF)
 
 
 IO_MODES = ("mmap", "direct")
@@ -597,12 +649,13 @@ class SearchStats:
     reads: np.ndarray  # int64 sector reads (cache hits excluded)
     pq_comparisons: np.ndarray  # int64 ADC evaluations
     ms: np.ndarray  # float64 latency: from the start of the query's group to its end
+    corrupt: np.ndarray  # int64 damaged records met and skipped (failed CRC, impossible lists)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return getattr(self, name)
 
     def summary(self) -> dict[str, float]:
-        """mean / p50 / p99 of each per-query array."""
+        """mean / p50 / p99 of each per-query array, and the damaged records skipped."""
         out = {}
         for name in ("reads", "pq_comparisons", "ms"):
             a = np.asarray(self[name], np.float64)
@@ -610,6 +663,7 @@ class SearchStats:
                 out[f"{name}_mean"] = float(a.mean())
                 out[f"{name}_p50"] = float(np.percentile(a, 50))
                 out[f"{name}_p99"] = float(np.percentile(a, 99))
+        out["corrupt_records"] = float(np.sum(self.corrupt))
         return out
 
 
@@ -720,13 +774,19 @@ class Index:
             if e not in queued:
                 queued.add(e)
                 todo.append(e)
+        skipped = []
         while todo and len(order) < take:
             u = todo.popleft()
+            if not self.records_ok([u])[0]:  # left on disk: search skips it there, counted
+                skipped.append(u)
+                continue
             order.append(u)
             for v in self._neighbours(u).tolist():
                 if v not in queued:
                     queued.add(v)
                     todo.append(v)
+        if skipped:
+            self._report_corrupt(np.array([len(skipped)]), np.array(skipped[-1:]))
         ids = np.array(sorted(order), np.int64)
         rs = self.layout.record_size
         buf = np.zeros(max(1, ids.size) * rs, np.uint8)
@@ -796,6 +856,8 @@ class Index:
         reads = np.zeros(nq, np.int64)
         cmps = np.zeros(nq, np.int64)
         ns = np.zeros(nq, np.int64)
+        corrupt = np.zeros(nq, np.int64)
+        bad = np.full(nq, -1, np.int64)
         if exclude is None:
             exclude = _NO_EXCLUDE
         elif exclude.dtype != np.uint8 or exclude.ndim != 1 or exclude.shape[0] < (len(self) + 7) // 8:
@@ -805,7 +867,7 @@ class Index:
             raise IndexError(f"starts must be node ids in [0, {len(self)})")
         par = SearchParams(L, int(beam_width), int(io_budget) if io_budget else 0, bool(self.prefetch),
                            np.ascontiguousarray(exclude), flt, starts, np.float32(mismatch))
-        out = Results(ids, scores, reads, cmps, ns)
+        out = Results(ids, scores, reads, cmps, ns, corrupt, bad)
 
         def run(lo: int, hi: int) -> None:
             direct = self._direct
@@ -830,11 +892,25 @@ class Index:
             raise
         except OSError as e:  # raised by the direct-read kernels
             raise OSError(f"{self.path / RECORDS_FILE}: {e}") from None
-        except ValueError as e:
-            if str(e).startswith("corrupt record"):
-                raise IndexFormatError(self.path / RECORDS_FILE, f"{e} (Index.verify() checks every record)") from None
-            raise
-        return ids, scores, SearchStats(reads, cmps, ns / 1e6)
+        self._report_corrupt(corrupt, bad)
+        return ids, scores, SearchStats(reads, cmps, ns / 1e6, corrupt)
+
+    def _report_corrupt(self, corrupt: np.ndarray, bad: np.ndarray) -> None:
+        """Log the damaged records a call met (they were skipped, never returned)."""
+        if corrupt.any():
+            nodes = sorted(set(bad[bad >= 0].tolist()))
+            log.error("damaged index records skipped (CRC mismatch or impossible neighbour list); "
+                      "Index.verify() checks the whole file", extra={
+                          "path": str(self.path / RECORDS_FILE), "records_skipped": int(corrupt.sum()),
+                          "nodes": nodes[:20]})
+
+    def records_ok(self, ids) -> np.ndarray:
+        """(n,) bool: whether each of node ids (n,) has a record that passes its CRC-32.
+        O(n * record_size) reads through the mapping."""
+        a = self._check_ids(ids)
+        ok = np.empty(a.size, np.bool_)
+        _records_ok(self._r32, self.layout.offset(a), self.layout.record_size >> 2, self.layout.crc_off >> 2, ok)
+        return ok
 
     def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
              rerank: int = 0) -> tuple[np.ndarray, np.ndarray, SearchStats]:
@@ -851,6 +927,8 @@ class Index:
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
         reads = np.zeros(nq, np.int64)
+        corrupt = np.zeros(nq, np.int64)
+        bad = np.full(nq, -1, np.int64)
         t0 = time.perf_counter_ns()
         view = self._view
         if view is None:
@@ -864,13 +942,20 @@ class Index:
             _adc_table(Q[i], view.qtransform, qt, view.centroids, table)
             est = _adc_scores(table, self.codes, m)
             top = m[np.argpartition(-est, keep - 1)[:keep]] if keep < m.size else m
-            exact = self.vectors(top).astype(np.float32) @ Q[i]
-            order = np.argsort(-exact, kind="stable")[:k]
+            exact = self._vectors(top).astype(np.float32) @ Q[i]
+            order = np.argsort(-exact, kind="stable")
+            sound = self.records_ok(top[order[: 2 * k]])  # damaged ones are dropped, their places refilled
+            if not sound.all():
+                corrupt[i] = int((~sound).sum())
+                bad[i] = int(top[order[: 2 * k]][~sound][-1])
+                order = np.concatenate([order[: 2 * k][sound], order[2 * k :]])
+            order = order[:k]
             ids[i, : order.size] = top[order]
             scores[i, : order.size] = exact[order]
             reads[i] = top.size
         ns = np.full(nq, (time.perf_counter_ns() - t0) // max(1, nq), np.int64)
-        return ids, scores, SearchStats(reads, np.full(nq, m.size, np.int64), ns / 1e6)
+        self._report_corrupt(corrupt, bad)
+        return ids, scores, SearchStats(reads, np.full(nq, m.size, np.int64), ns / 1e6, corrupt)
 
     def _check_ids(self, ids) -> np.ndarray:
         a = np.asarray(ids, np.int64).ravel()
@@ -891,16 +976,31 @@ class Index:
         return out
 
     def vectors(self, ids) -> np.ndarray:
-        """fp16 vectors (n, d) of node ids (n,) as stored in their records."""
+        """fp16 vectors (n, d) of node ids (n,) as stored in their records; raises
+        IndexFormatError naming the node if a record fails its CRC."""
         a = self._check_ids(ids)
+        self._require_sound(a)
+        return self._vectors(a)
+
+    def _require_sound(self, a: np.ndarray) -> None:
+        ok = self.records_ok(a)
+        if not ok.all():
+            u = int(a[~ok][0])
+            self._report_corrupt(np.array([int((~ok).sum())]), np.array([u]))
+            raise IndexFormatError(self.path / RECORDS_FILE, f"node {u}: record checksum mismatch")
+
+    def _vectors(self, a: np.ndarray) -> np.ndarray:
         starts = (self.layout.offset(a) + self.layout.vec_off) // 2
         return self._r16[starts[:, None] + np.arange(self.dim)[None, :]].view(np.float16)
 
     def metadata(self, ids) -> list[dict]:
-        """Metadata dicts of node ids ({} where none was given)."""
+        """Metadata dicts of node ids ({} where none was given); raises IndexFormatError
+        naming the node if a record fails its CRC."""
         out = []
         mo = self.layout.meta_off
-        for u in self._check_ids(ids).tolist():
+        a = self._check_ids(ids)
+        self._require_sound(a)
+        for u in a.tolist():
             off = int(self.layout.offset(u)) + mo
             (length,) = np.frombuffer(self._r8[off : off + 4].tobytes(), "<u4")
             length = int(length)

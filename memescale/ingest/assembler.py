@@ -2,7 +2,8 @@
 
 Rows arrive in any order and in any grouping; each carries its chunk key, the chunk's row
 count (`chunk_total`: refs + one marker) and its position `seq`. A chunk is emitted exactly
-once, as (ChunkResult with final counts, shard table of its encoded rows in input order).
+once, as (ChunkResult with final counts, shard table of its encoded rows in input order,
+table of its refs that failed for a transient reason (`FAILURE_SCHEMA`), or None for none).
 Memory: the rows of chunks in flight. O(rows) overall.
 """
 
@@ -14,7 +15,10 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from memescale.shards.store import ChunkResult, rows_to_shard_table
+from memescale.ingest.download import TRANSIENT_REASONS
+from memescale.shards.store import FAILURE_SCHEMA, ChunkResult, rows_to_shard_table
+
+Finished = tuple[ChunkResult, pa.Table | None, pa.Table | None]
 
 
 class ChunkAssembler:
@@ -22,7 +26,7 @@ class ChunkAssembler:
         self._parts: dict[str, list[dict[str, np.ndarray]]] = {}
         self._seen: Counter[str] = Counter()
 
-    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[ChunkResult, pa.Table | None]]:
+    def add(self, batch: dict[str, np.ndarray]) -> list[Finished]:
         """Take one batch of rows; return the chunks it completed."""
         done = []
         chunks = np.asarray(batch["chunk"]).astype(str)
@@ -42,7 +46,7 @@ class ChunkAssembler:
         """Keys of chunks with rows still missing."""
         return sorted(self._parts)
 
-    def _finish(self, key: str) -> tuple[ChunkResult, pa.Table | None]:
+    def _finish(self, key: str) -> Finished:
         parts = self._parts.pop(key)
         del self._seen[key]
         cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
@@ -65,4 +69,10 @@ class ChunkAssembler:
         result.encoded = int(ok.sum())
         result.bytes = int(cols["bytes"][ok].sum())
         table = rows_to_shard_table({c: v[ok] for c, v in cols.items()}) if ok.any() else None
-        return result, table
+        reasons = cols["reason"].astype(str)
+        again = (status == "failed") & np.isin(reasons, sorted(TRANSIENT_REASONS))
+        failures = None
+        if again.any():
+            failures = pa.Table.from_arrays([pa.array(cols[f.name][again], type=f.type) for f in FAILURE_SCHEMA],
+                                            schema=FAILURE_SCHEMA)
+        return result, table, failures

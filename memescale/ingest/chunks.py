@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pyarrow as pa
 
 from memescale.ingest.dumps import iter_chunks
 from memescale.ingest.urls import BadRecord, ImageRef, extract_image_refs, parse_created_utc
@@ -65,7 +69,7 @@ def plan_chunks(
     """
     remaining = limit
     for dump in dumps:
-        skip = {r.index for r in done.values() if r.dump == os.path.basename(dump) and r.complete}
+        skip = {r.index for r in done.values() if r.dump == os.path.basename(dump) and r.complete and not r.retry}
         pending = sorted(skip)
         for chunk in iter_chunks(dump, chunk_posts, skip):
             if chunk.skipped:  # the final error chunk of a dump, already done
@@ -97,6 +101,31 @@ def plan_chunks(
             yield result, refs
         for index in pending:
             remaining = _take(remaining, done[chunk_key(os.path.basename(dump), index)].posts)
+
+
+def plan_retries(done: dict[str, ChunkResult], read_failures: Callable[[ChunkResult], pa.Table],
+                 ) -> Iterator[tuple[ChunkResult, list[SimpleNamespace]]]:
+    """Yield one retry pass for every chunk whose latest completed pass left transient
+    failures (`ChunkResult.retry_file`), with those refs, in chunk order.
+
+    Pass n + 1 of a chunk takes exactly pass n's failures, so a rerun after a crash redoes
+    the same pass (same key, same file) and an image is never encoded twice; each call
+    plans at most one pass per chunk ("once per run"). `read_failures(result)` returns the
+    `FAILURE_SCHEMA` table a manifest entry names. Cost: one read of each failures file."""
+    latest: dict[tuple[str, int], ChunkResult] = {}
+    for r in done.values():
+        if r.complete and r.retry >= latest.get((r.dump, r.index), r).retry:
+            latest[(r.dump, r.index)] = r
+    for (_, _), last in sorted(latest.items()):
+        if not last.retry_file:
+            continue
+        failures = read_failures(last)
+        refs = [SimpleNamespace(**row) for row in failures.drop_columns(["reason"]).to_pylist()]
+        if not refs:
+            continue
+        retried = Counter(failures.column("reason").to_pylist())
+        yield ChunkResult(dump=last.dump, index=last.index, first_line=last.first_line, lines=0,
+                          refs=len(refs), retry=last.retry + 1, retried=dict(retried)), refs
 
 
 def _take(remaining: int | None, n: int) -> int | None:

@@ -19,7 +19,8 @@ A per-URL failure never raises: it is a `FetchResult` with `ok=False` and a `rea
     timeout             connect, read or total timeout
     protocol_error      malformed response, server hung up mid-body
     http_3xx            a redirect status without a usable Location, or 300/304
-    http_4xx            client error status (429 included, once its retries are spent)
+    http_429            rate limited (429 Too Many Requests), once its retries are spent
+    http_4xx            any other client error status
     http_5xx            server error status, once its retries are spent
     too_many_redirects  more than `max_redirects` redirects
     redirect_loop       a redirect back to a URL already visited
@@ -29,7 +30,9 @@ A per-URL failure never raises: it is a `FetchResult` with `ok=False` and a `rea
     internal_error      an unexpected exception (logged with its traceback)
 
 Retried with exponential backoff and jitter: timeout, connect_error, protocol_error, 429 and
-5xx. Redirects are followed here, not by aiohttp, so each hop passes `netguard.check_url`, and
+5xx. `TRANSIENT_REASONS` are the failures worth another try on a later run
+(`ray_jobs/ingest.py --retry-failed`): the host may answer then; the others are the URL's or
+the content's own and would fail the same way. Redirects are followed here, not by aiohttp, so each hop passes `netguard.check_url`, and
 every connection goes through `netguard.GuardedResolver`.
 """
 
@@ -70,6 +73,7 @@ REASONS = frozenset(
         "timeout",
         "protocol_error",
         "http_3xx",
+        "http_429",
         "http_4xx",
         "http_5xx",
         "too_many_redirects",
@@ -80,6 +84,7 @@ REASONS = frozenset(
         "internal_error",
     }
 )
+TRANSIENT_REASONS = frozenset({"timeout", "connect_error", "protocol_error", "dns_error", "http_429", "http_5xx"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 SNIFF_BYTES = 64  # enough for every signature in `sniff_mime`, ftyp brands included
 
@@ -369,7 +374,7 @@ class Downloader:
         if status in REDIRECT_STATUSES and resp.headers.get("Location"):
             return _Hop(status=status, location=resp.headers["Location"])
         if status == 429:
-            return _Hop(status=status, reason="http_4xx", retryable=True)
+            return _Hop(status=status, reason="http_429", retryable=True)
         if status >= 500:
             return _Hop(status=status, reason="http_5xx", retryable=True)
         if status >= 400:

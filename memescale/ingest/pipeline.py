@@ -28,7 +28,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from memescale.config import Config, IngestConfig, ModelConfig
 from memescale.ingest.assembler import ChunkAssembler
-from memescale.ingest.chunks import PostFilter, plan_chunks
+from memescale.ingest.chunks import PostFilter, plan_chunks, plan_retries
 from memescale.metrics import record
 from memescale.shards.store import ChunkResult, ShardStore, summarize
 
@@ -62,15 +62,16 @@ class DumpSource(Datasource):
     """
 
     def __init__(self, dumps: list[str], chunk_posts: int, done: dict[str, ChunkResult],
-                 post_filter: PostFilter, limit: int | None):
+                 post_filter: PostFilter, limit: int | None, retry_from: str | None = None):
         super().__init__()
         self._args = (dumps, chunk_posts, done, post_filter, limit)
+        self._retry_from = retry_from  # the output whose transient failures get a retry pass
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        args = self._args
+        args, retry_from = self._args, self._retry_from
 
         def read() -> Iterator[pa.Table]:
             for result, refs in plan_chunks(*args):
@@ -78,6 +79,10 @@ class DumpSource(Datasource):
                 record("memescale_ingest_bad_lines", result.bad_lines)
                 record("memescale_ingest_images_found", len(refs))
                 yield _chunk_block(result, refs)
+            if retry_from is not None:
+                for result, retry_refs in plan_retries(args[2], ShardStore(retry_from).read_failures):
+                    record("memescale_ingest_images_retried", len(retry_refs))
+                    yield _chunk_block(result, retry_refs)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return [ReadTask(read, meta)]
@@ -211,10 +216,12 @@ class EncodeStage:
 
 
 def build_dataset(cfg: Config, image_size: int, dumps: list[str], done: dict[str, ChunkResult],
-                  post_filter: PostFilter, limit: int | None) -> ray.data.Dataset:
-    """Wire the stages into one lazy streaming Dataset (nothing runs until it is iterated)."""
+                  post_filter: PostFilter, limit: int | None, retry_from: str | None = None) -> ray.data.Dataset:
+    """Wire the stages into one lazy streaming Dataset (nothing runs until it is iterated).
+    retry_from: an output directory whose transient failures get one retry pass, after the
+    dumps' chunks still to do."""
     ic = cfg.ingest
-    ds = ray.data.read_datasource(DumpSource(dumps, ic.chunk_posts, done, post_filter, limit))
+    ds = ray.data.read_datasource(DumpSource(dumps, ic.chunk_posts, done, post_filter, limit, retry_from))
     ds = ds.map_batches(
         FetchStage, fn_constructor_args=(ic,), batch_size=ic.download_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ic.download_actors, max_tasks_in_flight_per_actor=4,
@@ -234,8 +241,10 @@ def build_dataset(cfg: Config, image_size: int, dumps: list[str], done: dict[str
 
 
 def run_ingest(cfg: Config, dumps: list[str], out: str, post_filter: PostFilter | None = None,
-               limit: int | None = None, progress: bool = True) -> dict:
-    """Run (or resume) an ingest into `out`; returns the summary over all completed chunks."""
+               limit: int | None = None, progress: bool = True, retry_failed: bool = False) -> dict:
+    """Run (or resume) an ingest into `out`; returns the summary over all completed chunks.
+    retry_failed: also give the refs that failed for transient reasons in chunks completed
+    by earlier runs one more try (`chunks.plan_retries`)."""
     from tqdm import tqdm
 
     from memescale.embed.encoder import model_image_size
@@ -243,13 +252,14 @@ def run_ingest(cfg: Config, dumps: list[str], out: str, post_filter: PostFilter 
     store = ShardStore(out)
     done = store.done()
     log.info("resuming: %d chunks already complete in %s", sum(r.complete for r in done.values()), out)
-    ds = build_dataset(cfg, model_image_size(cfg.model), dumps, done, post_filter or PostFilter(), limit)
+    ds = build_dataset(cfg, model_image_size(cfg.model), dumps, done, post_filter or PostFilter(), limit,
+                       out if retry_failed else None)
     assembler = ChunkAssembler()
     bar = tqdm(desc="chunks written", unit="chunk", disable=not progress)
     written = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for result, table in assembler.add(batch):
-            store.write_chunk(result, table, cfg.ingest.parquet_compression)
+        for result, table, failures in assembler.add(batch):
+            store.write_chunk(result, table, cfg.ingest.parquet_compression, failures)
             written += 1
             bar.update(1)
             bar.set_postfix(encoded=result.encoded, failed=sum(result.failed.values()))

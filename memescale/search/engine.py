@@ -318,7 +318,7 @@ class SearchEngine:
         ids, scores = np.asarray(ids[0], np.int64), np.asarray(scores[0], np.float32)
         ok = ids >= 0
         stats = {}
-        for key in ("reads", "pq_comparisons", "ms"):
+        for key in ("reads", "pq_comparisons", "ms", "corrupt"):
             try:
                 stats[key] = float(np.asarray(st[key]).reshape(-1)[0])
             except (KeyError, AttributeError, IndexError):
@@ -352,7 +352,7 @@ class SearchEngine:
         base_L = max(cfg.search_L, 1)
         post = filters.active or dedup
         k1 = math.ceil(need * FIRST_PASS_SLACK) + 8 if post else need
-        totals = {"reads": 0.0, "pq_comparisons": 0.0, "ms": 0.0}
+        totals = {"reads": 0.0, "pq_comparisons": 0.0, "ms": 0.0, "corrupt": 0.0}
         passes, deepened = 0, False
         meta_ms = 0.0
         L = max(base_L, k1)
@@ -412,7 +412,7 @@ class SearchEngine:
             "dropped_dedup": int(examined - order.size), "L": int(L), "passes": passes,
             "plan": plan.name, "filter_share": round(plan.share, 6),
             "search_ms": round((time.perf_counter() - t0) * 1000 - meta_ms, 3),
-            "metadata_ms": round(meta_ms, 3),
+            "metadata_ms": round(meta_ms, 3), "corrupt_records": int(totals["corrupt"]),
         }
         more = order.size > offset + k and offset + k < cfg.max_depth
         return {"results": results, "stats": stats, "more": bool(more)}

@@ -169,6 +169,8 @@ class SearchStats(BaseModel):
     search_ms: float = Field(0.0, description="Searcher: index search passes")
     metadata_ms: float = Field(0.0, description="Searcher: records' metadata and vectors for filters, dedup, results")
     total_ms: float = Field(0.0, description="Api: the whole request handler")
+    corrupt_records: int = Field(0, description="damaged index records met and skipped (failed their "
+                                 "checksum): never returned, logged with their node ids")
 
 
 class SearchResponse(BaseModel):

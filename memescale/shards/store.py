@@ -3,19 +3,25 @@
 Layout of an ingest output directory::
 
     DIR/part-<dump>-<chunk:06d>.parquet     one file per completed input chunk
-    DIR/_manifest/<dump>-<chunk:06d>.json   written after its Parquet file: the chunk is done
+    DIR/_failed/<dump>-<chunk:06d>.parquet  its refs that failed for transient reasons (if any)
+    DIR/_manifest/<dump>-<chunk:06d>.json   written after both: the chunk is done
+    DIR/part-<dump>-<chunk:06d>-r<n>.parquet, _failed/...-r<n>.parquet, _manifest/...-r<n>.json
+                                            the chunk's n-th retry pass (`--retry-failed`): the
+                                            previous pass's transient failures tried again
 
 A chunk is the resume unit: `chunk_posts` consecutive lines of one dump file. Its Parquet file
 is written to a temporary name and renamed, then its manifest entry is written; a chunk
 without a manifest entry is redone in full and its file overwritten, so a crash at any point
 leaves neither gaps nor duplicates. Manifest entries are write-once objects (no appends), so
-the layout works on object stores as well as local disks.
+the layout works on object stores as well as local disks. A retry pass takes exactly the refs
+in the failures file of the pass before it, so an image lands in at most one part file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -49,6 +55,11 @@ IMAGE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("width", pa.int32()),
     ("height", pa.int32()),
 ]
+
+
+FAILED_DIR = "_failed"
+# A chunk's refs that failed for a transient reason: the post fields, and why.
+FAILURE_SCHEMA = pa.schema(POST_FIELDS + [("reason", pa.string())])
 
 
 def shard_schema(dim: int) -> pa.Schema:
@@ -99,10 +110,13 @@ class ChunkResult:
     error: str | None = None  # the dump's read error when this chunk ended a truncated file
     complete: bool = True  # False when --limit cut the chunk short
     file: str = ""
+    retry: int = 0  # 0: the chunk's pass over its dump lines; n: its n-th retry pass
+    retry_file: str = ""  # this pass's transient failures (FAILED_DIR/<key>.parquet), "" if none
+    retried: dict[str, int] = field(default_factory=dict)  # a retry pass: the reasons its refs had failed for
 
     @property
     def key(self) -> str:
-        return chunk_key(self.dump, self.index)
+        return chunk_key(self.dump, self.index) + (f"-r{self.retry}" if self.retry else "")
 
 
 def chunk_key(dump: str, index: int) -> str:
@@ -151,33 +165,49 @@ class ShardStore:
             fsync_dir(os.path.dirname(path))
 
     def write_table(self, table: pa.Table, name: str, compression: str = "zstd") -> None:
-        """Write `table` as the Parquet file `name` under the root: temp file, fsync, rename,
-        fsync of the directory. A reader sees the old file or the whole new one."""
-        tmp = f"{self.root}/.{name}.tmp"
+        """Write `table` as the Parquet file `name` (relative to the root, may name a
+        subfolder) under the root: temp file, fsync, rename, fsync of the directory. A reader
+        sees the old file or the whole new one."""
+        folder, base = posixpath.split(name)
+        where = f"{self.root}/{folder}" if folder else self.root
+        if folder and self.fs.get_file_info(where).type != pafs.FileType.Directory:
+            self.fs.create_dir(where, recursive=True)
+            if self.local:
+                fsync_dir(self.root)
+        tmp = f"{where}/.{base}.tmp"
         pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
         crash_point("store.tmp_written")
         self._durable_move(tmp, f"{self.root}/{name}")
 
-    def write_chunk(self, result: ChunkResult, table: pa.Table | None, compression: str = "zstd") -> None:
-        """Write the chunk's rows (if any), then its manifest entry, each durably: the entry,
-        which marks the chunk done, is on disk only after the rows it names. A chunk that now
-        has no rows removes the Parquet file an earlier attempt of it left, so the files and
+    def write_chunk(self, result: ChunkResult, table: pa.Table | None, compression: str = "zstd",
+                    failures: pa.Table | None = None) -> None:
+        """Write the chunk's rows (if any) and its transient failures (if any: `failures`,
+        `FAILURE_SCHEMA`), then its manifest entry, each durably: the entry, which marks the
+        chunk done, is on disk only after the files it names. A chunk that now has no rows
+        (or no failures) removes the file an earlier attempt of it left, so the files and
         the manifest always agree."""
         self.fs.create_dir(f"{self.root}/_manifest", recursive=True)
-        name = f"part-{result.key}.parquet"
-        if table is not None and table.num_rows:
-            self.write_table(table, name, compression)
-            result.file = name
-        elif self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.File:
-            self.fs.delete_file(f"{self.root}/{name}")
-            crash_point("store.stale_removed")
-            if self.local:
-                fsync_dir(self.root)
+        for name, rows, attr in ((f"part-{result.key}.parquet", table, "file"),
+                                 (f"{FAILED_DIR}/{result.key}.parquet", failures, "retry_file")):
+            if rows is not None and rows.num_rows:
+                self.write_table(rows, name, compression)
+                setattr(result, attr, name)
+            elif self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.File:
+                self.fs.delete_file(f"{self.root}/{name}")
+                crash_point("store.stale_removed")
+                if self.local:
+                    fsync_dir(posixpath.dirname(f"{self.root}/{name}"))
         entry = f"{self.root}/_manifest/{result.key}.json"
         with self.fs.open_output_stream(entry + ".tmp") as f:
             f.write(json.dumps(result.__dict__, sort_keys=True).encode())
         crash_point("store.manifest_tmp_written")
         self._durable_move(entry + ".tmp", entry)
+
+    def read_failures(self, result: ChunkResult) -> pa.Table:
+        """The failures file a manifest entry names (`FAILURE_SCHEMA`; empty if none)."""
+        if not result.retry_file:
+            return FAILURE_SCHEMA.empty_table()
+        return pq.read_table(f"{self.root}/{result.retry_file}", filesystem=self.fs, schema=FAILURE_SCHEMA)
 
     def shard_paths(self) -> list[str]:
         """Paths of every Parquet shard, sorted."""
@@ -200,16 +230,26 @@ def read_shards(out: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def summarize(results: list[ChunkResult]) -> dict[str, Any]:
-    """Totals over chunk results, for logs and the job's final line."""
-    tot: dict[str, Any] = {"chunks": len(results), "lines": 0, "posts": 0, "bad_lines": 0,
+    """Totals over chunk results, for logs and the job's final line. A retry pass's refs
+    were counted by their chunk's first pass: it adds what it encoded and replaces the
+    failures it retried by its own ("retried" counts its refs, "recovered" those encoded)."""
+    tot: dict[str, Any] = {"chunks": 0, "lines": 0, "posts": 0, "bad_lines": 0,
                            "refs": 0, "encoded": 0, "bytes": 0, "discarded": {}, "failed": {},
-                           "errors": []}
+                           "errors": [], "retried": 0, "recovered": 0}
     for r in results:
         for k in ("lines", "posts", "bad_lines", "refs", "encoded", "bytes"):
-            tot[k] += getattr(r, k)
+            if k != "refs" or not r.retry:
+                tot[k] += getattr(r, k)
+        tot["chunks"] += not r.retry
+        if r.retry:
+            tot["retried"] += r.refs
+            tot["recovered"] += r.encoded
         for k in ("discarded", "failed"):
             for reason, n in getattr(r, k).items():
                 tot[k][reason] = tot[k].get(reason, 0) + n
+        for reason, n in r.retried.items():
+            tot["failed"][reason] = tot["failed"].get(reason, 0) - n
         if r.error:
             tot["errors"].append(f"{r.dump}: {r.error}")
+    tot["failed"] = {k: n for k, n in tot["failed"].items() if n}
     return tot

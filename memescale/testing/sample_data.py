@@ -18,7 +18,7 @@ import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 import zstandard
@@ -37,11 +37,15 @@ class _QuietHandler(SimpleHTTPRequestHandler):
     def do_GET(self):
         if self.delay_s:
             time.sleep(self.delay_s)
+        if unquote(urlsplit(self.path).path).lstrip("/") in self.server.failing:  # type: ignore[attr-defined]
+            self.send_error(503, "down for this file")
+            return
         super().do_GET()
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    failing: set[str] = set()
 
     def handle_error(self, request, client_address):
         # a client that hung up mid-response (a killed ingest, a timeout) is not an error here
@@ -52,12 +56,15 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     """`with ImageServer(folder) as srv:` serves `folder` at `srv.base_url` until the block ends.
 
-    `delay_s` holds every response back that long (a slow image host, for resume tests)."""
+    `delay_s` holds every response back that long (a slow image host, for resume tests);
+    `srv.failing` is a set of file names answered 503 while they are in it (a host that is
+    down for them, for retry tests)."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, delay_s: float = 0.0):
         handler = functools.partial(type("Handler", (_QuietHandler,), {"delay_s": delay_s}),
                                     directory=str(root))
         self.httpd = _Server((host, port), handler)
+        self.httpd.failing = self.failing = set()
         self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
