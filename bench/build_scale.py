@@ -101,11 +101,14 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def build(folder: Path, config: str, budget: str, threads_per_task: int, extra: list[str]) -> dict:
-    """Run the build job (a fresh OUT); returns its summary plus the driver's measured peak."""
+def build(folder: Path, config: str, budget: str, threads_per_task: int, extra: list[str], resume: bool = False) -> dict:
+    """Run the build job (a fresh OUT; WORK too unless `resume`: then the phases and shard
+    graphs an interrupted run finished are reused, as a user's rerun would); returns its
+    summary plus the driver's measured peak."""
     out, work = folder / "index", folder / "index.work"
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "ray_jobs" / "build_index.py"), "--config", config,
            "--embeddings", str(folder / "embeddings"), "--out", str(out), "--work", str(work),
            "--threads-per-task", str(threads_per_task), "--no-query-sample",
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-config", default=str(ROOT / "configs" / "gpu.toml"), help="R and L of the target build")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report and extrapolation from bench/results/build_scale.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep each set's work folder: rerun an interrupted build (its wall time is then this run's)")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="measure recall again on the indexes already built for --sets (at --Ls), keeping "
                          "their build figures")
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         write_set(folder, n, d)
         print(f"[{n}x{d}] data ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        s = build(folder, a.config, a.budget, a.threads_per_task, a.set)
+        s = build(folder, a.config, a.budget, a.threads_per_task, a.set, a.resume)
+        s["resumed"] = a.resume
         s.update(evaluate(folder, n, d, a.queries, Ls))
         s.update(n=n, d=d, budget=a.budget, loadavg=os.getloadavg())
         rows = sorted([r for r in rows if (r["n"], r["d"]) != (n, d)] + [s], key=lambda r: (r["d"], r["n"]))

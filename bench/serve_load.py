@@ -229,10 +229,10 @@ def summarise(name: str, records: list[dict], wall: float, args) -> dict:
 
 def serve_replicas() -> set[str]:
     """Actor ids of the Serve replicas alive now."""
-    from ray.util.state import list_actors
+    import ray
 
-    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-            if "ServeReplica" in (a.class_name or "")}
+    # Serve names each replica's actor after its deployment and replica id; a replacement gets a new one
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "REPLICA" in a["name"].upper()}
 
 
 def per_second(records: list[dict], t0: float, seconds: int) -> list[dict]:
@@ -247,7 +247,9 @@ def per_second(records: list[dict], t0: float, seconds: int) -> list[dict]:
 
 def overload_drill(name: str, url: str, bodies: list[dict], args) -> dict:
     """Capacity, normal, a burst at --overload-factor x capacity, then normal again (module doc)."""
-    records, wall = asyncio.run(run_load(url, bodies, 0, args.clients, 10.0))
+    # capacity: a closed loop of as many clients as the server admits at once (more would be
+    # refused, which says nothing about capacity)
+    records, wall = asyncio.run(run_load(url, bodies, 0, args.capacity_clients, 10.0))
     capacity = sum(r.get("status") == 200 for r in records) / wall
     normal_rate = 0.5 * capacity
     records, wall = asyncio.run(run_load(url, bodies, normal_rate, args.clients, 15.0))
@@ -347,6 +349,8 @@ def main() -> None:
     p.add_argument("--overload", action="store_true", help="run the overload drill (module doc)")
     p.add_argument("--overload-factor", type=float, default=4.0)
     p.add_argument("--overload-duration", type=float, default=30.0)
+    p.add_argument("--capacity-clients", type=int, default=4,
+                   help="closed-loop clients that measure capacity in the overload drill (what the server admits)")
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
 

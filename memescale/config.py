@@ -166,6 +166,9 @@ class ServeConfig:
     searcher_cpus: float = 0.5
     api_cpus: float = 0.25
     encoder_gpus: float = -1.0  # -1: one GPU per encoder replica when the cluster has GPUs
+    # torch threads of a CPU Encoder replica: -1: round(encoder_cpus); 0: every core (a text
+    # query is latency-bound, and a request's search waits for its vector anyway); N: N
+    encoder_threads: int = -1
     encode_batch: int = 32  # @serve.batch max_batch_size (texts and images alike)
     image_queries: bool = True  # false: the Encoder loads the text tower alone; image queries are 422
     text_int8: bool = False  # the text tower in int8 dynamic quantisation (CPU encoders; bench/encode.py)
@@ -177,12 +180,14 @@ class ServeConfig:
     refresh_s: float = 1.0
     max_ongoing_requests: int = 64  # calls an Encoder or Searcher replica takes at once
     # Admission (overload): an Api replica works on at most api_max_ongoing_requests HTTP
-    # requests at once; up to max_queued_requests more wait at each Serve proxy, and the rest
-    # get a fast 503 with Retry-After: retry_after_s (-1: queue without limit). Admitted requests
-    # then wait behind at most that many: their latency stays bounded (bench/serve_load.py
-    # --overload measures it).
-    api_max_ongoing_requests: int = 8
-    max_queued_requests: int = 8
+    # requests at once (0: the CPU count, so each search runs at about its unloaded speed) and
+    # up to max_queued_requests more wait at each Serve proxy (0: as many as the replica takes
+    # at once; -1: no limit); the rest are refused at the proxy at once with 503 and
+    # Retry-After: retry_after_s. An admitted request then waits behind a bounded number of
+    # others, so its latency stays near the unloaded one under any overload, and refusing
+    # costs the proxy alone. bench/serve_load.py --overload measures it.
+    api_max_ongoing_requests: int = 0
+    max_queued_requests: int = 0
     retry_after_s: float = 1.0
     access_log: bool = True  # Api replicas log one line per HTTP request (Encoder/Searcher: never)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR or CRITICAL

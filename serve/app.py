@@ -27,7 +27,7 @@ Invalid input is a 422 with a message (types, several inputs, undecodable image,
 embedding, text over the model's context, refused image_url, bad cursor); a body over
 `serve.max_body_bytes` is a 413; a failed backend deployment is a 503. Overload: beyond
 `serve.api_max_ongoing_requests` per Api replica plus `serve.max_queued_requests` waiting at
-the proxy, a request is refused at once with 503 and `Retry-After`.
+the proxy, a request is refused by the proxy at once with 503 and `Retry-After`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
@@ -101,6 +101,13 @@ PAGE_HEADERS = {
 # -- Encoder -------------------------------------------------------------------------------
 
 
+def encoder_threads(setting: int, cpus: float) -> int:
+    """torch threads of a CPU Encoder replica from `serve.encoder_threads` (see the config)."""
+    if setting < 0:
+        return max(1, round(cpus))
+    return setting or (os.cpu_count() or 1)
+
+
 @serve.deployment(name="Encoder")
 class Encoder:
     """The open_clip model: texts and (decoded, model-sized) images -> L2-normalised vectors."""
@@ -111,7 +118,7 @@ class Encoder:
         from memescale.embed.encoder import ImageTextEncoder
 
         if cfg.model.device != "cuda":
-            torch.set_num_threads(max(1, round(cfg.serve.encoder_cpus)))
+            torch.set_num_threads(encoder_threads(cfg.serve.encoder_threads, cfg.serve.encoder_cpus))
         self.enc = ImageTextEncoder(cfg.model, text_only=not cfg.serve.image_queries, text_int8=cfg.serve.text_int8)
         self.context_length = self.enc.context_length
         for method in (self._texts, self._images):
@@ -400,7 +407,8 @@ class Api:
     @api.post("/api/search", response_model=SearchResponse, responses={
         413: {"description": "body or image too large"},
         422: {"description": "invalid request: types, ranges, inputs, image, embedding, text length"},
-        503: {"description": "a backend deployment is unavailable"}})
+        503: {"description": "a backend deployment is unavailable, or the server is overloaded (with "
+                              "Retry-After)"}})
     async def search(self, req: SearchRequest) -> dict:
         t0 = time.perf_counter()
         i = await self._backend_info()
@@ -543,6 +551,13 @@ def _gpus_per_encoder(requested: float, replicas: int = 1) -> float:
         return 0.0
 
 
+def admission_limits(ongoing: int, queued: int) -> tuple[int, int]:
+    """The Api's Serve max_ongoing_requests and max_queued_requests from the config's (0: the
+    CPU count, and the queue as long as the replica's concurrency; -1: no queue limit)."""
+    ongoing = ongoing if ongoing > 0 else (os.cpu_count() or 1)
+    return ongoing, queued if queued != 0 else ongoing
+
+
 def app_for(cfg: Config, index_dir: str | os.PathLike):
     """The bound application over `index_dir` with deployment options from `cfg.serve`."""
     index_dir = _resolve(str(index_dir))
@@ -559,9 +574,9 @@ def app_for(cfg: Config, index_dir: str | os.PathLike):
         num_replicas=s.searcher_replicas, max_ongoing_requests=s.max_ongoing_requests, logging_config=quiet,
         ray_actor_options={"num_cpus": s.searcher_cpus},
     ).bind(str(index_dir), cfg)
+    ongoing, queued = admission_limits(s.api_max_ongoing_requests, s.max_queued_requests)
     return Api.options(  # type: ignore[attr-defined]
-        num_replicas=s.api_replicas, max_ongoing_requests=s.api_max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
+        num_replicas=s.api_replicas, max_ongoing_requests=ongoing, max_queued_requests=queued,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
         logging_config={"log_level": s.log_level, "enable_access_log": s.access_log},
         ray_actor_options={"num_cpus": s.api_cpus},

@@ -95,6 +95,7 @@ def test_every_shipped_config_loads_and_holds_together(name):
         assert cfg.serve.encoder_gpus <= 0
     if name == "cpu":
         assert cfg.model.precision == "fp32" and cfg.model.name.startswith("ViT-SO400M")
+        assert cfg.serve.text_int8 and cfg.serve.encoder_threads == 0  # every core on a text query
     if name in ("gpu", "cluster"):
         assert cfg.model.precision == "fp16" and cfg.ingest.gpus_per_encoder == 1.0
     if name == "cluster":
@@ -104,3 +105,22 @@ def test_every_shipped_config_loads_and_holds_together(name):
     assert plan.peak_memory_bytes <= plan.budget_bytes
     if cfg.index.build_memory:
         assert plan.budget_bytes == parse_bytes(cfg.index.build_memory)
+
+
+def test_encoder_threads_setting():
+    import os
+
+    from serve.app import encoder_threads
+
+    assert encoder_threads(-1, 1.0) == 1 and encoder_threads(-1, 2.4) == 2 and encoder_threads(-1, 0.25) == 1
+    assert encoder_threads(0, 1.0) == (os.cpu_count() or 1) and encoder_threads(3, 1.0) == 3
+
+
+def test_admission_limits_default_to_the_cores():
+    import os
+
+    from serve.app import admission_limits
+
+    cores = os.cpu_count() or 1
+    assert admission_limits(0, 0) == (cores, cores)
+    assert admission_limits(3, 0) == (3, 3) and admission_limits(3, -1) == (3, -1) and admission_limits(2, 5) == (2, 5)
