@@ -105,7 +105,7 @@ def encoder_threads(setting: int, cpus: float) -> int:
     """torch threads of a CPU Encoder replica from `serve.encoder_threads` (see the config)."""
     if setting < 0:
         return max(1, round(cpus))
-    return setting or (os.cpu_count() or 1)
+    return setting or len(os.sched_getaffinity(0))
 
 
 @serve.deployment(name="Encoder")
@@ -554,7 +554,7 @@ def _gpus_per_encoder(requested: float, replicas: int = 1) -> float:
 def admission_limits(ongoing: int, queued: int) -> tuple[int, int]:
     """The Api's Serve max_ongoing_requests and max_queued_requests from the config's (0: the
     CPU count, and the queue as long as the replica's concurrency; -1: no queue limit)."""
-    ongoing = ongoing if ongoing > 0 else (os.cpu_count() or 1)
+    ongoing = ongoing if ongoing > 0 else len(os.sched_getaffinity(0))
     return ongoing, queued if queued != 0 else ongoing
 
 

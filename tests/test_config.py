@@ -113,7 +113,7 @@ def test_encoder_threads_setting():
     from serve.app import encoder_threads
 
     assert encoder_threads(-1, 1.0) == 1 and encoder_threads(-1, 2.4) == 2 and encoder_threads(-1, 0.25) == 1
-    assert encoder_threads(0, 1.0) == (os.cpu_count() or 1) and encoder_threads(3, 1.0) == 3
+    assert encoder_threads(0, 1.0) == len(os.sched_getaffinity(0)) and encoder_threads(3, 1.0) == 3
 
 
 def test_admission_limits_default_to_the_cores():
@@ -121,6 +121,6 @@ def test_admission_limits_default_to_the_cores():
 
     from serve.app import admission_limits
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     assert admission_limits(0, 0) == (cores, cores)
     assert admission_limits(3, 0) == (3, 3) and admission_limits(3, -1) == (3, -1) and admission_limits(2, 5) == (2, 5)

@@ -138,10 +138,12 @@ def test_split_attention_matches_multihead_attention():
         mha = torch.nn.MultiheadAttention(48, 4, batch_first=batch_first).eval()
         holder = torch.nn.Sequential(mha)
         x = torch.randn(3, 7, 48) if batch_first else torch.randn(7, 3, 48)
-        mask = torch.triu(torch.full((7, 7), float("-inf")), 1)
-        want = [mha(x, x, x, need_weights=False, attn_mask=m)[0] for m in (None, mask)]
+        masks = [None, torch.triu(torch.full((7, 7), float("-inf")), 1),  # additive, causal
+                 torch.triu(torch.ones(7, 7, dtype=torch.bool), 1),  # boolean, True = masked
+                 torch.randn(3 * 4, 7, 7)]  # per batch and head, as open_clip's pad masks
+        want = [mha(x, x, x, need_weights=False, attn_mask=m)[0] for m in masks]
         assert _split_attention_projections(torch, holder) == 1
-        got = [holder[0](x, x, x, need_weights=False, attn_mask=m)[0] for m in (None, mask)]
+        got = [holder[0](x, x, x, need_weights=False, attn_mask=m)[0] for m in masks]
         for w, g in zip(want, got):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 

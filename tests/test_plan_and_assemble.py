@@ -152,6 +152,19 @@ def test_retry_passes_take_transient_failures_once_and_never_double(dump, tmp_pa
     assert not (tmp_path / "out" / "_failed" / f"{chunks[1][0].key}-r1.parquet").exists()
 
 
+def test_an_image_twice_in_a_chunk_is_kept_once_and_not_retried_once_encoded(dump):
+    """A repeated post: the copy that failed first does not hide the encoded one, and an image
+    encoded from one copy is not put up for a retry by its failed other copy."""
+    c, refs = next((c, refs) for c, refs in plan_chunks([dump], 7, {}) if len(refs) >= 3)
+    twice = [refs[0], refs[0], refs[1], refs[2], refs[2]]
+    c.refs = len(twice)
+    [(result, table, failures)] = ChunkAssembler().add(_rows(c, twice, fail={0: "timeout", 3: "timeout",
+                                                                                4: "http_5xx"}))
+    assert sorted(table.column("image_id").to_pylist()) == sorted([refs[0].image_id, refs[1].image_id])
+    assert result.encoded == 2 and "duplicate" not in result.discarded
+    assert failures.column("image_id").to_pylist() == [refs[2].image_id]  # once, though it failed twice
+
+
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_config("configs/tiny.toml", ["ingest.download_concurrency=7", "model.precision=fp16"])
     assert cfg.ingest.download_concurrency == 7 and cfg.model.precision == "fp16"

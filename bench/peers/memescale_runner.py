@@ -34,6 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+def _format_version() -> int:
+    """The index format this code writes: an index of another version is rebuilt, not reused."""
+    from memescale.index.disk import FORMAT_VERSION
+
+    return FORMAT_VERSION
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -191,7 +198,7 @@ def main(argv=None):
     params = {"R": a.R, "L": a.L, "alpha": a.alpha, "pq_bytes": a.pq_bytes, "n": n, "d": d,
               "dataset": str(Path(a.dataset).resolve()),
               "threads": a.threads, "metadata": a.metadata, "qa_sample": a.qa_sample,
-              "eval_start": a.eval_start, "seed": a.seed}
+              "eval_start": a.eval_start, "seed": a.seed, "format": _format_version()}
     if a.build_variant:
         build_variant(a, data, a.build_variant, work / a.build_variant, params)
         return

@@ -356,7 +356,8 @@ def _split_attention_projections(torch, module) -> int:
     were replaced."""
     n = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim:
+        if (isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim
+                and child.bias_k is None and child.bias_v is None and not child.add_zero_attn):
             setattr(module, name, _SelfAttention.from_mha(torch, child))
             n += 1
         else:
@@ -383,12 +384,20 @@ class _SelfAttention:
                 self.out_proj = torch.nn.Linear(d, d, bias=mha.out_proj.bias is not None)
                 self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
-            def forward(self, q, k=None, v=None, need_weights=False, attn_mask=None, **_):
+            def forward(self, q, k=None, v=None, key_padding_mask=None, need_weights=False, attn_mask=None,
+                        average_attn_weights=True, is_causal=False):
                 if not (k is None or k is q) or not (v is None or v is q):
                     raise ValueError("SelfAttention takes self-attention only (q is k is v)")
+                if key_padding_mask is not None or is_causal:
+                    raise ValueError("SelfAttention takes the mask as attn_mask only")
                 x = q if self.batch_first else q.transpose(0, 1)
                 B, L, D = x.shape
                 qkv = self.in_proj(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+                if attn_mask is not None:
+                    if attn_mask.dtype == torch.bool:  # MultiheadAttention: True = masked out
+                        attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype).masked_fill(attn_mask, float("-inf"))
+                    if attn_mask.dim() == 3:  # (B * heads, L, L), as MultiheadAttention takes it
+                        attn_mask = attn_mask.view(B, self.heads, L, L)
                 out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
                 out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
                 return (out if self.batch_first else out.transpose(0, 1)), None

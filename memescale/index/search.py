@@ -23,8 +23,11 @@ interleave x beam_width reads in flight on a cold cache. Each query's visited se
 hash table (memory follows the nodes it touches, not N).
 Both read paths return the same results.
 
-A record whose degree or neighbour ids are out of range (a corrupt file that passed the
-cheap open-time checks) stops the search with IndexFormatError; `Index.verify` finds it.
+A damaged record (a corrupt file that passed the cheap open-time checks) is never returned: a
+record that could enter a query's top k must pass its CRC-32 first, and one that fails, or
+whose degree or neighbour ids are out of range, is skipped and counted (`SearchStats.corrupt`,
+logged with its node id); its in-range neighbours are still followed. `Index.verify` checks
+the whole file.
 """
 
 from __future__ import annotations
@@ -944,12 +947,17 @@ class Index:
             top = m[np.argpartition(-est, keep - 1)[:keep]] if keep < m.size else m
             exact = self._vectors(top).astype(np.float32) @ Q[i]
             order = np.argsort(-exact, kind="stable")
-            sound = self.records_ok(top[order[: 2 * k]])  # damaged ones are dropped, their places refilled
-            if not sound.all():
-                corrupt[i] = int((~sound).sum())
-                bad[i] = int(top[order[: 2 * k]][~sound][-1])
-                order = np.concatenate([order[: 2 * k][sound], order[2 * k :]])
-            order = order[:k]
+            kept: list[np.ndarray] = []
+            for lo in range(0, order.size, k):  # damaged ones are dropped, their places refilled
+                part = order[lo : lo + k]
+                sound = self.records_ok(top[part])
+                if not sound.all():
+                    corrupt[i] += int((~sound).sum())
+                    bad[i] = int(top[part][~sound][-1])
+                kept.append(part[sound])
+                if sum(len(x) for x in kept) >= k:
+                    break
+            order = np.concatenate(kept)[:k] if kept else order[:0]
             ids[i, : order.size] = top[order]
             scores[i, : order.size] = exact[order]
             reads[i] = top.size

@@ -315,6 +315,7 @@ def _repair_block(r32, lay, lo, hi, deleted, newid, take, lists, counts):
     orders them), into lists[row] (row = u's rank among the block's survivors; at most
     lists.shape[1] ids, duplicates allowed); counts[row] = how many."""
     W = lists.shape[1]
+    n = newid.shape[0]
     deg_off, nbr_off, R = lay[5], lay[6], lay[9]
     row = 0
     for u in range(lo, hi):
@@ -326,18 +327,22 @@ def _repair_block(r32, lay, lo, hi, deleted, newid, take, lists, counts):
         c = 0
         for t in range(deg):
             v = r32[nb0 + t]
+            if v < 0 or v >= n:  # a damaged list (the survivors' records passed their CRC)
+                continue
             if not (deleted[v >> 3] >> (v & 7)) & 1 and c < W:
                 lists[row, c] = newid[v]
                 c += 1
         for t in range(deg):
             v = r32[nb0 + t]
-            if not (deleted[v >> 3] >> (v & 7)) & 1:
+            if v < 0 or v >= n or not (deleted[v >> 3] >> (v & 7)) & 1:
                 continue
             voff = _record_offset(v, lay)
             vdeg = min(r32[(voff + deg_off) >> 2], R, take)
             vb = (voff + nbr_off) >> 2
             for s in range(vdeg):
                 w = r32[vb + s]
+                if w < 0 or w >= n:  # a deleted node's record is never checked: guard its ids
+                    continue
                 if w != u and not (deleted[w >> 3] >> (w & 7)) & 1 and c < W:
                     lists[row, c] = newid[w]
                     c += 1

@@ -60,9 +60,11 @@ class ChunkAssembler:
             elif s == "discarded":
                 result.discarded[reason] = result.discarded.get(reason, 0) + 1
         ok = status == "ok"
-        _, first = np.unique(cols["image_id"], return_index=True)
+        # an image the chunk holds twice (a repeated post): its first encoded copy is kept
+        ids = cols["image_id"]
+        _, first = np.unique(ids[ok], return_index=True)
         unique = np.zeros(len(ok), dtype=bool)
-        unique[first] = True
+        unique[np.flatnonzero(ok)[first]] = True
         if (ok & ~unique).any():
             result.discarded["duplicate"] = int((ok & ~unique).sum())
         ok &= unique
@@ -70,7 +72,12 @@ class ChunkAssembler:
         result.bytes = int(cols["bytes"][ok].sum())
         table = rows_to_shard_table({c: v[ok] for c, v in cols.items()}) if ok.any() else None
         reasons = cols["reason"].astype(str)
-        again = (status == "failed") & np.isin(reasons, sorted(TRANSIENT_REASONS))
+        # worth a retry: failed for a transient reason, not encoded from another copy, once each
+        again = (status == "failed") & np.isin(reasons, sorted(TRANSIENT_REASONS)) & ~np.isin(ids, ids[ok])
+        _, once = np.unique(ids[again], return_index=True)
+        keep = np.zeros(len(again), dtype=bool)
+        keep[np.flatnonzero(again)[once]] = True
+        again = keep
         failures = None
         if again.any():
             failures = pa.Table.from_arrays([pa.array(cols[f.name][again], type=f.type) for f in FAILURE_SCHEMA],

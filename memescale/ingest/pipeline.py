@@ -253,7 +253,7 @@ def run_ingest(cfg: Config, dumps: list[str], out: str, post_filter: PostFilter 
     done = store.done()
     log.info("resuming: %d chunks already complete in %s", sum(r.complete for r in done.values()), out)
     ds = build_dataset(cfg, model_image_size(cfg.model), dumps, done, post_filter or PostFilter(), limit,
-                       out if retry_failed else None)
+                       (store.root if store.local else out) if retry_failed else None)  # read on a worker: absolute
     assembler = ChunkAssembler()
     bar = tqdm(desc="chunks written", unit="chunk", disable=not progress)
     written = 0
