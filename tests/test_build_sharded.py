@@ -15,6 +15,7 @@ from memescale.config import IndexConfig, load_config
 from memescale.index import Index, IndexParams, build_index, build_vamana, exact_topk, find_medoid, greedy_search
 from memescale.index.disk import ARRAYS_FILE, MAGIC_ARRAYS, read_small_file, unpack_arrays
 from memescale.index.eval import recall_at_k
+from memescale.index.kernels import quantize_int8
 from memescale.index.merge import border_nodes, member_from_shards, merge_shard_graphs
 from memescale.index.vamana import VISIT_TABLE, refine_graph
 from memescale.testing.sample_data import write_vector_shards
@@ -87,6 +88,22 @@ def test_gather_rows_reads_exactly_the_rows_asked(tmp_path):
     np.save(tmp_path / "v.npy", a)
     ids = np.sort(np.random.default_rng(1).choice(5000, 1200, replace=False)).astype(np.int64)
     assert np.array_equal(gather_rows(str(tmp_path / "v.npy"), ids, block=97), a[ids])
+
+
+def test_gather_rows_reads_a_bounded_span_however_sparse_the_ids(tmp_path, monkeypatch):
+    """A strided sample of a shard spread over the whole file (the int8 scale's sample) is read
+    a few rows at a time, never as one read spanning most of the file."""
+    a = np.random.default_rng(0).standard_normal((20000, 16)).astype(np.float16)  # 32 B rows
+    np.save(tmp_path / "v.npy", a)
+    ids = np.arange(0, 20000, 37, dtype=np.int64)
+    reads: list[int] = []
+    real = np.fromfile
+    monkeypatch.setattr(np, "fromfile", lambda f, dtype, count: reads.append(count * np.dtype(dtype).itemsize)
+                        or real(f, dtype, count=count))
+    for q in (None, 0.02):
+        got = gather_rows(str(tmp_path / "v.npy"), ids, block=4096, int8_scale=q, span_bytes=4096)
+        assert np.array_equal(got, a[ids] if q is None else quantize_int8(a[ids], q))
+    assert max(reads) <= 4096  # one block of 4096 ids would have spanned the whole 640 kB file
 
 
 def test_refinement_pass_keeps_recall_and_degree(ray_local, data):

@@ -224,30 +224,41 @@ def shard_memory_bytes(n: int, d: int, R: int, threads: int, slack: float = 1.3)
     return int(1.25 * (n * per_node + threads * THREAD_SCRATCH)) + PYTHON_OVERHEAD
 
 
-def gather_rows(npy_path: str | Path, ids: np.ndarray, block: int = 4096, int8_scale: float | None = None
-                ) -> np.ndarray:
-    """Rows `ids` (sorted int64) of a 2-D .npy file, read block by block with plain reads;
-    with `int8_scale`, returned as `kernels.quantize_int8(rows, int8_scale)` (int8), each
-    block quantized as it is read.
+GATHER_SPAN_BYTES = 16 << 20  # the most file bytes `gather_rows` reads at once
+
+
+def gather_rows(npy_path: str | Path, ids: np.ndarray, block: int = 4096, int8_scale: float | None = None,
+                span_bytes: int = GATHER_SPAN_BYTES) -> np.ndarray:
+    """Rows `ids` (sorted int64) of a 2-D .npy file, read with plain reads of at most `block`
+    rows kept and `span_bytes` of file spanned each (a block ends early where its ids spread
+    too far: sparse ids, such as a strided sample, are read a few rows at a time); with
+    `int8_scale`, returned as `kernels.quantize_int8(rows, int8_scale)` (int8), each block
+    quantized as it is read.
 
     Unlike fancy-indexing a memmap, this leaves no file pages mapped into the process, so
-    the caller's RSS is the rows it keeps plus one block's span. O(bytes spanned by ids)."""
+    the caller's RSS is the rows it keeps plus at most `span_bytes`. O(bytes spanned by ids)
+    read, in O(len(ids) / block + bytes spanned / span_bytes + gaps) reads."""
     with open(npy_path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
         start, width = f.tell(), shape[1]
         row_bytes = width * dtype.itemsize
+        max_rows = max(1, span_bytes // row_bytes)  # rows one read may span
         out = np.empty((len(ids), width), dtype if int8_scale is None else np.int8)
-        for lo in range(0, len(ids), block):
-            part = ids[lo:lo + block]
-            first, last = int(part[0]), int(part[-1])
+        lo = 0
+        while lo < len(ids):
+            first = int(ids[lo])
+            hi = min(len(ids), lo + block)
+            hi = lo + max(1, int(np.searchsorted(ids[lo:hi], first + max_rows, side="left")))
+            part = ids[lo:hi]
             f.seek(start + first * row_bytes)
-            span = np.fromfile(f, dtype, count=(last - first + 1) * width).reshape(-1, width)
+            span = np.fromfile(f, dtype, count=(int(part[-1]) - first + 1) * width).reshape(-1, width)
             if int8_scale is None:
-                out[lo:lo + len(part)] = span[part - first]
+                out[lo:hi] = span[part - first]
             else:
-                quantize_int8(span[part - first], int8_scale, out=out[lo:lo + len(part)])
+                quantize_int8(span[part - first], int8_scale, out=out[lo:hi])
+            lo = hi
     return out
 
 
