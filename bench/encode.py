@@ -58,8 +58,12 @@ def texts(n: int) -> list[str]:
 
 def tokens_for(enc: ImageTextEncoder, cfg, items: list[str]) -> tuple[np.ndarray, str]:
     """(n, context) int64 model tokens and how they were made."""
+    from memescale.embed.encoder import StandInTokenizer
+
     try:
-        return np.stack([enc.tokenizer([t])[0].numpy() for t in items]).astype(np.int64), "model tokenizer"
+        how = "stand-in tokens (encoder.StandInTokenizer)" if isinstance(enc.tokenizer, StandInTokenizer) else \
+            "model tokenizer"
+        return np.stack([enc.tokenizer([t])[0].numpy() for t in items]).astype(np.int64), how
     except WeightsUnavailableError:
         import open_clip
 

@@ -180,9 +180,10 @@ class ServeConfig:
     refresh_s: float = 1.0
     max_ongoing_requests: int = 64  # calls an Encoder or Searcher replica takes at once
     # Admission (overload): an Api replica works on at most api_max_ongoing_requests HTTP
-    # requests at once (0: the CPU count, so each search runs at about its unloaded speed) and
-    # up to max_queued_requests more wait at each Serve proxy (0: as many as the replica takes
-    # at once; -1: no limit); the rest are refused at the proxy at once with 503 and
+    # requests at once (0: twice the CPU count: a request spends part of its time waiting on
+    # the Encoder and the Searcher, and the CPU count alone halved the throughput) and
+    # up to max_queued_requests more wait at each Serve proxy (0: half as many as the replica
+    # takes at once, at least 1; -1: no limit); the rest are refused at the proxy at once with 503 and
     # Retry-After: retry_after_s. An admitted request then waits behind a bounded number of
     # others, so its latency stays near the unloaded one under any overload, and refusing
     # costs the proxy alone. bench/serve_load.py --overload measures it.

@@ -96,6 +96,9 @@ def test_every_shipped_config_loads_and_holds_together(name):
     if name == "cpu":
         assert cfg.model.precision == "fp32" and cfg.model.name.startswith("ViT-SO400M")
         assert cfg.serve.text_int8 and cfg.serve.encoder_threads == 0  # every core on a text query
+    if name in ("cpu", "tiny"):  # one small machine places the three deployments
+        s = cfg.serve
+        assert s.encoder_cpus * s.encoder_replicas + s.searcher_cpus * s.searcher_replicas + s.api_cpus * s.api_replicas <= 2
     if name in ("gpu", "cluster"):
         assert cfg.model.precision == "fp16" and cfg.ingest.gpus_per_encoder == 1.0
     if name == "cluster":
@@ -122,5 +125,6 @@ def test_admission_limits_default_to_the_cores():
     from serve.app import admission_limits
 
     cores = len(os.sched_getaffinity(0))
-    assert admission_limits(0, 0) == (cores, cores)
-    assert admission_limits(3, 0) == (3, 3) and admission_limits(3, -1) == (3, -1) and admission_limits(2, 5) == (2, 5)
+    assert admission_limits(0, 0) == (2 * cores, cores)
+    assert admission_limits(6, 0) == (6, 3) and admission_limits(1, 0) == (1, 1)
+    assert admission_limits(3, -1) == (3, -1) and admission_limits(2, 5) == (2, 5)
