@@ -180,13 +180,12 @@ class ServeConfig:
     refresh_s: float = 1.0
     max_ongoing_requests: int = 64  # calls an Encoder or Searcher replica takes at once
     # Admission (overload): an Api replica works on at most api_max_ongoing_requests HTTP
-    # requests at once (0: twice the CPU count: a request spends part of its time waiting on
-    # the Encoder and the Searcher, and the CPU count alone halved the throughput) and
-    # up to max_queued_requests more wait at each Serve proxy (0: half as many as the replica
-    # takes at once, at least 1; -1: no limit); the rest are refused at the proxy at once with 503 and
-    # Retry-After: retry_after_s. An admitted request then waits behind a bounded number of
-    # others, so its latency stays near the unloaded one under any overload, and refusing
-    # costs the proxy alone. bench/serve_load.py --overload measures it.
+    # requests at once (0: eight times the CPU count) and up to max_queued_requests more wait
+    # at each Serve proxy (0: as many; -1: no limit); the rest are refused at the proxy at once
+    # with 503 and Retry-After: retry_after_s. The limit covers every route, the page's own
+    # files too: set tighter, a browser's parallel requests under load can be refused (at 4 / 2
+    # on 2 cores the page's tests failed), set looser, admitted requests wait longer under
+    # overload. bench/serve_load.py --overload measures it.
     api_max_ongoing_requests: int = 0
     max_queued_requests: int = 0
     retry_after_s: float = 1.0

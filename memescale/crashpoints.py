@@ -22,9 +22,9 @@ _armed: tuple[str | None, str | None] | None = None
 
 def arm_from_env() -> None:
     """Take ``MEMESCALE_CRASH_AT`` / ``MEMESCALE_CRASH_LOG`` out of os.environ into this process
-    (module doc). Idempotent."""
+    (module doc); a no-op when neither is set (a later fork may still set them). Idempotent."""
     global _armed
-    if _armed is None:
+    if _armed is None and ("MEMESCALE_CRASH_AT" in os.environ or "MEMESCALE_CRASH_LOG" in os.environ):
         _armed = (os.environ.pop("MEMESCALE_CRASH_AT", None), os.environ.pop("MEMESCALE_CRASH_LOG", None))
 
 

@@ -552,11 +552,10 @@ def _gpus_per_encoder(requested: float, replicas: int = 1) -> float:
 
 
 def admission_limits(ongoing: int, queued: int) -> tuple[int, int]:
-    """The Api's Serve max_ongoing_requests and max_queued_requests from the config's (0: twice
-    the CPU count, and a queue of half the replica's concurrency, at least 1; -1: no queue
-    limit)."""
-    ongoing = ongoing if ongoing > 0 else 2 * len(os.sched_getaffinity(0))
-    return ongoing, queued if queued != 0 else max(1, ongoing // 2)
+    """The Api's Serve max_ongoing_requests and max_queued_requests from the config's (0: eight
+    times the CPU count, and a queue as long; -1: no queue limit)."""
+    ongoing = ongoing if ongoing > 0 else 8 * len(os.sched_getaffinity(0))
+    return ongoing, queued if queued != 0 else ongoing
 
 
 def app_for(cfg: Config, index_dir: str | os.PathLike):

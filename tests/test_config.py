@@ -125,6 +125,6 @@ def test_admission_limits_default_to_the_cores():
     from serve.app import admission_limits
 
     cores = len(os.sched_getaffinity(0))
-    assert admission_limits(0, 0) == (2 * cores, cores)
-    assert admission_limits(6, 0) == (6, 3) and admission_limits(1, 0) == (1, 1)
+    assert admission_limits(0, 0) == (8 * cores, 8 * cores)
+    assert admission_limits(6, 0) == (6, 6) and admission_limits(1, 0) == (1, 1)
     assert admission_limits(3, -1) == (3, -1) and admission_limits(2, 5) == (2, 5)
