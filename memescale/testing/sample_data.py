@@ -37,7 +37,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
     def do_GET(self):
         if self.delay_s:
             time.sleep(self.delay_s)
-        if unquote(urlsplit(self.path).path).lstrip("/") in self.server.failing:  # type: ignore[attr-defined]
+        if unquote(urlsplit(self.path).path).lstrip("/") in self.server.failing:
             self.send_error(503, "down for this file")
             return
         super().do_GET()
@@ -64,7 +64,8 @@ class ImageServer:
         handler = functools.partial(type("Handler", (_QuietHandler,), {"delay_s": delay_s}),
                                     directory=str(root))
         self.httpd = _Server((host, port), handler)
-        self.httpd.failing = self.failing = set()
+        self.failing: set[str] = set()
+        self.httpd.failing = self.failing
         self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
