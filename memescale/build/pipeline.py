@@ -38,6 +38,7 @@ from memescale.config import Config, IndexConfig
 from memescale.crashpoints import crash_point
 from memescale.durable import fsync_tree
 from memescale.index.build import IndexParams
+from memescale.index.disk import FORMAT_VERSION
 from memescale.index.partition import DiskPartition
 from memescale.memwatch import PeakRssAnon, release_free_memory, rss_anon
 from memescale.metrics import record
@@ -218,7 +219,7 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
 
     queries = stages.query_sample(cfg.model, corpus, weighting, seed=ic.seed) if query_sample else None
     params = dataclasses.replace(IndexParams.from_config(ic), queries=queries)
-    qp = Phase(work, "pq", phase_fingerprint(vectors_fp, pq_bytes=ic.pq_bytes, seed=ic.seed,
+    qp = Phase(work, "pq", phase_fingerprint(vectors_fp, pq_bytes=ic.pq_bytes, seed=ic.seed, codec_format=FORMAT_VERSION,
                                              queries=cfg.model.name if query_sample else None))
     reused = qp.is_complete()
     codec, codes = stages.train_pq_codes(vectors, params, qp)
