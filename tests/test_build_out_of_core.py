@@ -43,7 +43,7 @@ def ray_local():
     ray.shutdown()
 
 
-def test_phases_are_redone_exactly_when_their_inputs_change(ray_local, tmp_path):
+def test_phases_are_redone_exactly_when_their_inputs_change(ray_local, tmp_path, monkeypatch):
     x = clustered(5000, 32, 0)
     write_vector_shards(tmp_path / "emb", x[:4000], per_file=1000)
     work, out = str(tmp_path / "work"), str(tmp_path / "index")
@@ -71,6 +71,12 @@ def test_phases_are_redone_exactly_when_their_inputs_change(ray_local, tmp_path)
     assert not any(s["skipped"] for s in three["shards"])
     beta = build("index.shards=3", "index.weight_beta=0.1")
     assert beta["reused"] == ["corpus"]
+    # a new index format: the PQ codec file is written anew rather than failing to read
+    import memescale.build.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FORMAT_VERSION", pipeline.FORMAT_VERSION + 1)
+    upgraded = build("index.shards=3", "index.weight_beta=0.1")
+    assert "pq" not in upgraded["reused"] and "graphs" in upgraded["reused"]
 
 
 def test_weighted_index_answers_plain_queries_with_the_recall_of_full_ones(ray_local, tmp_path):
