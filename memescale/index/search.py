@@ -362,6 +362,14 @@ def _next_beam(g, cand, beam, ix, par, io, out):
     return beam.pending[g]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _record_sound(r32, off, rec_words, crc_word):
+    """Whether the record at byte offset `off` of an int32 view `r32` (record file, cache or
+    read buffer) passes its CRC-32 (word `crc_word` of its `rec_words`). O(rec_words)."""
+    w0 = off >> 2
+    return crc32_words(r32, w0, w0 + rec_words, w0 + crc_word) == (np.int64(r32[w0 + crc_word]) & 0xFFFFFFFF)
+
+
 @njit(nogil=True, cache=True)
 def beam_search(Q, tables, ix, par, io, vis, out):
     """Beam search for a group of G queries, each advancing as soon as its reads are in.
@@ -459,9 +467,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
                     if n_top[g] < k or s > top_s[g, k - 1]:
                         # a would-be result: its record must pass its CRC first (a score
                         # below the k-th best can never be returned, so it needs no check)
-                        w0 = off >> 2
-                        damaged = crc32_words(r32b, w0, w0 + rec_words, w0 + crc_word) != (
-                            np.int64(r32b[w0 + crc_word]) & 0xFFFFFFFF)
+                        damaged = not _record_sound(r32b, off, rec_words, crc_word)
                         if not damaged:
                             t = min(n_top[g], k - 1)
                             while t > 0 and top_s[g, t - 1] < s:
@@ -618,8 +624,7 @@ def _records_ok(r32, offsets, rec_words, crc_word, ok):
     """ok[i] = whether the record at byte offset offsets[i] of the record file (int32 view
     `r32`) passes its CRC-32. O(len(offsets) * rec_words)."""
     for i in range(offsets.shape[0]):
-        w0 = offsets[i] >> 2
-        ok[i] = crc32_words(r32, w0, w0 + rec_words, w0 + crc_word) == (np.int64(r32[w0 + crc_word]) & 0xFFFFFFFF)
+        ok[i] = _record_sound(r32, offsets[i], rec_words, crc_word)
 
 
 IO_MODES = ("mmap", "direct")
