@@ -216,11 +216,13 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     fitted on the largest measured set of the target's width d if there is one, else the
     largest (`plan.fitted_costs`: each phase's measured seconds over the seconds its own plan
     predicted; per-vector costs do not scale exactly with d, so the same width is the better
-    reference), next to the plan's own default costs."""
+    reference), next to the plan's own default costs. A set whose build reused a phase from
+    an earlier run (`--resume`) did not time it and is not a reference."""
     from memescale.build.plan import fitted_costs, plan_build
     from memescale.config import parse_bytes
 
-    ref = max([s for s in rows if s["d"] == d] or rows, key=lambda s: s["n"] * s["d"])
+    timed = [s for s in rows if not s.get("reused")] or rows
+    ref = max([s for s in timed if s["d"] == d] or timed, key=lambda s: s["n"] * s["d"])
     costs = fitted_costs(ref["plan"]["seconds"], ref["seconds"])
     kw = dict(R=R, L=L, overlap=2, pq_bytes=48, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
               threads_per_task=threads)
@@ -251,7 +253,8 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
         tpeak = max((t.get("peak_rss_anon", t.get("peak_rss", 0)) for t in tasks), default=0)
         tdecl = max((t.get("declared_memory", 0) for t in tasks), default=0)
         phases = ", ".join(f"{k} {v:.0f}" for k, v in s.get("seconds", {}).items() if k != "total")
-        lines.append(f"| {n:,} x {s['d']} | {len(s.get('shards', []))} | {s.get('plan', {}).get('tasks_at_once', '')} | "
+        label = f"{n:,} x {s['d']}" + (f" (reused: {', '.join(s['reused'])})" if s.get("reused") else "")
+        lines.append(f"| {label} | {len(s.get('shards', []))} | {s.get('plan', {}).get('tasks_at_once', '')} | "
                      f"{_mib(drv)} ({drv / n:.1f}) | {_mib(tpeak)} / {_mib(tdecl)} | {s['scratch_bytes'] / 2**30:.2f} | "
                      f"{s['index_bytes'] / 2**30:.2f} | {s['wall_seconds']:.0f} | {phases} | "
                      + " | ".join(str(s.get(f"recall@10_L{L}", "")) for L in a.Ls.split(",")) + " |")
@@ -261,11 +264,19 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
     ext = extrapolate(rows, a.target_vectors, a.target_dim, a.target_budget, a.target_threads, target.R, target.L)
     lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
               f"{a.target_budget}: " + ext["text"]]
-    same_d = sorted((s for s in rows if s["d"] == rows[0]["d"]), key=lambda s: s["n"])
+    same_d = sorted((s for s in rows if s["d"] == rows[0]["d"] and not s.get("reused")), key=lambda s: s["n"])
     if len(same_d) >= 2:
         lo, hi = same_d[0], same_d[-1]
         b = math.log(hi["wall_seconds"] / lo["wall_seconds"]) / math.log(hi["n"] / lo["n"])
         lines.append(f"Build time grows as N^{b:.2f} from {lo['n']:,} to {hi['n']:,} vectors (target: <= N^1.15).")
+    by_phase = [s for s in rows if s.get("driver_peak_rss_anon_by_phase")]
+    if by_phase:
+        lines += ["", "Driver peak RssAnon MiB by phase (the build's own sampling):", "",
+                  "| set | " + " | ".join(by_phase[0]["driver_peak_rss_anon_by_phase"]) + " |",
+                  "|" + "---|" * (1 + len(by_phase[0]["driver_peak_rss_anon_by_phase"]))]
+        for s in by_phase:
+            lines.append(f"| {s['n']:,} x {s['d']} | "
+                         + " | ".join(_mib(v) for v in s["driver_peak_rss_anon_by_phase"].values()) + " |")
     text = "\n".join(lines)
     print(text)
     (RESULTS / "build_scale.md").write_text(text + "\n")

@@ -120,6 +120,10 @@ class IndexConfig:
     L: int = 100
     alpha: float = 1.2
     pq_bytes: int = 48
+    # Construction searches rank candidates by PQ codes of this many bytes per vector and score
+    # only the nodes they expand exactly (memescale/index/vamana.py, "Navigation on PQ codes"):
+    # a faster build at slightly different recall (bench/README.md). 0: exact distances.
+    build_pq_bytes: int = 0
     # RAM the whole build may use on a node (driver plus the shard tasks running at once), in
     # bytes; a file or override may give a size such as "48GiB", "512MiB" or "64GB". 0 (or ""):
     # not set, the build plan (memescale/build/plan.py) takes the node's total RAM minus a margin.

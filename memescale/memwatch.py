@@ -7,6 +7,7 @@ RssFile and reclaimable, so a build's memory budget is stated and checked in Rss
     with PeakRssAnon() as peak:
         work()
     peak.peak_bytes, peak.growth_bytes   # highest RssAnon seen, and that minus the start
+    peak.take_stage_peak()               # the highest since the previous call (per-phase peaks)
 
 `release_free_memory()` hands memory freed by the allocators back to the OS (glibc keeps
 freed blocks below its adaptive mmap threshold, up to tens of MiB per arena, and Arrow's pool
@@ -67,13 +68,14 @@ class PeakRssAnon:
 
     def __init__(self, pid: int | str = "self", interval_s: float = 0.005) -> None:
         self.pid, self.interval_s = pid, interval_s
-        self.start_bytes = self.peak_bytes = 0
+        self.start_bytes = self.peak_bytes = self._stage_peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sample(self) -> int:
         value = rss_anon(self.pid)
         self.peak_bytes = max(self.peak_bytes, value)
+        self._stage_peak = max(self._stage_peak, value)
         return value
 
     def _run(self) -> None:
@@ -81,7 +83,7 @@ class PeakRssAnon:
             self.sample()
 
     def __enter__(self) -> PeakRssAnon:
-        self.start_bytes = self.peak_bytes = rss_anon(self.pid)
+        self.start_bytes = self.peak_bytes = self._stage_peak = rss_anon(self.pid)
         self._thread = threading.Thread(target=self._run, name="rss-anon", daemon=True)
         self._thread.start()
         return self
@@ -95,3 +97,11 @@ class PeakRssAnon:
     @property
     def growth_bytes(self) -> int:
         return self.peak_bytes - self.start_bytes
+
+    def take_stage_peak(self) -> int:
+        """The highest RssAnon seen since the previous call (or since enter), then start the
+        next stage's peak from the current reading: per-phase peaks of one long process."""
+        now = self.sample()
+        peak = max(self._stage_peak, now)
+        self._stage_peak = now
+        return peak

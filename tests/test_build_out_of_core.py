@@ -77,6 +77,12 @@ def test_phases_are_redone_exactly_when_their_inputs_change(ray_local, tmp_path,
     monkeypatch.setattr(pipeline, "FORMAT_VERSION", pipeline.FORMAT_VERSION + 1)
     upgraded = build("index.shards=3", "index.weight_beta=0.1")
     assert "pq" not in upgraded["reused"] and "graphs" in upgraded["reused"]
+    # construction ranked by navigation codes: the shard graphs (and what follows them) are redone
+    navigated = build("index.shards=3", "index.weight_beta=0.1", "index.build_pq_bytes=8")
+    assert set(navigated["reused"]) == {"corpus", "index_vectors", "partition", "pq"}
+    with Index.open(out) as index:
+        ids, _, _ = index.search(x[4990:5000], 1, 32)
+    assert (ids[:, 0] == np.arange(4990, 5000)).mean() >= 0.9
 
 
 def test_weighted_index_answers_plain_queries_with_the_recall_of_full_ones(ray_local, tmp_path):
@@ -112,7 +118,9 @@ build_from_shards(cfg, tmp + "/small", tmp + "/small-index", query_sample=False)
 with PeakRssAnon() as peak:
     summary = build_from_shards(cfg, tmp + "/emb", tmp + "/index", query_sample=False)
 ray.shutdown()
-print(json.dumps({"growth": peak.growth_bytes, "n": summary["vectors"], "refined": summary["refined_nodes"]}))
+print(json.dumps({"growth": peak.growth_bytes, "n": summary["vectors"], "refined": summary["refined_nodes"],
+                  "phases": summary["driver_peak_rss_anon_by_phase"], "seconds": summary["seconds"],
+                  "peak": summary["driver_peak_rss_anon"], "start": peak.start_bytes}))
 """
 
 
@@ -136,3 +144,6 @@ def test_driver_memory_is_a_fixed_amount_plus_a_few_bytes_per_vector(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["n"] == n and res["refined"] > 0
     assert res["growth"] < 64 * 2**20 + 24 * n, res
+    # the summary names the phase each peak came from: every timed phase has one, none above the whole build's
+    assert set(res["phases"]) == set(res["seconds"]) - {"total"}
+    assert all(res["start"] // 2 < v <= res["peak"] for v in res["phases"].values()), res

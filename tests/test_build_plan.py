@@ -22,6 +22,7 @@ from memescale.build.plan import (
     shard_vectors,
 )
 from memescale.config import ConfigError, load_config
+from memescale.index.vamana import nav_dsub_for
 
 GiB = 2**30
 TINY = ROOT / "configs" / "tiny.toml"
@@ -58,6 +59,20 @@ def test_230m_by_1152_fits_64_gib_on_12_threads(threads_per_task):
     assert plan.seconds["total"] == pytest.approx(sum(v for k, v in plan.seconds.items() if k != "total"), abs=1)
     assert plan.seconds["graphs"] > 0 and json.loads(json.dumps(plan.to_dict()))["shards"] == plan.shards
     assert re.search(rf"shards\s+{plan.shards} \(derived\)", format_plan(plan))
+
+
+def test_navigation_codes_are_declared_in_each_shard_task():
+    n = 230_000_000
+    exact = plan_build(n, 1152, **BIG, budget_bytes=64 * GiB, threads_per_task=12)
+    nav = plan_build(n, 1152, **BIG, budget_bytes=64 * GiB, threads_per_task=12, build_pq_bytes=144)
+    _fits(nav)
+    assert nav.task_memory_bytes == stages.shard_memory_bytes(nav.shard_vectors, 1157, 64, 12, build_pq_bytes=144)
+    # a code byte per nav_dsub dimensions for every node, and the codebooks' training scratch on top
+    code_bytes = -(-1157 // nav_dsub_for(1157, 144))
+    assert 129 <= code_bytes <= 144
+    per_shard = stages.shard_memory_bytes(exact.shard_vectors, 1157, 64, 12, build_pq_bytes=144)
+    assert per_shard - exact.task_memory_bytes >= 1.25 * exact.shard_vectors * code_bytes
+    assert nav.shards >= exact.shards
 
 
 def test_many_small_tasks_run_at_once_when_they_fit():

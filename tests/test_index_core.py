@@ -9,7 +9,7 @@ import pytest
 
 from memescale.index import build_vamana, exact_topk, greedy_search, prune_lists, robust_prune
 from memescale.index.kernels import dot_hf, int8_scale, quantize_int8, squared_norms
-from memescale.index.vamana import VISIT_TABLE
+from memescale.index.vamana import VISIT_TABLE, adc_table, nav_dsub_for, navigation_codes
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -168,6 +168,57 @@ def test_int8_graph_is_as_good_as_fp16_and_deterministic():
     assert r8 >= r16 - 0.02, (r8, r16)
 
 
+def test_navigation_codes_give_the_distance_to_their_reconstruction():
+    X = clustered(3000, 36, seed=3)  # 36 = 4 subspaces of 8 plus 4 zero-padded dimensions
+    X8 = quantize_int8(X, int8_scale(X))
+    codes, cb_t, cnorm = navigation_codes(X8, dsub=8, seed=1, threads=2)
+    assert codes.shape == (3000, 5) and codes.dtype == np.uint8 and cb_t.shape == (5, 8, 256)
+    again = navigation_codes(X8, dsub=8, seed=1, threads=1)
+    np.testing.assert_array_equal(codes, again[0])
+    recon = np.concatenate([cb_t[m].T[codes[:, m]] for m in range(5)], axis=1)[:, :36]  # (N, 36) reconstructions
+    q = X8[7].astype(np.float32)
+    table = np.empty((5, 256), np.float32)
+    adc_table(q, cb_t, cnorm, table)
+    adc = (q @ q) + table[np.arange(5), codes].sum(1)
+    np.testing.assert_allclose(adc, ((recon - q) ** 2).sum(1), rtol=1e-4, atol=1e-2 * (q @ q))
+    exact = ((X8.astype(np.float32) - q) ** 2).sum(1)
+    assert np.corrcoef(adc, exact)[0, 1] > 0.95  # a usable ranking, not the exact one
+    with pytest.raises(ValueError, match="at least 256"):
+        navigation_codes(X8[:200])
+
+
+def low_rank(n: int, d: int, seed: int, rank: int = 16) -> np.ndarray:
+    """Unit vectors in 64 clusters, each a centre plus a rank-`rank` spread and a little noise
+    (the shape of real embeddings: a local intrinsic dimension far below d)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((64, d)).astype(np.float32)
+    spread = rng.standard_normal((64, rank, d)).astype(np.float32) / np.sqrt(rank)
+    r = np.random.default_rng(seed)
+    c = r.integers(0, 64, n)
+    x = centres[c] + 0.5 * np.einsum("nr,nrd->nd", r.standard_normal((n, rank)).astype(np.float32), spread[c])
+    x += 0.05 * r.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_graph_navigated_on_codes_is_as_good_as_exact_and_deterministic():
+    n, d = 17_000, 256
+    X = low_rank(n, d, seed=4)
+    Q = low_rank(300, d, seed=5)
+    X8 = quantize_int8(X, int8_scale(X))
+    dsub = nav_dsub_for(d, 32)  # index.build_pq_bytes = 32
+    assert dsub == 8 and nav_dsub_for(d, 0) == 0 and nav_dsub_for(d, 10_000) == 1
+    nav = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False, nav_dsub=dsub)
+    again = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=1, progress=False, nav_dsub=dsub)
+    exact = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False)
+    np.testing.assert_array_equal(nav[0], again[0])  # deterministic at any thread count
+    assert not np.array_equal(nav[0], exact[0])
+    r_nav, r_exact = graph_recall(X, *nav, Q, 12), graph_recall(X, *exact, Q, 12)
+    assert r_exact > 0.9
+    assert r_nav >= r_exact - 0.02, (r_nav, r_exact)
+    with pytest.raises(ValueError, match="nav_dsub"):
+        build_vamana(X8[:100], R=8, L=16, nav_dsub=8)
+
+
 def test_prune_lists_merges_shard_graphs():
     X = unit_vectors(800, 16, seed=12)
     halves = [np.arange(0, 500), np.arange(300, 800)]  # overlapping "shards"
@@ -186,3 +237,25 @@ def test_prune_lists_merges_shard_graphs():
     short[:, 0] = (np.arange(800) + 1) % 800
     nb3, deg3 = prune_lists(X, short, R=10)
     assert (deg3 == 1).all() and (nb3[:, 0] == short[:, 0]).all()
+
+
+def test_batches_are_bounded_whatever_n(monkeypatch):
+    """A batch's out-lists and reverse edges take O(batch * R) memory: build and refinement
+    never insert more than MAX_BATCH points at once (at N / 50 per batch they would be O(N))."""
+    from memescale.index import vamana
+    from memescale.index.vamana import refine_graph
+
+    sizes = []
+    real = vamana._batches
+
+    def spy(n, max_batch, grow):
+        out = real(n, max_batch, grow)
+        sizes.extend(hi - lo for lo, hi in out)
+        return out
+
+    monkeypatch.setattr(vamana, "MAX_BATCH", 300)
+    monkeypatch.setattr(vamana, "_batches", spy)
+    X = unit_vectors(2000, 16, seed=8)
+    nb, deg, medoid = build_vamana(X, R=8, L=16, threads=2, progress=False)
+    refine_graph(X, nb, deg, medoid, L=16, threads=2, progress=False)
+    assert sizes and max(sizes) == 300  # N / 50 = 40 would be lifted to 1000 points without the cap

@@ -68,8 +68,8 @@ def head():
                "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
+        try:  # a blocking `ray start` lingers for half a minute on SIGTERM; its processes are disposable
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,12 +58,13 @@ class ShardResult:
 
 
 @ray.remote(max_calls=1)  # a fresh worker per shard: its peak memory is this shard's alone
-def build_shard(graphs: str, partition: str, vectors_path: str, shard: int, R: int, L: int, alpha: float,
-                seed: int, threads: int, declared: int) -> ShardResult:
-    """`stages.build_shard_graph` in a Ray worker, reporting its time and peak RssAnon."""
+def build_shard(graphs: str, partition: str, vectors_path: str, shard: int, graph: dict, threads: int,
+                declared: int) -> ShardResult:
+    """`stages.build_shard_graph` in a Ray worker, reporting its time and peak RssAnon.
+    graph: its keyword arguments R, L, alpha, seed and build_pq_bytes."""
     t0 = time.perf_counter()
     with PeakRssAnon() as peak:
-        size = stages.build_shard_graph(graphs, partition, vectors_path, shard, R, L, alpha, seed, threads)
+        size = stages.build_shard_graph(graphs, partition, vectors_path, shard, threads=threads, **graph)
     return ShardResult(shard, size, time.perf_counter() - t0, peak.peak_bytes, declared,
                        ray.get_runtime_context().get_node_id(), False)
 
@@ -75,9 +76,10 @@ def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: 
     in flight; waits for all of them."""
     from tqdm import tqdm
 
+    graph = {"R": ic.R, "L": ic.L, "alpha": ic.alpha, "seed": ic.seed, "build_pq_bytes": ic.build_pq_bytes}
     todo, results = [], []
     for s, size in enumerate(part.sizes().tolist()):
-        mem = stages.shard_memory_bytes(size, d, ic.R, threads_per_task)
+        mem = stages.shard_memory_bytes(size, d, ic.R, threads_per_task, build_pq_bytes=ic.build_pq_bytes)
         if stages.shard_is_built(graphs, s):
             results.append(ShardResult(s, size, 0.0, 0, mem, "", True))
         else:
@@ -88,8 +90,7 @@ def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: 
             while todo and len(refs) < max(1, at_once):
                 s, mem = todo.pop(0)
                 refs.append(build_shard.options(memory=mem, num_cpus=threads_per_task).remote(
-                    str(graphs), str(part.folder), vectors_path, s, ic.R, ic.L, ic.alpha, ic.seed, threads_per_task,
-                    mem))
+                    str(graphs), str(part.folder), vectors_path, s, graph, threads_per_task, mem))
             ready, refs = ray.wait(refs, num_returns=1)
             r: ShardResult = ray.get(ready[0])
             results.append(r)
@@ -106,13 +107,17 @@ class _Phases:
     """Wall-clock seconds per named phase, each from the end of the previous one, and which
     phases were reused from WORK."""
 
-    def __init__(self) -> None:
+    def __init__(self, rss: PeakRssAnon | None = None) -> None:
         self.start = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
+        self.rss = rss
+        self.peak_rss_anon: dict[str, int] = {}  # the driver's peak RssAnon in each phase
 
     def done(self, name: str, reused: bool = False) -> None:
         crash_point(f"build.{name}_done")
+        if self.rss is not None:
+            self.peak_rss_anon[name] = self.rss.take_stage_peak()
         release_free_memory()  # this phase's temporaries are not kept resident through the next
         now = time.perf_counter()
         self.seconds[name] = now - self.last
@@ -131,7 +136,7 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
     """Build the index of every vector under `embeddings` into `out_dir`; returns the summary
     also written to OUT/build_summary.json (vectors, dim, weights, plan, partition, shards,
     refine_L, refine_fraction, refined_nodes, mean_degree, max_degree, seconds per phase,
-    reused phases, driver_peak_rss_anon, bytes_written).
+    reused phases, driver_peak_rss_anon and driver_peak_rss_anon_by_phase, bytes_written).
 
     Parameters come from `cfg.index`; WORK is `work_dir` or OUT.work. The number of shards
     and how many shard tasks run at once come from the plan (`plan.plan_for_config`:
@@ -143,7 +148,7 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
     Raises `plan.BuildPlanError` when the budget cannot hold the build.
     """
     with PeakRssAnon() as driver:
-        summary = _build(cfg, embeddings, out_dir, work_dir, threads_per_task, query_sample)
+        summary = _build(cfg, embeddings, out_dir, work_dir, threads_per_task, query_sample, driver)
     summary["driver_peak_rss_anon"] = driver.peak_bytes
     summary["driver_rss_anon_growth"] = driver.growth_bytes
     (Path(out_dir) / "build_summary.json").write_text(json.dumps(summary, indent=1))
@@ -152,10 +157,10 @@ def build_from_shards(cfg: Config, embeddings: str, out_dir: str, work_dir: str 
 
 
 def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, threads_per_task: int,
-           query_sample: bool) -> dict:
+           query_sample: bool, rss: PeakRssAnon | None = None) -> dict:
     ic = cfg.index
     work = stages.default_work_dir(out_dir, work_dir)
-    phase = _Phases()
+    phase = _Phases(rss)
 
     corpus = stages.collect_corpus(embeddings, work)
     phase.done("corpus", corpus.reused)
@@ -182,8 +187,9 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
     log.info("partition", extra={"partition": report})
     phase.done("partition", reused)
 
+    navigation = {"build_pq_bytes": ic.build_pq_bytes} if ic.build_pq_bytes else {}  # exact: as before it existed
     gp = Phase(work, "graphs", phase_fingerprint(pp.fingerprint, R=ic.R, L=ic.L, alpha=ic.alpha, seed=ic.seed,
-                                                 lanes="int8"))
+                                                 lanes="int8", **navigation))
     reused = gp.is_complete()
     if not reused:
         gp.resume()  # keeps the shard graphs an interrupted run of the same fingerprint finished
@@ -239,6 +245,7 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         "refine_L": refine_L, "refine_fraction": refine_fraction, "refined_nodes": refined,
         "mean_degree": deg_mean, "max_degree": deg_max,
         "seconds": phase.with_total(), "reused": phase.reused,
+        "driver_peak_rss_anon_by_phase": phase.peak_rss_anon,
         "bytes_written": ws.bytes_written,
     }
 

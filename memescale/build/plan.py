@@ -210,7 +210,7 @@ def _units(n: int, dx: int, d: int, R: int, L: int, overlap: int, k: int, refine
 def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, budget_bytes: int | None,
                threads: int, threads_per_task: int = 1, shards: int | None = None,
                meta_bytes_per_row: int = META_BYTES_PER_ROW, extra_dims: int = len(WEIGHT_NAMES) + 1,
-               refine_L: int = 32, refine_fraction: float = 0.3,
+               refine_L: int = 32, refine_fraction: float = 0.3, build_pq_bytes: int = 0,
                costs: dict[str, float] | None = None) -> BuildPlan:
     """The plan of a build of `n` vectors of the model's width `d` (the index stores
     d' = d + extra_dims: the weighting's columns, `len(WEIGHT_NAMES) + 1` at most, 0 without
@@ -220,6 +220,7 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
     shards: a fixed shard count (None or 0: derive the smallest that fits). threads: cores
     of the node; threads_per_task: threads each shard task builds with.
     meta_bytes_per_row: the msgpack metadata size of one record (disk estimates).
+    build_pq_bytes: the shard tasks' navigation codes (`index.build_pq_bytes`; their memory).
     costs: per-phase costs replacing `COSTS`' (e.g. `fitted_costs` of a measured build).
 
     Raises BuildPlanError when the driver plus one shard task cannot fit (the message names
@@ -237,14 +238,15 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
     idle = driver_idle_bytes(n)
     if driver > budget:
         k_min = int(shards) if shards else _valid_shards(n, overlap)[-1]
-        need = max(driver, idle + shard_memory_bytes(shard_vectors(n, k_min, overlap), dx, R, tpt))
+        need = max(driver, idle + shard_memory_bytes(shard_vectors(n, k_min, overlap), dx, R, tpt,
+                                                     build_pq_bytes=build_pq_bytes))
         raise BuildPlanError(
             f"build memory {_fmt_bytes(budget)} cannot hold the driver's own phases ({_fmt_bytes(driver)} for "
             f"{n:,} vectors of width {dx}); the smallest budget that works is {_fmt_bytes(need)} "
             f"({need} bytes): set index.build_memory to at least that")
 
     def task(k: int) -> int:
-        return shard_memory_bytes(shard_vectors(n, k, overlap), dx, R, tpt)
+        return shard_memory_bytes(shard_vectors(n, k, overlap), dx, R, tpt, build_pq_bytes=build_pq_bytes)
 
     if shards:
         k, derived = int(shards), False
@@ -339,7 +341,8 @@ def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads
                     shards: int | None = None) -> BuildPlan:
     """`plan_build` with the parameters of `cfg` (a memescale.config.Config): index.R, L,
     shard_overlap, pq_bytes, build_memory (0: machine), shards (0: derive; `shards` overrides
-    it), refine_L, refine_fraction, and the weighting's columns when index.weight_beta > 0.
+    it), refine_L, refine_fraction, build_pq_bytes, and the weighting's columns when
+    index.weight_beta > 0.
     threads: ray.num_cpus, else this machine's cores. `d` is the embeddings' width.
     threads_per_task <= 0: chosen here, so that the shard tasks that fit at once use every
     thread (planned with one thread per task first, then with threads // tasks at once when
@@ -352,7 +355,8 @@ def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads
                           budget_bytes=ic.build_memory or None, threads=threads, threads_per_task=tpt,
                           shards=shards if shards is not None else (ic.shards or None),
                           extra_dims=len(WEIGHT_NAMES) + 1 if ic.weight_beta > 0 else 0,
-                          refine_L=ic.refine_L, refine_fraction=ic.refine_fraction)
+                          refine_L=ic.refine_L, refine_fraction=ic.refine_fraction,
+                          build_pq_bytes=ic.build_pq_bytes)
 
     if threads_per_task > 0:
         return plan(threads_per_task)

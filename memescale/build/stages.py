@@ -49,7 +49,7 @@ from memescale.index.partition import (
     single_shard_partition,
 )
 from memescale.index.pq import PQCodec
-from memescale.index.vamana import build_vamana, find_medoid, refine_graph
+from memescale.index.vamana import build_vamana, find_medoid, nav_dsub_for, navigation_scratch_bytes, refine_graph
 from memescale.index.weighting import SOURCE_KEYS, Weighting, fit_weighting
 from memescale.shards.corpus import Corpus, RowDicts, collect_corpus
 
@@ -215,13 +215,17 @@ def shard_medoid(graphs: str | Path, shard: int) -> int:
     return int(json.loads(shard_files(graphs, shard)["done"].read_text())["medoid"])
 
 
-def shard_memory_bytes(n: int, d: int, R: int, threads: int, slack: float = 1.3) -> int:
+def shard_memory_bytes(n: int, d: int, R: int, threads: int, slack: float = 1.3, build_pq_bytes: int = 0) -> int:
     """What `build_shard_graph` declares for a shard of `n` vectors of width `d`: the int8
-    vectors, their ids and norms, the graph while building (ceil(slack R) per node) and its
-    output (R per node), each thread's visited set and candidate lists, and the interpreter,
+    vectors, their ids and norms, the navigation codes and their training's scratch (with
+    build_pq_bytes > 0), the graph while building (ceil(slack R) per node) and its output (R
+    per node), each thread's visited set, candidate lists and ADC table, and the interpreter,
     with a quarter on top for allocator slack."""
-    per_node = d + 8 + 4 + int(np.ceil(slack * R)) * 4 + R * 4 + 16
-    return int(1.25 * (n * per_node + threads * THREAD_SCRATCH)) + PYTHON_OVERHEAD
+    dsub = nav_dsub_for(d, build_pq_bytes)
+    codes = -(-d // dsub) if dsub else 0
+    per_node = d + 8 + 4 + codes + int(np.ceil(slack * R)) * 4 + R * 4 + 16
+    scratch = threads * THREAD_SCRATCH + (navigation_scratch_bytes(d, dsub) if dsub else 0)
+    return int(1.25 * (n * per_node + scratch)) + PYTHON_OVERHEAD
 
 
 GATHER_SPAN_BYTES = 16 << 20  # the most file bytes `gather_rows` reads at once
@@ -270,19 +274,22 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def build_shard_graph(graphs: str | Path, partition: str | Path, vectors_path: str | Path, shard: int, R: int,
-                      L: int, alpha: float, seed: int, threads: int) -> int:
+                      L: int, alpha: float, seed: int, threads: int, build_pq_bytes: int = 0) -> int:
     """Build shard `shard`'s Vamana graph (seed + shard) over its rows of the .npy at
     `vectors_path`, as listed in the DiskPartition folder `partition`; write its
     `shard_files` in the folder `graphs` (the JSON with the checksums last). Returns the
     shard's size n. The graph is built over the rows quantized to int8 (`quantize_int8`, one
     scale from a sample of the shard): half the bytes of fp16 per distance, and distance
-    evaluation is bound by fetching rows. Memory: `shard_memory_bytes`."""
+    evaluation is bound by fetching rows. build_pq_bytes > 0: the construction searches rank
+    by navigation codes of that many bytes per row (`nav_dsub_for`; shards under 256 rows
+    rank exactly). Memory: `shard_memory_bytes`."""
     files = shard_files(graphs, shard)
     ids = np.array(DiskPartition.load(partition).shard_ids(shard), np.int64)
     sample = gather_rows(vectors_path, ids[::int8_stride(len(ids))])
     X = gather_rows(vectors_path, ids, int8_scale=int8_scale(sample))
     del sample
-    nbrs, deg, medoid = build_vamana(X, R, L, alpha, seed + shard, threads=threads, progress=False)
+    nav_dsub = nav_dsub_for(X.shape[1], build_pq_bytes) if len(ids) >= 256 else 0
+    nbrs, deg, medoid = build_vamana(X, R, L, alpha, seed + shard, threads=threads, progress=False, nav_dsub=nav_dsub)
     del X
     _save_npy(files["neighbours"], nbrs)
     _save_npy(files["degrees"], deg)

@@ -21,7 +21,7 @@ from ..durable import fsync_tree
 from .disk import MetadataSource, WriteStats, write_index
 from .kernels import as_fp16, int8_scale, int8_stride, quantize_int8, resolve_threads
 from .pq import QUERY_EPS, PQCodec, train_pq
-from .vamana import build_vamana
+from .vamana import build_vamana, nav_dsub_for
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ class IndexParams:
     """Build parameters.
 
     R: graph degree; L: construction search list size; alpha: second-pass prune slack;
-    pq_bytes: PQ bytes per vector (M subspaces); seed: makes the build deterministic (the
+    pq_bytes: PQ bytes per vector (M subspaces); build_pq_bytes: navigation codes of the
+    construction searches (0: exact distances; `IndexConfig.build_pq_bytes`); seed: makes the
+    build deterministic (the
     same files for any thread count); threads: worker threads (None/0: all cores); queries:
     optional (nq, d) query sample for query-aware PQ (None: plain OPQ); pq_eps: its
     covariance regulariser; opq_iters and pq_train_size: PQ training effort; progress:
@@ -43,6 +45,7 @@ class IndexParams:
     L: int = IndexConfig.L
     alpha: float = IndexConfig.alpha
     pq_bytes: int = IndexConfig.pq_bytes
+    build_pq_bytes: int = IndexConfig.build_pq_bytes
     seed: int = IndexConfig.seed
     threads: int | None = None
     queries: np.ndarray | None = field(default=None, repr=False)
@@ -54,7 +57,8 @@ class IndexParams:
     @classmethod
     def from_config(cls, cfg: IndexConfig, **overrides) -> IndexParams:
         """Params from the project's `IndexConfig` (R, L, alpha, pq_bytes, seed)."""
-        return cls(R=cfg.R, L=cfg.L, alpha=cfg.alpha, pq_bytes=cfg.pq_bytes, seed=cfg.seed, **overrides)
+        return cls(R=cfg.R, L=cfg.L, alpha=cfg.alpha, pq_bytes=cfg.pq_bytes, build_pq_bytes=cfg.build_pq_bytes,
+                   seed=cfg.seed, **overrides)
 
 
 @dataclass
@@ -178,8 +182,9 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
 
     # the graph is built over int8 rows (as a sharded build's tasks do): half the bytes per distance
     X8 = quantize_int8(X, int8_scale(X[::int8_stride(n)]))
+    nav_dsub = nav_dsub_for(d, params.build_pq_bytes) if n >= 256 else 0
     neighbours, degrees, medoid = build_vamana(X8, params.R, params.L, params.alpha, params.seed, threads=threads,
-                                               progress=params.progress)
+                                               progress=params.progress, nav_dsub=nav_dsub)
     del X8
     t2 = time.perf_counter()
     log.info("graph built in %.1f s (mean degree %.1f)", t2 - t1, float(degrees.mean()))

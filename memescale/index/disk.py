@@ -547,7 +547,7 @@ def _seal_records(rec: np.ndarray, m: int, layout: RecordLayout) -> None:
     rec[:m, layout.crc_off : layout.crc_off + 4] = crcs.astype("<u4")[:, None].view(np.uint8)
 
 
-ID_SORT_ROWS = 1 << 23  # image ids sorted in RAM at a time by `write_id_map` (~16 B each)
+ID_SORT_ROWS = 1 << 21  # image ids sorted in RAM at a time by `write_id_map` (about 44 B each while sorted)
 _ID_SCAN = 1 << 20  # image ids scanned per block
 
 

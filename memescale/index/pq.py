@@ -201,6 +201,13 @@ def _assign_all(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -
     return codes, err
 
 
+def assign_subspaces(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-centroid codes (n, M) uint8 of rows Y (n, M * dsub) float32 against
+    centroids (M, K, dsub) float32, and each row's squared error (n,) float32.
+    O(n * K * M * dsub)."""
+    return _assign_all(Y, centroids, threads, pool)
+
+
 def _update_centroids(Y: np.ndarray, codes: np.ndarray, centroids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Lloyd update: each centroid becomes the mean of its rows; empty ones are re-seeded
     from random training rows. Y: (n, M * dsub); codes: (n, M); centroids: (M, K, dsub)."""

@@ -18,10 +18,23 @@ are then written, and the reverse edges are grouped by target node (in batch ord
 applied target by target, each target by exactly one thread. Nothing depends on thread
 scheduling, so a seed gives the same graph for any thread count.
 
+Navigation on PQ codes (`nav_dsub`, off by default; `index.build_pq_bytes` in a build): the
+construction searches (Algorithm 1 inside Algorithm 3) rank candidates by ADC distances to a
+product quantisation of the rows (`navigation_codes`: one byte per nav_dsub dimensions,
+k-means codebooks trained on a seeded sample of the rows) instead of fetching every
+candidate's full row; only the nodes a search expands are scored exactly, and those exact
+distances are what robust_prune sees. A row fetched at random costs d bytes of memory
+traffic, a code d / nav_dsub bytes and a few lookups in a table that stays in cache. The
+build is faster and the graph a little different: `bench/README.md` ("Construction ranked by
+codes") has both measured against exact navigation. With a few dimensions per vector the
+codes rank too coarsely to be worth it.
+
 Memory: vectors + the graph (N x ceil(slack * R) int32 while building, like the reference
-implementation's slack before re-pruning) + N float32 norms + per thread a small visited set
-(`_vs_add`: a hash table of the nodes one search touches, sized by them, not by N). Nothing
-quadratic. `refine_graph` can keep its working graph in a memory-mapped file.
+implementation's slack before re-pruning) + N float32 norms + one batch's lists (at most
+MAX_BATCH points) + per thread a small visited set (`_vs_add`: a hash table of the nodes one
+search touches, sized by them, not by N); with navigation codes, ceil(d / nav_dsub) bytes per
+vector and per thread an ADC table of 256 x ceil(d / nav_dsub) float32. Nothing quadratic.
+`refine_graph` can keep its working graph in a memory-mapped file.
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ from numba import njit
 from tqdm.auto import tqdm
 
 from .kernels import as_fp16, dot_hf, parallel_for, prefetch_bytes, resolve_threads, squared_norms, widen
+from .pq import K as PQ_K
+from .pq import assign_subspaces, kmeans_subspaces
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,13 @@ MAX_CANDIDATES = 750  # robust_prune considers at most this many closest candida
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier of the visited sets
 _TAG_LIMIT = 2**31 - 2  # visited-set epochs are int32 values in the entries' high word
 VISIT_TABLE = 4096  # initial entries of a thread's visited set (grown on demand)
+MAX_BATCH = 65_536  # most points per batch: a batch's out-lists and reverse edges are O(batch * R) memory
+NAV_DSUB = 8  # dimensions per byte of navigation codes, where a caller asks for them without a size
+NAV_TRAIN_ROWS = 16_384  # rows sampled to train the navigation codebooks (64 per centroid)
+NAV_BLOCK_BYTES = 16 << 20  # float32 bytes of one block of rows being encoded
+NAV_KMEANS_ITERS = 10
+NO_CODES = np.zeros((0, 0), np.uint8)  # "no navigation codes": rank by exact distances
+NO_TABLE = np.zeros((0, 0), np.float32)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -94,17 +116,21 @@ def _vs_reserve(vis, used, more, tag):
 
 
 @njit(nogil=True, cache=True)
-def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
+def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag, codes=NO_CODES, table=NO_TABLE):
     """Algorithm 1: greedy search from `start` for query `qf` with search list size L.
 
     X: (N, d) uint16 fp16 bits; norms: (N,) float32 squared norms; graph: (N, W) int32 out-
     lists (first degrees[i] valid); qf: (d,) float32 query, qnorm its squared norm; vis: this
     thread's visited set, a power-of-two int64 hash table (`_vs_add`; np.zeros(VISIT_TABLE)
     to start), `tag` (>= 1) an epoch not used before in it: no clearing between searches,
-    and its memory follows the nodes one search touches, not N.
-    Returns (visited ids int32, their squared distances float32, the table, possibly
+    and its memory follows the nodes one search touches, not N. codes: (N, M) uint8
+    navigation codes and table: the query's (M, 256) `adc_table`, to rank candidates by ADC
+    distances to the codes' reconstructions instead of exact distances; only the expanded
+    nodes are scored exactly (for the caller: the ranking stays on one scale), so of X only
+    their rows are read. NO_CODES / NO_TABLE: exact distances throughout.
+    Returns (visited ids int32, their exact squared distances float32, the table, possibly
     grown): the expanded set V, in expansion order. Each expansion costs degree-many
-    distance evaluations: O(|V| * R * d).
+    distance evaluations: O(|V| * R * d), or O(|V| * (R * M + d)) with codes.
     """
     cand_id = np.empty(L + 1, np.int32)
     cand_d = np.empty(L + 1, np.float32)
@@ -113,24 +139,28 @@ def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
     vis_id = np.empty(2 * L + 8, np.int32)
     vis_d = np.empty(2 * L + 8, np.float32)
     n_vis = 0
-    rowbytes = X.shape[1] * X.itemsize
-    base = X.ctypes.data
+    nav = codes.shape[0] > 0
+    rowbytes = codes.shape[1] if nav else X.shape[1] * X.itemsize
+    base = codes.ctypes.data if nav else X.ctypes.data
 
     vis = _vs_reserve(vis, 0, 1 + graph.shape[1], tag)
     _vs_add(vis, start, tag)
     marked = 1
     cand_id[0] = start
-    cand_d[0] = _distance_to(X, norms, qf, qnorm, start)
+    cand_d[0] = _adc_distance(table, codes, qnorm, start) if nav else _distance_to(X, norms, qf, qnorm, start)
     n = 1
     cur = 0
     while cur < n:
         p = cand_id[cur]
+        dp = cand_d[cur]
+        if nav:  # an expanded node is scored exactly for the caller; the list stays ranked by ADC
+            dp = _distance_to(X, norms, qf, qnorm, p)
         done[cur] = True
         if n_vis == vis_id.shape[0]:
             vis_id = np.concatenate((vis_id, np.empty_like(vis_id)))
             vis_d = np.concatenate((vis_d, np.empty_like(vis_d)))
         vis_id[n_vis] = p
-        vis_d[n_vis] = cand_d[cur]
+        vis_d[n_vis] = dp
         n_vis += 1
         vis = _vs_reserve(vis, marked, degrees[p], tag)
         m = 0
@@ -145,7 +175,7 @@ def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
         nxt = n
         for t in range(m):
             u = fresh[t]
-            d = _distance_to(X, norms, qf, qnorm, u)
+            d = _adc_distance(table, codes, qnorm, u) if nav else _distance_to(X, norms, qf, qnorm, u)
             if n == L and d >= cand_d[n - 1]:
                 continue
             pos = n if n < L else L - 1
@@ -170,6 +200,45 @@ def greedy_search(X, norms, graph, degrees, start, qf, qnorm, L, vis, tag):
 @njit(nogil=True, cache=True, inline="always")
 def _distance_to(X, norms, qf, qnorm, j):
     d = qnorm + norms[j] - 2.0 * dot_hf(X[j], qf)
+    return d if d > 0.0 else np.float32(0.0)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def adc_table(qf, cb_t, cnorm, table):
+    """table (M, 256) float32 <- |c|^2 - 2 q_m . c for every centroid c of every subspace m,
+    so that |q|^2 + sum_m table[m, code[m]] = |q - x_hat|^2 (the squared distance to the
+    code's reconstruction). qf: (d,) float32 (zero-padded to M * dsub); cb_t: (M, dsub, 256)
+    float32 codebooks, transposed; cnorm: (M, 256) float32 squared centroid norms. O(256 M dsub)."""
+    M, dsub, k = cb_t.shape
+    for m in range(M):
+        for t in range(k):
+            table[m, t] = cnorm[m, t]
+        for j in range(dsub):
+            i = m * dsub + j
+            v = np.float32(-2.0) * qf[i] if i < qf.shape[0] else np.float32(0.0)
+            for t in range(k):
+                table[m, t] += v * cb_t[m, j, t]
+
+
+@njit(nogil=True, cache=True, fastmath=True, inline="always")
+def _adc_distance(table, codes, qnorm, u):
+    """|q - x_hat_u|^2 from q's `adc_table`, four independent sums to hide the lookups' latency."""
+    M = codes.shape[1]
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    m = 0
+    while m + 4 <= M:
+        s0 += table[m, codes[u, m]]
+        s1 += table[m + 1, codes[u, m + 1]]
+        s2 += table[m + 2, codes[u, m + 2]]
+        s3 += table[m + 3, codes[u, m + 3]]
+        m += 4
+    while m < M:
+        s0 += table[m, codes[u, m]]
+        m += 1
+    d = qnorm + ((s0 + s1) + (s2 + s3))
     return d if d > 0.0 else np.float32(0.0)
 
 
@@ -208,18 +277,29 @@ def robust_prune(X, norms, cand_ids, cand_d, alpha, R, out):
 
 
 @njit(nogil=True, cache=True)
-def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha, R, vis, tag0, out, out_deg):
+def _search_and_prune(X, norms, graph, degrees, medoid, points, lo, hi, L, alpha, R, vis, tag0, out, out_deg,
+                      codes, cb_t, cnorm):
     """For points[lo:hi]: V = greedy_search from the medoid, then robust_prune(V + N_out(p)).
 
-    Writes out[b, :out_deg[b]] for b in [lo, hi); reads the graph only. Uses visited-set
-    epochs tag0 + 2 * (b - lo) and + 1 for that point. Returns the table (possibly grown).
+    With navigation codes (`navigation_codes`: codes (N, M) uint8, cb_t (M, dsub, 256), cnorm
+    (M, 256); codes of shape (0, 0): none) the search ranks candidates by ADC distances and scores V exactly,
+    so the prune sees exact distances either way. Writes out[b, :out_deg[b]] for b in [lo, hi);
+    reads the graph only. Uses visited-set epochs tag0 + 2 * (b - lo) and + 1 for that
+    point. Returns the table (possibly grown).
     """
     qf = np.empty(X.shape[1], np.float32)
+    nav = codes.shape[0] > 0
+    table = np.empty((cb_t.shape[0], cb_t.shape[2]), np.float32)
     for b in range(lo, hi):
         p = points[b]
         widen(X[p], qf)
         tag = tag0 + 2 * (b - lo)
-        vis_id, vis_d, vis = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag)
+        if nav:
+            adc_table(qf, cb_t, cnorm, table)
+            vis_id, vis_d, vis = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag, codes,
+                                               table)
+        else:
+            vis_id, vis_d, vis = greedy_search(X, norms, graph, degrees, medoid, qf, norms[p], L, vis, tag)
         tag += 1
         deg = degrees[p]
         vis = _vs_reserve(vis, 0, 1 + vis_id.shape[0] + deg, tag)
@@ -429,10 +509,12 @@ def _visit_sets(threads: int):
 
 
 def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches, L, alpha, R, tables, take_tags,
-                 desc: str, progress: bool | None) -> None:
+                 desc: str, progress: bool | None, nav: tuple[np.ndarray, ...] | None = None) -> None:
     """One pass of Algorithm 3 over order[lo:hi] for each (lo, hi) in `batches`: every point's
     greedy_search from `start` + robust_prune against the graph frozen at the batch start, then
-    its new out-list, then the reverse edges grouped by target. Updates graph/degrees in place."""
+    its new out-list, then the reverse edges grouped by target. Updates graph/degrees in place.
+    nav: `navigation_codes` to rank the searches by (None: exact distances)."""
+    codes, cb_t, cnorm = nav if nav is not None else (NO_CODES, np.zeros((0, 0, 0), np.float32), NO_TABLE)
     bar = tqdm(total=int(sum(hi - lo for lo, hi in batches)), desc=desc, unit="pt",
                disable=None if progress is None else not progress)
     for lo, hi in batches:
@@ -446,7 +528,7 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
             s0, s1 = int(slices[t]), int(slices[t + 1])
             tag0 = take_tags(t, 2 * (s1 - s0) + 2)
             tables[t] = _search_and_prune(X, norms, graph, degrees, start, points, s0, s1, L, alpha, R, tables[t], tag0,
-                                          out, out_deg)
+                                          out, out_deg, codes, cb_t, cnorm)
 
         # every point's greedy_search + robust_prune against the frozen graph
         list(pool.map(search_slice, range(len(slices) - 1)))
@@ -469,6 +551,60 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
     bar.close()
 
 
+def navigation_codes(X: np.ndarray, dsub: int = NAV_DSUB, seed: int = 0, threads: int | None = None,
+                     pool: ThreadPoolExecutor | None = None, train_rows: int = NAV_TRAIN_ROWS,
+                     iters: int = NAV_KMEANS_ITERS, block: int | None = None) -> tuple[np.ndarray, ...]:
+    """Product-quantisation codes the construction searches rank by (module doc).
+
+    X: (N, d) uint16 fp16 bits or int8 rows (compared in their own units: the scale of int8
+    rows cancels out of every ranking). Codebooks: M = ceil(d / dsub) independent k-means of
+    256 centroids over dsub dimensions each (zero-padded), trained on `train_rows` rows drawn
+    with `seed`; then every row is encoded, `block` rows at a time (default: NAV_BLOCK_BYTES
+    of float32 rows).
+    Returns (codes (N, M) uint8, transposed codebooks (M, dsub, 256) float32, squared
+    centroid norms (M, 256) float32), as `_search_and_prune` takes them. Deterministic for a
+    seed at any thread count. Time O((iters * train_rows + N) * 256 * d); memory the codes
+    (N * M bytes) + `navigation_scratch_bytes(d)` at most.
+    """
+    n, d = X.shape
+    if n < PQ_K:
+        raise ValueError(f"navigation codes need at least {PQ_K} rows (got {n})")
+    threads = resolve_threads(threads)
+    M = -(-d // dsub)
+    D = M * dsub
+    block = block or max(1, NAV_BLOCK_BYTES // (4 * D))
+
+    def rows(part: np.ndarray) -> np.ndarray:
+        y = part.astype(np.float32) if part.dtype == np.int8 else part.view(np.float16).astype(np.float32)
+        return np.pad(y, ((0, 0), (0, D - d))) if D > d else y
+
+    rng = np.random.default_rng(seed)
+    sample = rows(X[np.sort(rng.choice(n, size=min(n, train_rows), replace=False))])
+    seeds = sample[rng.choice(sample.shape[0], size=PQ_K, replace=False)]
+    centroids = kmeans_subspaces(sample, np.ascontiguousarray(seeds.reshape(PQ_K, M, dsub).transpose(1, 0, 2)), iters,
+                                 rng, threads, pool)
+    del sample
+    codes = np.empty((n, M), np.uint8)
+    for lo in range(0, n, block):
+        codes[lo:lo + block] = assign_subspaces(rows(X[lo:lo + block]), centroids, threads, pool)[0]
+    cb_t = np.ascontiguousarray(centroids.transpose(0, 2, 1), np.float32)
+    cnorm = np.einsum("mkj,mkj->mk", centroids, centroids).astype(np.float32)
+    return codes, cb_t, cnorm
+
+
+def nav_dsub_for(d: int, code_bytes: int) -> int:
+    """`build_vamana`'s nav_dsub for navigation codes of about `code_bytes` bytes per row of
+    width d (`index.build_pq_bytes`; at most d); 0 for code_bytes <= 0: exact distances."""
+    return -(-d // min(d, code_bytes)) if code_bytes > 0 else 0
+
+
+def navigation_scratch_bytes(d: int, dsub: int = NAV_DSUB) -> int:
+    """The most memory `navigation_codes` holds besides the codes it returns: the float32
+    training sample and the k-means sums (its peak), or one block being encoded."""
+    D = -(-d // dsub) * dsub
+    return max(NAV_TRAIN_ROWS * D * 4 + 2 * PQ_K * D * 8, NAV_BLOCK_BYTES + D * 4)
+
+
 def _prune_back(pool, threads, X, norms, graph, degrees, alpha, R, out, out_deg) -> None:
     """Lists grown past R by reverse edges are pruned back to R: out (N, R), out_deg (N,)
     (the first degrees[i] entries of graph[i] count)."""
@@ -485,6 +621,7 @@ def build_vamana(
     max_batch: int | None = None,
     slack: float = 1.3,
     progress: bool | None = None,
+    nav_dsub: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Build a Vamana graph over `vectors` (usable on any subset, e.g. one shard).
 
@@ -493,11 +630,15 @@ def build_vamana(
     graph quality on normalised embeddings, as `tests/test_index_core.py` checks). R: max degree;
     L: search list size during construction (>= R recommended); alpha >= 1: pruning slack of
     the second pass; seed: insertion order (the result is identical for a seed at any thread
-    count); max_batch: points inserted per batch (default max(1000, N / 50)); slack: out-lists
-    may grow to ceil(slack * R) through reverse edges before being pruned back to R.
+    count); max_batch: points inserted per batch (default max(1000, N / 50), at most
+    MAX_BATCH: a batch's lists and reverse edges take about 30 * R bytes per point); slack: out-lists
+    may grow to ceil(slack * R) through reverse edges before being pruned back to R;
+    nav_dsub: the construction searches rank by `navigation_codes` of one byte per nav_dsub
+    dimensions (module doc; needs N >= 256); 0: by exact distances.
 
     Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32, medoid int).
-    Time O(N * (L + R) * R * d) per pass (two passes); memory vectors + N * slack * R * 4 bytes.
+    Time O(N * (L + R) * R * d) per pass (two passes), the searches' part d / nav_dsub times
+    fewer bytes with codes; memory vectors + N * (slack * R * 4 + d / nav_dsub) bytes.
     """
     X = np.ascontiguousarray(vectors) if vectors.dtype == np.int8 else as_fp16(vectors).view(np.uint16)
     N, d = X.shape
@@ -509,7 +650,7 @@ def build_vamana(
         raise ValueError(f"need R >= 1, L >= 1, alpha >= 1 (got R={R}, L={L}, alpha={alpha})")
     threads = resolve_threads(threads)
     width = max(R, int(math.ceil(slack * R)))
-    max_batch = max_batch or max(1000, N // 50)
+    max_batch = max_batch or min(MAX_BATCH, max(1000, N // 50))
 
     norms = np.empty(N, np.float32)
     medoid = find_medoid(X if X.dtype == np.int8 else X.view(np.float16))
@@ -518,13 +659,19 @@ def build_vamana(
     order = np.random.default_rng(seed).permutation(N).astype(np.int32)
     tables, take_tags = _visit_sets(threads)
 
+    if nav_dsub < 0 or (nav_dsub and N < PQ_K):
+        raise ValueError(f"nav_dsub must be >= 0, and 0 below {PQ_K} points (got {nav_dsub} for {N})")
+
     with ThreadPoolExecutor(threads) as pool:
         parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
+        nav = navigation_codes(X, nav_dsub, seed, threads, pool) if nav_dsub else None
         for pass_no, a in enumerate((1.0, float(alpha))):
             batches = _batches(N, max_batch, grow=pass_no == 0)
-            log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches", pass_no + 1, a, N, len(batches))
+            log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches, ranked by %s", pass_no + 1, a, N,
+                     len(batches), f"{nav[0].shape[1]}-byte codes" if nav else "exact distances")
             _vamana_pass(pool, threads, X, norms, graph, degrees, medoid, order, batches, L, a, R, tables, take_tags,
-                         f"vamana pass {pass_no + 1}/2", progress)
+                         f"vamana pass {pass_no + 1}/2", progress, nav)
+        del nav
         neighbours = np.empty((N, R), np.int32)
         final = np.empty(N, np.int32)
         _prune_back(pool, threads, X, norms, graph, degrees, alpha, R, neighbours, final)
@@ -567,8 +714,9 @@ def refine_graph(
     R)) int32 working graph (memory-mapped there and deleted at the end) instead of memory.
     Time O(P * (L + R) * R * d) for P points. Memory besides vectors, the inputs and outputs:
     the working graph N * ceil(slack * R) * 4 bytes (none with work_graph) + norms and a
-    degree copy 8 B/vector + 8 B per point + per thread a visited set of the nodes one search
-    touches; every pass over the N rows goes in blocks of `block` rows.
+    degree copy 8 B/vector + 8 B per point + one batch's lists and reverse edges (at most
+    MAX_BATCH points) + per thread a visited set of the nodes one search touches; every pass
+    over the N rows goes in blocks of `block` rows.
     """
     X16 = as_fp16(vectors)
     N = X16.shape[0]
@@ -596,7 +744,7 @@ def refine_graph(
     X = X16.view(np.uint16)
     threads = resolve_threads(threads)
     width = max(R, int(math.ceil(slack * R)))
-    max_batch = max_batch or max(1000, N // 50)
+    max_batch = max_batch or min(MAX_BATCH, max(1000, N // 50))
 
     if work_graph is None:
         graph = np.empty((N, width), np.int32)
