@@ -32,9 +32,8 @@ class IndexParams:
 
     R: graph degree; L: construction search list size; alpha: second-pass prune slack;
     pq_bytes: PQ bytes per vector (M subspaces); build_pq_bytes: navigation codes of the
-    construction searches (0: exact distances; `IndexConfig.build_pq_bytes`); seed: makes the
-    build deterministic (the
-    same files for any thread count); threads: worker threads (None/0: all cores); queries:
+    construction searches (0: exact distances; `IndexConfig.build_pq_bytes`); seed: makes
+    the build deterministic (the same files for any thread count); threads: worker threads (None/0: all cores); queries:
     optional (nq, d) query sample for query-aware PQ (None: plain OPQ); pq_eps: its
     covariance regulariser; opq_iters and pq_train_size: PQ training effort; progress:
     tqdm bars (None: only on a terminal). R, L, alpha, pq_bytes and seed default to
@@ -56,7 +55,7 @@ class IndexParams:
 
     @classmethod
     def from_config(cls, cfg: IndexConfig, **overrides) -> IndexParams:
-        """Params from the project's `IndexConfig` (R, L, alpha, pq_bytes, seed)."""
+        """Params from the project's `IndexConfig` (R, L, alpha, pq_bytes, build_pq_bytes, seed)."""
         return cls(R=cfg.R, L=cfg.L, alpha=cfg.alpha, pq_bytes=cfg.pq_bytes, build_pq_bytes=cfg.build_pq_bytes,
                    seed=cfg.seed, **overrides)
 
