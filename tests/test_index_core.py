@@ -207,6 +207,7 @@ def test_graph_navigated_on_codes_is_as_good_as_exact_and_deterministic():
     X8 = quantize_int8(X, int8_scale(X))
     dsub = nav_dsub_for(d, 32)  # index.build_pq_bytes = 32
     assert dsub == 8 and nav_dsub_for(d, 0) == 0 and nav_dsub_for(d, 10_000) == 1
+    assert nav_dsub_for(d, 32, n) == 8 and nav_dsub_for(d, 32, 255) == 0  # too few rows for 256 centroids
     nav = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False, nav_dsub=dsub)
     again = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=1, progress=False, nav_dsub=dsub)
     exact = build_vamana(X8, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False)

@@ -288,7 +288,7 @@ def build_shard_graph(graphs: str | Path, partition: str | Path, vectors_path: s
     sample = gather_rows(vectors_path, ids[::int8_stride(len(ids))])
     X = gather_rows(vectors_path, ids, int8_scale=int8_scale(sample))
     del sample
-    nav_dsub = nav_dsub_for(X.shape[1], build_pq_bytes) if len(ids) >= 256 else 0
+    nav_dsub = nav_dsub_for(X.shape[1], build_pq_bytes, len(ids))
     nbrs, deg, medoid = build_vamana(X, R, L, alpha, seed + shard, threads=threads, progress=False, nav_dsub=nav_dsub)
     del X
     _save_npy(files["neighbours"], nbrs)

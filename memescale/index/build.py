@@ -181,7 +181,7 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
 
     # the graph is built over int8 rows (as a sharded build's tasks do): half the bytes per distance
     X8 = quantize_int8(X, int8_scale(X[::int8_stride(n)]))
-    nav_dsub = nav_dsub_for(d, params.build_pq_bytes) if n >= 256 else 0
+    nav_dsub = nav_dsub_for(d, params.build_pq_bytes, n)
     neighbours, degrees, medoid = build_vamana(X8, params.R, params.L, params.alpha, params.seed, threads=threads,
                                                progress=params.progress, nav_dsub=nav_dsub)
     del X8

@@ -192,20 +192,16 @@ def _score_aware(Y, Z, lo, hi, centroids, codes, eta, sweeps):
                     rz = base_rz + b
 
 
-def _assign_all(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
+def assign_subspaces(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-centroid codes (n, M) uint8 of rows Y (n, M * dsub) float32 against
+    centroids (M, K, dsub) float32, and each row's squared error (n,) float32.
+    O(n * K * M * dsub)."""
     cb_t = np.ascontiguousarray(centroids.transpose(0, 2, 1))
     cnorm = np.einsum("mkj,mkj->mk", centroids, centroids).astype(np.float32)
     codes = np.empty((Y.shape[0], centroids.shape[0]), np.uint8)
     err = np.empty(Y.shape[0], np.float32)
     parallel_for(lambda lo, hi: _assign(Y, lo, hi, cb_t, cnorm, codes, err), Y.shape[0], threads, pool)
     return codes, err
-
-
-def assign_subspaces(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-centroid codes (n, M) uint8 of rows Y (n, M * dsub) float32 against
-    centroids (M, K, dsub) float32, and each row's squared error (n,) float32.
-    O(n * K * M * dsub)."""
-    return _assign_all(Y, centroids, threads, pool)
 
 
 def _update_centroids(Y: np.ndarray, codes: np.ndarray, centroids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -230,7 +226,7 @@ def kmeans_subspaces(
     centroids. O(iters * n * K * D).
     """
     for _ in range(iters):
-        codes, _ = _assign_all(Y, centroids, threads, pool)
+        codes, _ = assign_subspaces(Y, centroids, threads, pool)
         centroids = _update_centroids(Y, codes, centroids, rng)
     return centroids
 
@@ -288,7 +284,7 @@ class PQCodec:
             for lo in range(0, n, block):
                 x = vectors[lo : lo + block]
                 Y = self._transform(x, self.base_transform, pool)
-                c = _assign_all(Y, self.centroids, threads, pool)[0]
+                c = assign_subspaces(Y, self.centroids, threads, pool)[0]
                 if eta != 1.0:
                     Z = self._transform(self.predict_queries(x, pool), self.query_transform, pool)
 
@@ -435,7 +431,7 @@ def train_pq(
         rot = np.eye(D, dtype=np.float32)
         for it in range(opq_iters):
             Y = matmul_rows(Xs, rot, pool)
-            codes, err = _assign_all(Y, centroids, threads, pool)
+            codes, err = assign_subspaces(Y, centroids, threads, pool)
             centroids = _update_centroids(Y, codes, centroids, rng)
             Yhat = centroids[np.arange(M)[None, :], codes].reshape(len(Y), D)
             U, _, Vt = np.linalg.svd(gram(Xs, Yhat, pool))

@@ -592,10 +592,13 @@ def navigation_codes(X: np.ndarray, dsub: int = NAV_DSUB, seed: int = 0, threads
     return codes, cb_t, cnorm
 
 
-def nav_dsub_for(d: int, code_bytes: int) -> int:
+def nav_dsub_for(d: int, code_bytes: int, n: int | None = None) -> int:
     """`build_vamana`'s nav_dsub for navigation codes of about `code_bytes` bytes per row of
-    width d (`index.build_pq_bytes`; at most d); 0 for code_bytes <= 0: exact distances."""
-    return -(-d // min(d, code_bytes)) if code_bytes > 0 else 0
+    width d (`index.build_pq_bytes`; at most d) over n rows (None: any); 0, exact distances,
+    for code_bytes <= 0 or fewer rows than codebook centroids."""
+    if code_bytes <= 0 or (n is not None and n < PQ_K):
+        return 0
+    return -(-d // min(d, code_bytes))
 
 
 def navigation_scratch_bytes(d: int, dsub: int = NAV_DSUB) -> int:
