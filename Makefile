@@ -1,4 +1,6 @@
-# make test: create .venv if missing, install pinned deps, run the whole test suite.
+# make test: create .venv if missing, install pinned deps, run the whole test suite (two pytest
+#   workers, a test file per worker at a time: much of the suite waits on Ray, subprocesses
+#   and sockets rather than computing; tests/conftest.py starts the longest files first).
 # make test-fast: the same without the end-to-end, Ray, Serve and browser tests (-m "not slow").
 # make lint: ruff and a type check (mypy) of the packages.
 # make demo: the same install, then ingest -> build -> serve -> a query on bundled samples.
@@ -38,11 +40,13 @@ endif
 	$(PIP_ENV) $(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[test,bench]"
 	touch $(STAMP)
 
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 LINT_STAMP := $(VENV)/.lint-stamp
 $(LINT_STAMP): $(STAMP)

@@ -98,6 +98,8 @@ def parse_args(argv=None):
     ap.add_argument("--L", type=int, default=100, help="build list size")
     ap.add_argument("--alpha", type=float, default=1.2)
     ap.add_argument("--pq-bytes", type=int, default=48)
+    ap.add_argument("--build-pq-bytes", type=int, default=0,
+                    help="memescale's construction ranked by navigation codes of this many bytes (0: exact)")
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--Ls", default="10,20,30,40,50,70,100,150,200", help="search L sweep")
     ap.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256", help="faiss sweep")
@@ -177,8 +179,8 @@ def run_systems(a, dataset: str, work: Path, systems: list[str], Ls: str, tag: s
                "--workdir", str(work / f"memescale{tag}"), "--out", str(js),
                "--variants", memescale_variants, "--modes", modes,
                "--R", str(a.R), "--L", str(a.L), "--alpha", str(a.alpha),
-               "--pq-bytes", str(a.pq_bytes), "--beam-width", str(a.beam_width), "--Ls", Ls,
-               "--threads", str(a.threads), "--metadata", a.metadata,
+               "--pq-bytes", str(a.pq_bytes), "--build-pq-bytes", str(a.build_pq_bytes),
+               "--beam-width", str(a.beam_width), "--Ls", Ls, "--threads", str(a.threads), "--metadata", a.metadata,
                "--cache-nodes", str(a.cache_nodes), "--latency-Ls", a.latency_Ls]
         jobs.append(("memescale", cmd, js))
     for name, venv in (("diskannpy", VENV_DISKANN), ("diskannpy-rust", VENV_DISKANN_RUST)):

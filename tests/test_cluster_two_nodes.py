@@ -15,26 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, shared_path, venv_bin
+from conftest import ROOT, free_port, kill_ray_processes, shared_path, venv_bin
 
 from memescale.index.disk import INDEX_FILES
 from memescale.testing.sample_data import write_vector_shards
 
 pytestmark = pytest.mark.slow  # Ray jobs end to end
-
-
-def _stop_nodes(*temp_dirs: Path) -> None:
-    """Kill this cluster's processes only (`ray stop` would end every Ray on the machine):
-    each of them names its node's temp dir on its command line."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if any(str(t) in cmd for t in temp_dirs):
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def cluster():
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop_nodes(temp, temp_b)
+        kill_ray_processes(temp, temp_b)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(temp_b, ignore_errors=True)
 

@@ -368,7 +368,8 @@ def test_consolidation_keeps_to_its_memory_budget(world, index):
     with LiveIndex.open(index, threads=1) as li:  # nothing changed
         assert li.generation == 0 and li.counts()["delta"] == N_NEW
     out = consolidate(index, memory=1 << 30)
-    assert out["consolidated"] and 0 < out["peak_rss_anon"] < 1 << 30
+    # the growth, not the process's peak: this process holds whatever earlier tests loaded
+    assert out["consolidated"] and 0 < out["rss_anon_growth"] < out["declared_memory"] <= 1 << 30, out
 
 
 @pytest.mark.parametrize("delta_scan", [20_000, 0])  # the delta's matching rows scored all, or its graph

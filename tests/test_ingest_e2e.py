@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, shared_path
+from conftest import ROOT, ray_head, shared_path
 
 from memescale.config import load_config
 from memescale.decode.image import decode_image
@@ -41,8 +40,9 @@ def _ingest_cmd(dump: Path, out: Path, *extra: str) -> list[str]:
             "--dumps", str(dump), "--out", str(out), "--allow-private", "--no-progress", *extra]
 
 
-def _run(cmd: list[str], timeout: float = 240) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _run(cmd: list[str], timeout: float = 240, ray_address: str = "") -> dict:
+    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
@@ -61,13 +61,21 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def head():
+    """One Ray head the module's later jobs join (the first, `full_ingest`, starts its own
+    local Ray as a job without RAY_ADDRESS does)."""
+    with ray_head("--num-cpus=2", f"--object-store-memory={512 * 2**20}") as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
 def full_ingest(corpus):
     tmp, dump, _ = corpus
     out = tmp / "full"
     return out, _run(_ingest_cmd(dump, out))
 
 
-def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest):
+def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest, head):
     tmp, dump, expected = corpus
     out, summary = full_ingest
     table = read_shards(str(out))
@@ -86,30 +94,32 @@ def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest):
     assert pq.ParquetFile(ShardStore(str(out)).shard_paths()[0]).metadata.row_group(0).column(0).compression == "ZSTD"
 
     before = {p: os.stat(p).st_mtime_ns for p in ShardStore(str(out)).shard_paths()}
-    again = _run(_ingest_cmd(dump, out))
+    again = _run(_ingest_cmd(dump, out), ray_address=head)
     assert again["written_this_run"] == 0
     assert {p: os.stat(p).st_mtime_ns for p in ShardStore(str(out)).shard_paths()} == before
 
 
-def test_kill_9_then_resume_with_retry_failed_gives_the_same_images(corpus):
+def test_kill_9_then_resume_with_retry_failed_gives_the_same_images(corpus, head):
     """The first run meets a host down (503) for one image of every chunk and is killed after
     its first chunks; the rerun, with --retry-failed and the host back, redoes the rest and gives
     the failed images of the finished chunks their retry: every image exactly once."""
     tmp, dump, expected = corpus
     out = tmp / "killed"
-    manifest = out / "_manifest"
     srv = SERVERS[dump]
     down = {r.url.split("?")[0].rsplit("/", 1)[-1] for _, refs in _run_plan_chunks(dump) for r in refs[:1]}
     srv.failing.update(unquote(name) for name in down)
+    # SIGKILL at the 10th crash point the driver reaches: a chunk with rows and a failure
+    # commits through 9 (its Parquet file, its failures file and its manifest entry, each
+    # written, synced and renamed), so the kill lands as the second chunk is being written
     proc = subprocess.Popen(_ingest_cmd(dump, out), cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "MEMESCALE_CRASH_AT": "10", "RAY_ADDRESS": head},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not (manifest.exists() and any(manifest.glob("*.json"))):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no chunk completed in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the driver had started
+    except ProcessLookupError:
+        pass
     srv.failing.clear()
     finished = ShardStore(str(out)).done()
     total_chunks = len(_run_plan_chunks(dump))
@@ -117,17 +127,17 @@ def test_kill_9_then_resume_with_retry_failed_gives_the_same_images(corpus):
     failed = sum(r.failed.get("http_5xx", 0) for r in finished.values())
     assert failed == len(finished), "one image of each finished chunk failed"
 
-    summary = _run(_ingest_cmd(dump, out, "--retry-failed"))
+    summary = _run(_ingest_cmd(dump, out, "--retry-failed"), ray_address=head)
     assert (summary["retried"], summary["recovered"], summary["failed"]) == (failed, failed, {})
     ids = read_shards(str(out), columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids))
     assert set(ids) == set(expected)
 
 
-def test_limit_and_date_filters_are_exact(corpus):
+def test_limit_and_date_filters_are_exact(corpus, head):
     tmp, dump, expected = corpus
     out = tmp / "limited"
-    summary = _run(_ingest_cmd(dump, out, "--limit", "9", "--after", "2020-09-13"))
+    summary = _run(_ingest_cmd(dump, out, "--limit", "9", "--after", "2020-09-13"), ray_address=head)
     assert summary["posts"] == 9
     t = read_shards(str(out), columns=["created_utc", "post_id"])
     assert min(t.column("created_utc").to_pylist()) >= 1_599_955_200
@@ -181,12 +191,12 @@ def _run_plan_chunks(dump: Path) -> list:
     return list(plan_chunks([str(dump)], cfg.ingest.chunk_posts, {}))
 
 
-def test_a_config_asking_for_gpus_the_cluster_lacks_exits_with_a_message(tmp_path):
+def test_a_config_asking_for_gpus_the_cluster_lacks_exits_with_a_message(tmp_path, head):
     """Ray would wait forever for the encoder's GPU; the job says so and exits instead."""
     dump = write_sample_dump(tmp_path / "RS_2020-01.zst", [])
     proc = subprocess.run(_ingest_cmd(dump, tmp_path / "o", "--set", "ingest.gpus_per_encoder=1",
                                       "--set", "ingest.encoder_actors=2"),
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": head})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ingest's encoder asks for 2 GPU(s) (2 x ingest.gpus_per_encoder=1) but the Ray cluster has 0" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--L", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=1.2)
     ap.add_argument("--pq-bytes", type=int, default=48)
+    ap.add_argument("--build-pq-bytes", type=int, default=0,
+                    help="navigation code bytes of the construction searches (index.build_pq_bytes; 0: exact)")
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--Ls", default="10,20,30,50,70,100,150,200")
     ap.add_argument("--k", type=int, default=10)
@@ -114,14 +116,14 @@ def build_variant(a, data, variant: str, out_dir: Path, params: dict) -> None:
     t0 = time.perf_counter()
     tmp = out_dir.parent / f".jit-warmup-{variant}"
     build_index(base16[:2000], None, str(tmp),
-                IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, seed=a.seed,
-                            threads=a.threads, queries=None if queries is None else queries[:200]))
+                IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, build_pq_bytes=a.build_pq_bytes,
+                            seed=a.seed, threads=a.threads, queries=None if queries is None else queries[:200]))
     shutil.rmtree(tmp, ignore_errors=True)
     jit_s = time.perf_counter() - t0
-    p = IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, seed=a.seed,
-                    threads=a.threads, queries=queries)
+    p = IndexParams(R=a.R, L=a.L, alpha=a.alpha, pq_bytes=a.pq_bytes, build_pq_bytes=a.build_pq_bytes,
+                    seed=a.seed, threads=a.threads, queries=queries)
     C.log(f"[memescale:{variant}] building n={n} R={a.R} L={a.L} alpha={a.alpha} "
-          f"pq_bytes={a.pq_bytes} queries={None if queries is None else queries.shape}")
+          f"pq_bytes={a.pq_bytes} build_pq_bytes={a.build_pq_bytes} queries={None if queries is None else queries.shape}")
     rss0 = C.peak_rss_bytes()
     t0 = time.perf_counter()
     info = build_index(base16, meta, str(out_dir), p)
@@ -195,7 +197,8 @@ def main(argv=None):
     data = C.load_dataset(a.dataset, a.max_base, a.eval_start, a.max_queries)
     n, d = data["base"].shape
     work = Path(a.workdir)
-    params = {"R": a.R, "L": a.L, "alpha": a.alpha, "pq_bytes": a.pq_bytes, "n": n, "d": d,
+    params = {"R": a.R, "L": a.L, "alpha": a.alpha, "pq_bytes": a.pq_bytes, "build_pq_bytes": a.build_pq_bytes,
+              "n": n, "d": d,
               "dataset": str(Path(a.dataset).resolve()),
               "threads": a.threads, "metadata": a.metadata, "qa_sample": a.qa_sample,
               "eval_start": a.eval_start, "seed": a.seed, "format": _format_version()}

@@ -376,7 +376,8 @@ def consolidate(index_dir: str | os.PathLike, threads: int | None = None, memory
     """Fold the log into a new generation and switch to it (module doc); a no-op (apart
     from collecting garbage) when the log holds nothing. `memory`: the RAM it may use (0:
     unchecked); MemoryError before anything is written when `consolidation_memory` is over
-    it. Returns what it did, with the measured peak anonymous memory."""
+    it. Returns what it did, with the declared memory (`consolidation_memory`) and the
+    measured peak anonymous memory of the process and its growth during the call."""
     with update_lock(index_dir):
         return _consolidate_locked(Path(index_dir), threads, memory)
 
@@ -522,6 +523,6 @@ def _consolidate(index_dir: Path, threads: int | None, memory: int, block: int) 
            "inserted": int(delta_rows.size), "vectors_s": round(t_vectors - t0, 3), "repair_s": round(t_repair - t_vectors, 3),
            "insert_s": round(t_insert - t_repair, 3), "write_s": round(t_switch - t_insert, 3),
            "seconds": round(time.perf_counter() - t0, 3), "bytes": ws.bytes_written,
-           "garbage_removed": len(removed)}
+           "garbage_removed": len(removed), "declared_memory": need}
     return out
 
