@@ -126,13 +126,13 @@ print(json.dumps({"growth": peak.growth_bytes, "n": summary["vectors"], "refined
 
 
 def test_driver_memory_is_a_fixed_amount_plus_a_few_bytes_per_vector(tmp_path):
-    """The whole sharded build of N = 400k x 32-d in a subprocess: the driver's RssAnon
+    """The whole sharded build of N = 300k x 32-d in a subprocess: the driver's RssAnon
     growth, after a warm-up build, stays under 96 MiB + 24 B per vector, and its absolute
-    peak under the plan's `driver_memory_bytes`. A float32 copy of the index vectors (51 MB
+    peak under the plan's `driver_memory_bytes`. A float32 copy of the index vectors (38 MB
     here) or one Python object per metadata row would exceed it; the merge's own bound is
     `test_merge.py`'s (the phases' fixed working sets are bounded by their block sizes, the
     mistakes grow with N)."""
-    n, d = 400_000, 32
+    n, d = 300_000, 32
     rng = np.random.default_rng(0)
     for lo in range(0, n, 100_000):
         x = rng.standard_normal((100_000, d)).astype(np.float32)

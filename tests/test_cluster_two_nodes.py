@@ -56,7 +56,7 @@ def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path
     dashboard, env = cluster
     base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:4000]
     write_vector_shards(tmp_path / "emb", base, per_file=1000)
-    args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "4",
+    args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "2",
             "--no-query-sample", "--set", "index.R=16", "--set", "index.L=32"]
     deadline = time.monotonic() + 90
     while True:  # the head's job agent takes a few seconds to come up after `ray start`
