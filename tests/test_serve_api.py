@@ -452,19 +452,19 @@ def test_an_encoder_gpu_the_cluster_lacks_is_refused_before_serving(app):
 
 def _replica_rss_anon() -> tuple[int, int]:
     """(count, summed RssAnon) of this app's live Serve replica processes (API, encoder,
-    searcher), found by their process titles."""
-    import os
+    searcher): descendants of this process, whose Ray the fixture started (another test
+    worker's app on the same machine is not counted)."""
+    import psutil
 
     count = total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"ServeReplica:memescale:" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/status") as f:
+            if "ServeReplica:memescale:" not in " ".join(proc.cmdline()):
+                continue
+            with open(f"/proc/{proc.pid}/status") as f:
                 total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
             count += 1
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
+        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError, StopIteration):
             continue
     return count, total
 
