@@ -101,8 +101,9 @@ def test_every_image_exactly_once_and_rerun_is_noop(corpus, full_ingest, head):
 
 def test_kill_9_then_resume_with_retry_failed_gives_the_same_images(corpus, head):
     """The first run meets a host down (503) for one image of every chunk and is killed (at a
-    crash point) after its first chunk; the rerun, with --retry-failed and the host back, redoes the rest and gives
-    the failed images of the finished chunks their retry: every image exactly once."""
+    crash point) after its first chunk; the rerun, with --retry-failed and the host back,
+    redoes the rest and gives the failed images of the finished chunks their retry: every
+    image exactly once."""
     tmp, dump, expected = corpus
     out = tmp / "killed"
     srv = SERVERS[dump]
