@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-budget", default="64GiB")
     ap.add_argument("--target-threads", type=int, default=6)
     ap.add_argument("--target-config", default=str(ROOT / "configs" / "gpu.toml"), help="R and L of the target build")
+    ap.add_argument("--graph-growth", type=float, default=1.0,
+                    help="exponent b of a graph's build time ~ points^b, measured by bench/construction.py --sizes; "
+                         "scales the fitted graph cost from the measured shards' size to the target's")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report and extrapolation from bench/results/build_scale.json")
     ap.add_argument("--resume", action="store_true",
@@ -211,30 +214,65 @@ def previous_sets() -> list[dict]:
     return list(old["sets"] if isinstance(old, dict) else old)
 
 
-def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128) -> dict:
-    """The plan of an n x d build on `threads` cores within `budget`, priced with the costs
-    fitted on the largest measured set of the target's width d if there is one, else the
-    largest (`plan.fitted_costs`: each phase's measured seconds over the seconds its own plan
-    predicted; per-vector costs do not scale exactly with d, so the same width is the better
-    reference), next to the plan's own default costs. A set whose build reused a phase from
-    an earlier run (`--resume`) did not time it and is not a reference."""
-    from memescale.build.plan import fitted_costs, plan_build
+GRAPH_SHAPED = ("graphs", "merge", "refine")  # phases whose cost per unit depends on d, R and L beyond the units
+
+
+def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128,
+                pq_bytes: int = 48, build_pq_bytes: int = 0, graph_growth: float = 1.0) -> dict:
+    """The plan of an n x d build on `threads` cores within `budget`, priced with per-phase
+    costs fitted on the measured sets (`plan.fitted_costs`: a phase's measured seconds over
+    the seconds its own plan predicted), next to the plan's own default costs. Each phase is
+    fitted on the largest set that timed it (not reused from an earlier run: `--resume` or a
+    partial rerun): the graph-shaped phases (shard graphs, merge, refinement) on the largest
+    of the sets built at the target's d, R, L and construction codes if there is one (a
+    row's bytes and the codes change the cost per unit), the streaming phases on the largest
+    set overall (their fixed costs amortised over the most rows). graph_growth: the exponent
+    b of a graph's build seconds ~ points^b (`bench/construction.py --sizes`); the shard
+    graphs' cost per point is scaled by (target shard / reference shard)^(b - 1), since the
+    target's shards are far larger than any measured one."""
+    from memescale.build.plan import COSTS, MEASURED_PHASES, fitted_costs, plan_build
     from memescale.config import parse_bytes
 
-    timed = [s for s in rows if not s.get("reused")] or rows
-    ref = max([s for s in timed if s["d"] == d] or timed, key=lambda s: s["n"] * s["d"])
-    costs = fitted_costs(ref["plan"]["seconds"], ref["seconds"])
-    kw = dict(R=R, L=L, overlap=2, pq_bytes=48, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
-              threads_per_task=threads)
-    fitted, default = plan_build(n, d, costs=costs, **kw), plan_build(n, d, **kw)
+    def shape(s: dict) -> tuple:
+        return s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0)
+
+    costs, refs = dict(COSTS), {}
+    for name, phases in MEASURED_PHASES.items():
+        timed = [s for s in rows if s.get("seconds", {}).get(name, 0) > 0 and name not in s.get("reused", [])]
+        if name in GRAPH_SHAPED:
+            timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes)] or timed
+        if not timed:
+            continue
+        ref = max(timed, key=lambda s: s["n"] * s["d"])
+        fitted = fitted_costs(ref["plan"]["seconds"], {name: ref["seconds"][name]})
+        costs.update({p: fitted[p] for p in phases})
+        refs[name] = ref
+    kw = dict(R=R, L=L, overlap=2, pq_bytes=pq_bytes, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
+              threads_per_task=threads, build_pq_bytes=build_pq_bytes)
+    default = plan_build(n, d, **kw)
+    growth, ref_shard = 1.0, 0
+    if "graphs" in refs:
+        g = refs["graphs"]
+        ref_shard = max(g["partition"]["sizes"]) if g.get("partition") else g["n"]
+        growth = (default.shard_vectors / ref_shard) ** (graph_growth - 1.0)
+        costs["graphs"] *= growth
+    fitted = plan_build(n, d, costs=costs, **kw)
     hours = fitted.seconds["total"] / 3600
+    fits = {}
+    for name, ref in refs.items():
+        fits.setdefault(f"{ref['n']:,} x {ref['d']}", []).append(name)
     text = (f"{hours:.0f} h ({hours / 24:.1f} days; the plan's default costs say "
             f"{default.seconds['total'] / 3600:.0f} h), peak RAM {fitted.peak_memory_bytes / 2**30:.1f} GiB "
             f"(driver {fitted.driver_memory_bytes / 2**30:.1f} GiB + {fitted.tasks_at_once} x "
-            f"{fitted.task_memory_bytes / 2**30:.1f} GiB shard tasks), {fitted.shards} shards, R={R} L={L}; "
-            f"costs fitted on the {ref['n']:,} x {ref['d']} build. Hours per phase: "
+            f"{fitted.task_memory_bytes / 2**30:.1f} GiB shard tasks), {fitted.shards} shards, R={R} L={L}, "
+            f"construction codes {build_pq_bytes} B. Costs fitted on "
+            + "; ".join(f"the {k} build ({', '.join(v)})" for k, v in fits.items())
+            + (f"; the shard graphs' cost per point x {growth:.2f} for shards of {default.shard_vectors:,} against "
+               f"{ref_shard:,} points (points^{graph_growth})" if graph_growth != 1.0 else "")
+            + ". Hours per phase: "
             + ", ".join(f"{k} {v / 3600:.1f}" for k, v in fitted.seconds.items() if k != "total"))
-    return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs}
+    return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs,
+            "fitted_on": fits, "graph_growth_factor": growth}
 
 
 def _mib(x: float) -> str:
@@ -253,7 +291,10 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
         tpeak = max((t.get("peak_rss_anon", t.get("peak_rss", 0)) for t in tasks), default=0)
         tdecl = max((t.get("declared_memory", 0) for t in tasks), default=0)
         phases = ", ".join(f"{k} {v:.0f}" for k, v in s.get("seconds", {}).items() if k != "total")
-        label = f"{n:,} x {s['d']}" + (f" (reused: {', '.join(s['reused'])})" if s.get("reused") else "")
+        plan = s.get("plan", {})
+        label = (f"{n:,} x {s['d']}, R={plan.get('R')} L={plan.get('L')}"
+                 + (f", codes {s['build_pq_bytes']} B" if s.get("build_pq_bytes") else "")
+                 + (f" (reused: {', '.join(s['reused'])})" if s.get("reused") else ""))
         lines.append(f"| {label} | {len(s.get('shards', []))} | {s.get('plan', {}).get('tasks_at_once', '')} | "
                      f"{_mib(drv)} ({drv / n:.1f}) | {_mib(tpeak)} / {_mib(tdecl)} | {s['scratch_bytes'] / 2**30:.2f} | "
                      f"{s['index_bytes'] / 2**30:.2f} | {s['wall_seconds']:.0f} | {phases} | "
@@ -261,7 +302,8 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
     from memescale.config import load_config
 
     target = load_config(a.target_config).index
-    ext = extrapolate(rows, a.target_vectors, a.target_dim, a.target_budget, a.target_threads, target.R, target.L)
+    ext = extrapolate(rows, a.target_vectors, a.target_dim, a.target_budget, a.target_threads, target.R, target.L,
+                      target.pq_bytes, target.build_pq_bytes, a.graph_growth)
     lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
               f"{a.target_budget}: " + ext["text"]]
     same_d = sorted((s for s in rows if s["d"] == rows[0]["d"] and not s.get("reused")), key=lambda s: s["n"])

@@ -220,6 +220,22 @@ def test_graph_navigated_on_codes_is_as_good_as_exact_and_deterministic():
         build_vamana(X8[:100], R=8, L=16, nav_dsub=8)
 
 
+def test_one_pass_build_is_a_deterministic_graph_close_to_two_passes():
+    n, d = 6_000, 64
+    X = low_rank(n, d, seed=6)
+    Q = low_rank(200, d, seed=7)
+    one = build_vamana(X, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False, passes=1)
+    again = build_vamana(X, R=16, L=32, alpha=1.2, seed=0, threads=1, progress=False, passes=1)
+    two = build_vamana(X, R=16, L=32, alpha=1.2, seed=0, threads=2, progress=False)
+    np.testing.assert_array_equal(one[0], again[0])
+    assert not np.array_equal(one[0], two[0])
+    assert ((one[1] >= 1) & (one[1] <= 16)).all()
+    r_one, r_two = graph_recall(X, *one, Q, 12), graph_recall(X, *two, Q, 12)
+    assert r_two > 0.9 and r_one >= r_two - 0.05, (r_one, r_two)
+    with pytest.raises(ValueError, match="passes"):
+        build_vamana(X[:100], R=8, L=16, passes=3)
+
+
 def test_prune_lists_merges_shard_graphs():
     X = unit_vectors(800, 16, seed=12)
     halves = [np.arange(0, 500), np.arange(300, 800)]  # overlapping "shards"

@@ -243,7 +243,7 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         "vectors": n, "dim": d, "weights": list(weighting.names), "plan": plan.to_dict(), "partition": report,
         "shards": [r.__dict__ for r in results],
         "refine_L": refine_L, "refine_fraction": refine_fraction, "refined_nodes": refined,
-        "mean_degree": deg_mean, "max_degree": deg_max,
+        "build_pq_bytes": ic.build_pq_bytes, "mean_degree": deg_mean, "max_degree": deg_max,
         "seconds": phase.with_total(), "reused": phase.reused,
         "driver_peak_rss_anon_by_phase": phase.peak_rss_anon,
         "bytes_written": ws.bytes_written,

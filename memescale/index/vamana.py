@@ -625,6 +625,7 @@ def build_vamana(
     slack: float = 1.3,
     progress: bool | None = None,
     nav_dsub: int = 0,
+    passes: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Build a Vamana graph over `vectors` (usable on any subset, e.g. one shard).
 
@@ -637,10 +638,13 @@ def build_vamana(
     MAX_BATCH: a batch's lists and reverse edges take about 30 * R bytes per point); slack: out-lists
     may grow to ceil(slack * R) through reverse edges before being pruned back to R;
     nav_dsub: the construction searches rank by `navigation_codes` of one byte per nav_dsub
-    dimensions (module doc; needs N >= 256); 0: by exact distances.
+    dimensions (module doc; needs N >= 256); 0: by exact distances. passes: 2, Algorithm 3 (a
+    pass with alpha = 1, then one with `alpha`), or 1, a single pass with `alpha` (as the
+    reference implementation's builder does today): half the time, the graph within noise of
+    the two-pass one on the sets `bench/construction.py` measures.
 
     Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32, medoid int).
-    Time O(N * (L + R) * R * d) per pass (two passes), the searches' part d / nav_dsub times
+    Time O(N * (L + R) * R * d) per pass, the searches' part d / nav_dsub times
     fewer bytes with codes; memory vectors + N * (slack * R * 4 + d / nav_dsub) bytes.
     """
     X = np.ascontiguousarray(vectors) if vectors.dtype == np.int8 else as_fp16(vectors).view(np.uint16)
@@ -651,6 +655,8 @@ def build_vamana(
         raise ValueError(f"{N} points exceed the int32 node id range of one graph")
     if R < 1 or L < 1 or alpha < 1.0:
         raise ValueError(f"need R >= 1, L >= 1, alpha >= 1 (got R={R}, L={L}, alpha={alpha})")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2 (got {passes})")
     threads = resolve_threads(threads)
     width = max(R, int(math.ceil(slack * R)))
     max_batch = max_batch or min(MAX_BATCH, max(1000, N // 50))
@@ -668,12 +674,13 @@ def build_vamana(
     with ThreadPoolExecutor(threads) as pool:
         parallel_for(lambda lo, hi: squared_norms(X, lo, hi, norms), N, threads, pool)
         nav = navigation_codes(X, nav_dsub, seed, threads, pool) if nav_dsub else None
-        for pass_no, a in enumerate((1.0, float(alpha))):
+        alphas = (1.0, float(alpha)) if passes == 2 else (float(alpha),)
+        for pass_no, a in enumerate(alphas):
             batches = _batches(N, max_batch, grow=pass_no == 0)
-            log.info("vamana pass %d/2 (alpha=%.3f): %d points in %d batches, ranked by %s", pass_no + 1, a, N,
-                     len(batches), f"{nav[0].shape[1]}-byte codes" if nav else "exact distances")
+            log.info("vamana pass %d/%d (alpha=%.3f): %d points in %d batches, ranked by %s", pass_no + 1, passes, a,
+                     N, len(batches), f"{nav[0].shape[1]}-byte codes" if nav else "exact distances")
             _vamana_pass(pool, threads, X, norms, graph, degrees, medoid, order, batches, L, a, R, tables, take_tags,
-                         f"vamana pass {pass_no + 1}/2", progress, nav)
+                         f"vamana pass {pass_no + 1}/{passes}", progress, nav)
         del nav
         neighbours = np.empty((N, R), np.int32)
         final = np.empty(N, np.int32)

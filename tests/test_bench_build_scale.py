@@ -1,0 +1,51 @@
+"""bench/build_scale.py's extrapolation: which measured build prices which phase."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import build_scale  # noqa: E402
+
+from memescale.build.plan import COSTS, plan_build  # noqa: E402
+
+GiB = 2**30
+
+
+def _row(n: int, d: int, R: int, L: int, codes: int, speed: float, reused=()) -> dict:
+    """A measured build whose every phase took `speed` x the plan's default estimate."""
+    plan = plan_build(n, d, R=R, L=L, overlap=2, pq_bytes=48, budget_bytes=8 * GiB, threads=2, threads_per_task=2,
+                      shards=4)
+    seconds = {"corpus": plan.seconds["corpus"], "partition": plan.seconds["partition"],
+               "graphs": plan.seconds["graphs"], "merge": plan.seconds["merge"], "refine": plan.seconds["refine"],
+               "pq": plan.seconds["pq_train"] + plan.seconds["pq_encode"], "write": plan.seconds["write"]}
+    seconds = {k: (0.0 if k in reused else v * speed) for k, v in seconds.items()}
+    return {"n": n, "d": d, "plan": plan.to_dict(), "seconds": seconds, "reused": list(reused),
+            "build_pq_bytes": codes, "partition": {"sizes": [plan.shard_vectors] * 4}}
+
+
+def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_largest_set():
+    big = _row(2_000_000, 384, 32, 64, 0, speed=3.0, reused=("corpus",))
+    mid = _row(1_000_000, 384, 32, 64, 0, speed=5.0)
+    shaped = _row(200_000, 1152, 64, 128, 72, speed=0.5)
+    ext = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert ext["fitted_on"] == {"1,000,000 x 384": ["corpus"], "2,000,000 x 384": ["partition", "pq", "write"],
+                                "200,000 x 1152": ["graphs", "merge", "refine"]}
+    c = ext["costs"]
+    assert c["graphs"] == pytest.approx(0.5 * COSTS["graphs"]) and c["refine"] == pytest.approx(0.5 * COSTS["refine"])
+    assert c["corpus"] == pytest.approx(5.0 * COSTS["corpus"])  # the largest set reused it
+    assert c["write"] == pytest.approx(3.0 * COSTS["write"]) and c["pq_encode"] == pytest.approx(3.0 * COSTS["pq_encode"])
+    assert ext["graph_growth_factor"] == 1.0
+    # a measured growth exponent scales the graphs by the ratio of the shard sizes
+    grown = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72,
+                                    graph_growth=1.1)
+    ratio = grown["plan"]["shard_vectors"] / shaped["partition"]["sizes"][0]
+    assert grown["graph_growth_factor"] == pytest.approx(ratio ** 0.1)
+    assert grown["plan"]["seconds"]["graphs"] == pytest.approx(ext["plan"]["seconds"]["graphs"] * ratio ** 0.1, rel=1e-3)
+    # without a set of the target's shape, the graph phases come from the largest set
+    only_384 = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert only_384["fitted_on"]["2,000,000 x 384"] == ["partition", "graphs", "merge", "refine", "pq", "write"]
