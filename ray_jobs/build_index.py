@@ -9,8 +9,10 @@
 per task and of the driver within `index.build_memory`, scratch and index disk, estimated
 time) as a table and one JSON line, and exits without building. N and d come from the
 embeddings' Parquet footers and schema (no data is read), or from --assume-vectors and
---assume-dim for a corpus not yet ingested. A build whose plan does not fit exits with
-status 2 before starting Ray.
+--assume-dim for a corpus not yet ingested. The time is priced with the plan's default
+per-phase costs, or with measured ones (`--costs bench/results/build_scale.json`: the costs
+`bench/build_scale.py` fitted on the builds it timed). A build whose plan does not fit exits
+with status 2 before starting Ray.
 
 Rerunning after a crash reuses the collected corpus, the partition and every shard graph whose
 checksum is valid. `--work` (default OUT.work) must be on storage all nodes see on a cluster.
@@ -23,7 +25,7 @@ import json
 import logging
 import sys
 
-from memescale.build.plan import BuildPlanError, format_plan, plan_for_config
+from memescale.build.plan import BuildPlanError, format_plan, load_costs, plan_for_config
 from memescale.config import ConfigError, load_config
 from memescale.crashpoints import arm_from_env
 from memescale.embed.encoder import WeightsUnavailableError, check_weights
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan-only", action="store_true", help="print the build plan and exit without building")
     p.add_argument("--assume-vectors", type=int, default=None, metavar="N", help="plan for N vectors")
     p.add_argument("--assume-dim", type=int, default=None, metavar="D", help="plan for D-dimensional embeddings")
+    p.add_argument("--costs", default=None, metavar="JSON",
+                   help="price the plan's phases with measured costs: a JSON file with \"costs\", or "
+                        "bench/build_scale.py's results (the costs it fitted on the builds it measured)")
     args = p.parse_args(argv)
     if args.embeddings is None and (args.assume_vectors is None or args.assume_dim is None):
         p.error("--embeddings is required unless --assume-vectors and --assume-dim are both given")
@@ -82,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_query_sample and not args.plan_only:
             check_weights(cfg.model)
         n, d = corpus_shape(args.embeddings, args.assume_vectors, args.assume_dim)
-        plan = plan_for_config(cfg, n, d, args.threads_per_task)
-    except (ConfigError, WeightsUnavailableError, FileNotFoundError, BuildPlanError) as e:
+        costs = load_costs(args.costs) if args.costs else None
+        plan = plan_for_config(cfg, n, d, args.threads_per_task, costs=costs)
+    except (ConfigError, WeightsUnavailableError, FileNotFoundError, BuildPlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.plan_only:

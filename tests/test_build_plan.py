@@ -13,6 +13,7 @@ from conftest import ROOT
 
 from memescale.build import stages
 from memescale.build.plan import (
+    COSTS,
     DRIVER_BYTES_PER_VECTOR,
     BuildPlanError,
     driver_fixed_bytes,
@@ -134,6 +135,24 @@ def test_plan_only_prints_the_plan_and_builds_nothing(tmp_path, capsys):
     assert plan["driver_idle_bytes"] + plan["tasks_at_once"] * plan["task_memory_bytes"] <= 48 * GiB
     assert any(line.startswith("tasks at once") for line in printed)
     assert not out.exists() and not (tmp_path / "index.work").exists()
+    assert plan["costs_source"] == "default" and any("(default costs)" in line for line in printed)
+    # measured costs, as bench/build_scale.py writes them: its phases priced with them
+    measured = tmp_path / "build_scale.json"
+    measured.write_text(json.dumps({"sets": [], "extrapolation": {"costs": {"graphs": COSTS["graphs"] / 4}}}))
+    rc = job.main(["--config", str(ROOT / "configs" / "gpu.toml"), "--plan-only", "--assume-vectors", "230000000",
+                   "--assume-dim", "1152", "--set", "ray.num_cpus=12", "--costs", str(measured)])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    priced = json.loads(printed[-1])
+    assert priced["costs_source"] == "given" and any("(measured costs)" in line for line in printed)
+    assert priced["seconds"]["graphs"] == pytest.approx(plan["seconds"]["graphs"] / 4, rel=1e-3)
+    assert priced["seconds"]["merge"] == plan["seconds"]["merge"]
+    for bad, why in (({"costs": {"graph": 1e-9}}, "unknown phases"), ({"costs": {"graphs": -1}}, "positive"),
+                     ({"sets": []}, "no \"costs\"")):
+        measured.write_text(json.dumps(bad))
+        rc = job.main(["--config", str(ROOT / "configs" / "gpu.toml"), "--plan-only", "--assume-vectors", "1000000",
+                       "--assume-dim", "1152", "--costs", str(measured)])
+        assert rc == 2 and why in capsys.readouterr().err
     # a budget too small: status 2 and the smallest budget that works
     rc = job.main(["--config", str(TINY), "--plan-only", "--assume-vectors", "230000000", "--assume-dim", "1152"])
     assert rc == 2 and "the smallest budget that works is" in capsys.readouterr().err

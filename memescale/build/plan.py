@@ -34,9 +34,11 @@ reads nothing. Pure Python + numpy; no Ray.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,7 @@ from memescale.index.weighting import WEIGHT_NAMES
 __all__ = [
     "COSTS", "DRIVER_BASE_BYTES", "DRIVER_BYTES_PER_VECTOR", "DRIVER_ROWS_IN_FLIGHT", "MAX_SHARDS",
     "MIN_SHARD_PER_OVERLAP", "BuildPlan", "BuildPlanError", "driver_fixed_bytes", "driver_idle_bytes", "driver_memory_bytes",
-    "fitted_costs", "format_plan", "machine_budget", "plan_build", "plan_for_config", "shard_vectors",
+    "fitted_costs", "format_plan", "load_costs", "machine_budget", "plan_build", "plan_for_config", "shard_vectors",
 ]
 
 GiB = 2**30
@@ -137,6 +139,7 @@ class BuildPlan:
     scratch: dict[str, int] = field(default_factory=dict)
     index_disk: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    costs_source: str = "default"  # "default" (COSTS) or "given" (measured costs, `load_costs`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -312,7 +315,8 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
                      driver_fixed_bytes=driver_fixed_bytes(dx), driver_bytes_per_vector=DRIVER_BYTES_PER_VECTOR,
                      driver_memory_bytes=driver, driver_idle_bytes=idle,
                      peak_memory_bytes=max(driver, idle + int(at_once) * mem),
-                     scratch=scratch, index_disk=index_disk, seconds={p: round(s, 3) for p, s in seconds.items()})
+                     scratch=scratch, index_disk=index_disk, seconds={p: round(s, 3) for p, s in seconds.items()},
+                     costs_source="given" if costs else "default")
 
 
 # The build summary's phases (memescale.build.pipeline) -> the plan's phases they time.
@@ -338,8 +342,28 @@ def fitted_costs(planned_seconds: dict[str, float], measured: dict[str, float],
     return out
 
 
+def load_costs(path: str | os.PathLike) -> dict[str, float]:
+    """Per-phase costs (seconds per unit per thread, as `COSTS`) from a JSON file: an object
+    with "costs", or `bench/build_scale.py`'s results (their "extrapolation" holds the costs
+    fitted on the builds it measured). Raises ValueError naming what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read costs from {path}: {e}") from e
+    costs = data.get("costs", data.get("extrapolation", {}).get("costs")) if isinstance(data, dict) else None
+    if not isinstance(costs, dict) or not costs:
+        raise ValueError(f"{path} has no \"costs\" object (nor build_scale's \"extrapolation\".\"costs\")")
+    unknown = sorted(set(costs) - set(COSTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown phases {unknown}; the phases are {sorted(COSTS)}")
+    bad = [k for k, v in costs.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0]
+    if bad:
+        raise ValueError(f"{path}: costs must be positive numbers (not {', '.join(bad)})")
+    return {k: float(v) for k, v in costs.items()}
+
+
 def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads: int | None = None,
-                    shards: int | None = None) -> BuildPlan:
+                    shards: int | None = None, costs: dict[str, float] | None = None) -> BuildPlan:
     """`plan_build` with the parameters of `cfg` (a memescale.config.Config): index.R, L,
     shard_overlap, pq_bytes, build_memory (0: machine), shards (0: derive; `shards` overrides
     it), refine_L, refine_fraction, build_pq_bytes, and the weighting's columns when
@@ -347,7 +371,8 @@ def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads
     threads: ray.num_cpus, else this machine's cores. `d` is the embeddings' width.
     threads_per_task <= 0: chosen here, so that the shard tasks that fit at once use every
     thread (planned with one thread per task first, then with threads // tasks at once when
-    that still fits; each thread's scratch is part of a task's declared memory)."""
+    that still fits; each thread's scratch is part of a task's declared memory).
+    costs: measured per-phase costs replacing `COSTS`' (`load_costs`)."""
     ic = cfg.index
     threads = threads or cfg.ray.num_cpus or os.cpu_count() or 1
 
@@ -357,7 +382,7 @@ def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads
                           shards=shards if shards is not None else (ic.shards or None),
                           extra_dims=len(WEIGHT_NAMES) + 1 if ic.weight_beta > 0 else 0,
                           refine_L=ic.refine_L, refine_fraction=ic.refine_fraction,
-                          build_pq_bytes=ic.build_pq_bytes)
+                          build_pq_bytes=ic.build_pq_bytes, costs=costs)
 
     if threads_per_task > 0:
         return plan(threads_per_task)
@@ -391,7 +416,8 @@ def format_plan(plan: BuildPlan) -> str:
         *((f"  {k}", _fmt_bytes(v)) for k, v in plan.scratch.items() if k != "total"),
         ("index disk", _fmt_bytes(plan.index_disk["total"])),
         *((f"  {k}", _fmt_bytes(v)) for k, v in plan.index_disk.items() if k != "total"),
-        ("estimated time", hours(plan.seconds["total"])),
+        ("estimated time", hours(plan.seconds["total"])
+         + (" (measured costs)" if plan.costs_source == "given" else " (default costs)")),
         *((f"  {k}", hours(v)) for k, v in plan.seconds.items() if k != "total"),
     ]
     width = max(len(k) for k, _ in rows)
