@@ -223,7 +223,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     costs fitted on the measured sets (`plan.fitted_costs`: a phase's measured seconds over
     the seconds its own plan predicted), next to the plan's own default costs. Each phase is
     fitted on the largest set that timed it (not reused from an earlier run: `--resume` or a
-    partial rerun): the graph-shaped phases (shard graphs, merge, refinement) on the largest
+    partial rerun; for the shard graphs, none skipped as already built): the graph-shaped phases (shard graphs, merge, refinement) on the largest
     of the sets built at the target's d, R, L and construction codes if there is one (a
     row's bytes and the codes change the cost per unit), the streaming phases on the largest
     set overall (their fixed costs amortised over the most rows). graph_growth: the exponent
@@ -236,9 +236,18 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     def shape(s: dict) -> tuple:
         return s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0)
 
+    def timed_it(s: dict, name: str, phases: tuple[str, ...]) -> bool:
+        """s timed the whole phase: measured, planned, not reused, and for the shard graphs
+        none skipped (a resumed run rebuilds only the graphs an interruption lost)."""
+        if name in s.get("reused", []) or s.get("seconds", {}).get(name, 0) <= 0:
+            return False
+        if sum(s.get("plan", {}).get("seconds", {}).get(p, 0) for p in phases) <= 0:
+            return False
+        return name != "graphs" or not any(sh.get("skipped") for sh in s.get("shards", []))
+
     costs, refs = dict(COSTS), {}
     for name, phases in MEASURED_PHASES.items():
-        timed = [s for s in rows if s.get("seconds", {}).get(name, 0) > 0 and name not in s.get("reused", [])]
+        timed = [s for s in rows if timed_it(s, name, phases)]
         if name in GRAPH_SHAPED:
             timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes)] or timed
         if not timed:
@@ -268,11 +277,12 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             f"construction codes {build_pq_bytes} B. Costs fitted on "
             + "; ".join(f"the {k} build ({', '.join(v)})" for k, v in fits.items())
             + (f"; the shard graphs' cost per point x {growth:.2f} for shards of {default.shard_vectors:,} against "
-               f"{ref_shard:,} points (points^{graph_growth})" if graph_growth != 1.0 else "")
+               f"{ref_shard:,} points (points^{graph_growth})" if graph_growth != 1.0 and ref_shard else "")
             + ". Hours per phase: "
             + ", ".join(f"{k} {v / 3600:.1f}" for k, v in fitted.seconds.items() if k != "total"))
     return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs,
-            "fitted_on": fits, "graph_growth_factor": growth}
+            "fitted_on": fits, "graph_growth_factor": growth,
+            "fitted_shape": {"d": d, "R": R, "L": L, "build_pq_bytes": build_pq_bytes}}
 
 
 def _mib(x: float) -> str:

@@ -15,7 +15,8 @@ scored on its full row), `one-pass` (a single pass with alpha), and either with 
 (the construction searches ranked by navigation codes of `vamana.NAV_DSUB` dimensions per
 byte) or `-codes:S` (S dimensions per byte). Reports build seconds (the best and every round's) and the graph's recall@10 for
 queries searched with exact distances (`greedy_search`) at several L, against exact ground
-truth. Writes bench/results/construction-<dataset>.{json,md}.
+truth. Writes bench/results/construction-<dataset>-<query set>.{json,md} (with `--sizes`,
+construction-<dataset>-growth.{json,md}).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"construction-{a.dataset}.md").write_text(text + "\n")
-    (RESULTS / f"construction-{a.dataset}.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+    (RESULTS / f"construction-{a.dataset}-{a.query_set}.md").write_text(text + "\n")
+    (RESULTS / f"construction-{a.dataset}-{a.query_set}.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
 
 
 def growth(a: argparse.Namespace, X8: np.ndarray, name: str, variant_: tuple[int, int]) -> None:
@@ -149,7 +150,8 @@ def growth(a: argparse.Namespace, X8: np.ndarray, name: str, variant_: tuple[int
     leaves out."""
     passes, nav = variant_
     rows = []
-    for size in (int(x) for x in a.sizes.split(",")):
+    sizes = sorted({int(x) for x in a.sizes.split(",")})
+    for size in sizes:
         if size > X8.shape[0]:
             raise SystemExit(f"size {size:,} exceeds --n {X8.shape[0]:,}")
         t = time.perf_counter()

@@ -23,7 +23,7 @@ def _row(n: int, d: int, R: int, L: int, codes: int, speed: float, reused=()) ->
     seconds = {"corpus": plan.seconds["corpus"], "partition": plan.seconds["partition"],
                "graphs": plan.seconds["graphs"], "merge": plan.seconds["merge"], "refine": plan.seconds["refine"],
                "pq": plan.seconds["pq_train"] + plan.seconds["pq_encode"], "write": plan.seconds["write"]}
-    seconds = {k: (0.0 if k in reused else v * speed) for k, v in seconds.items()}
+    seconds = {k: (1.0 if k in reused else v * speed) for k, v in seconds.items()}  # a reused phase: its check
     return {"n": n, "d": d, "plan": plan.to_dict(), "seconds": seconds, "reused": list(reused),
             "build_pq_bytes": codes, "partition": {"sizes": [plan.shard_vectors] * 4}}
 
@@ -49,3 +49,8 @@ def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_l
     # without a set of the target's shape, the graph phases come from the largest set
     only_384 = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
     assert only_384["fitted_on"]["2,000,000 x 384"] == ["partition", "graphs", "merge", "refine", "pq", "write"]
+    # a resumed run that built only some of its shard graphs did not time the phase
+    big["shards"] = [{"skipped": True}, {"skipped": False}]
+    resumed = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert "graphs" in resumed["fitted_on"]["1,000,000 x 384"] and "graphs" not in resumed["fitted_on"]["2,000,000 x 384"]
+    assert resumed["costs"]["graphs"] == pytest.approx(5.0 * COSTS["graphs"])

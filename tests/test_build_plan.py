@@ -138,17 +138,21 @@ def test_plan_only_prints_the_plan_and_builds_nothing(tmp_path, capsys):
     assert plan["costs_source"] == "default" and any("(default costs)" in line for line in printed)
     # measured costs, as bench/build_scale.py writes them: its phases priced with them
     measured = tmp_path / "build_scale.json"
-    measured.write_text(json.dumps({"sets": [], "extrapolation": {"costs": {"graphs": COSTS["graphs"] / 4}}}))
+    measured.write_text(json.dumps({"sets": [], "extrapolation": {
+        "costs": {"graphs": COSTS["graphs"] / 4}, "fitted_shape": {"d": 384, "R": 32, "L": 64, "build_pq_bytes": 0}}}))
     rc = job.main(["--config", str(ROOT / "configs" / "gpu.toml"), "--plan-only", "--assume-vectors", "230000000",
                    "--assume-dim", "1152", "--set", "ray.num_cpus=12", "--costs", str(measured)])
     assert rc == 0
-    printed = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    assert "were fitted for" in captured.err  # another shape than the build's: said
+    printed = captured.out.strip().splitlines()
     priced = json.loads(printed[-1])
     assert priced["costs_source"] == "given" and any("(measured costs)" in line for line in printed)
     assert priced["seconds"]["graphs"] == pytest.approx(plan["seconds"]["graphs"] / 4, rel=1e-3)
     assert priced["seconds"]["merge"] == plan["seconds"]["merge"]
     for bad, why in (({"costs": {"graph": 1e-9}}, "unknown phases"), ({"costs": {"graphs": -1}}, "positive"),
-                     ({"sets": []}, "no \"costs\"")):
+                     ({"costs": {"graphs": float("inf")}}, "finite"), ({"sets": []}, "no \"costs\""),
+                     ({"extrapolation": None}, "no \"costs\""), ([1, 2], "no \"costs\"")):
         measured.write_text(json.dumps(bad))
         rc = job.main(["--config", str(ROOT / "configs" / "gpu.toml"), "--plan-only", "--assume-vectors", "1000000",
                        "--assume-dim", "1152", "--costs", str(measured)])

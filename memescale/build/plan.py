@@ -345,20 +345,27 @@ def fitted_costs(planned_seconds: dict[str, float], measured: dict[str, float],
 def load_costs(path: str | os.PathLike) -> dict[str, float]:
     """Per-phase costs (seconds per unit per thread, as `COSTS`) from a JSON file: an object
     with "costs", or `bench/build_scale.py`'s results (their "extrapolation" holds the costs
-    fitted on the builds it measured). Raises ValueError naming what is wrong."""
+    fitted on the builds it measured). Costs are per unit of work, but a row's bytes, R, L and
+    construction codes change them: they price best the shape they were fitted on (build_scale
+    records it as "fitted_shape"). Raises ValueError naming what is wrong."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read costs from {path}: {e}") from e
-    costs = data.get("costs", data.get("extrapolation", {}).get("costs")) if isinstance(data, dict) else None
+    costs = None
+    if isinstance(data, dict):
+        costs = data.get("costs")
+        if costs is None and isinstance(data.get("extrapolation"), dict):
+            costs = data["extrapolation"].get("costs")
     if not isinstance(costs, dict) or not costs:
         raise ValueError(f"{path} has no \"costs\" object (nor build_scale's \"extrapolation\".\"costs\")")
     unknown = sorted(set(costs) - set(COSTS))
     if unknown:
         raise ValueError(f"{path}: unknown phases {unknown}; the phases are {sorted(COSTS)}")
-    bad = [k for k, v in costs.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0]
+    bad = [k for k, v in costs.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v))]
     if bad:
-        raise ValueError(f"{path}: costs must be positive numbers (not {', '.join(bad)})")
+        raise ValueError(f"{path}: costs must be positive finite numbers (not {', '.join(bad)})")
     return {k: float(v) for k, v in costs.items()}
 
 

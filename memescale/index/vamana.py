@@ -25,8 +25,8 @@ k-means codebooks trained on a seeded sample of the rows) instead of fetching ev
 candidate's full row; only the nodes a search expands are scored exactly, and those exact
 distances are what robust_prune sees. A row fetched at random costs d bytes of memory
 traffic, a code d / nav_dsub bytes and a few lookups in a table that stays in cache. The
-build is faster and the graph a little different: `bench/README.md` ("Construction ranked by
-codes") has both measured against exact navigation. With a few dimensions per vector the
+build is faster and the graph a little different: `bench/README.md` ("Construction
+variants") has both measured against exact navigation, by code size. With a few dimensions per vector the
 codes rank too coarsely to be worth it.
 
 Memory: vectors + the graph (N x ceil(slack * R) int32 while building, like the reference
@@ -640,8 +640,9 @@ def build_vamana(
     nav_dsub: the construction searches rank by `navigation_codes` of one byte per nav_dsub
     dimensions (module doc; needs N >= 256); 0: by exact distances. passes: 2, Algorithm 3 (a
     pass with alpha = 1, then one with `alpha`), or 1, a single pass with `alpha` (as the
-    reference implementation's builder does today): half the time, the graph within noise of
-    the two-pass one on the sets `bench/construction.py` measures.
+    reference implementation's builder does today): cheaper (the alpha-1 pass over a sparse
+    graph is the lighter one), for a graph a little weaker at equal L (`bench/construction.py
+    --variants two-pass,one-pass` measures both).
 
     Returns (neighbours (N, R) int32 padded with -1, degrees (N,) int32, medoid int).
     Time O(N * (L + R) * R * d) per pass, the searches' part d / nav_dsub times
