@@ -138,9 +138,14 @@ def main(argv=None) -> None:
               for name in names[1:]]
     text = "\n".join(lines)
     print(text)
+    write_results(f"construction-{a.dataset}-{a.query_set}", text, {"args": vars(a), "runs": runs})
+
+
+def write_results(stem: str, text: str, payload: dict) -> None:
+    """bench/results/<stem>.md (the table) and <stem>.json (the figures)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"construction-{a.dataset}-{a.query_set}.md").write_text(text + "\n")
-    (RESULTS / f"construction-{a.dataset}-{a.query_set}.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
 
 
 def growth(a: argparse.Namespace, X8: np.ndarray, name: str, variant_: tuple[int, int]) -> None:
@@ -172,9 +177,7 @@ def growth(a: argparse.Namespace, X8: np.ndarray, name: str, variant_: tuple[int
         lines += ["", f"seconds ~ points^{b:.3f} from {rows[0]['n']:,} to {rows[-1]['n']:,}"]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"construction-{a.dataset}-growth.md").write_text(text + "\n")
-    (RESULTS / f"construction-{a.dataset}-growth.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    write_results(f"construction-{a.dataset}-growth", text, {"args": vars(a), "rows": rows})
 
 
 if __name__ == "__main__":

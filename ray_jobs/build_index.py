@@ -36,17 +36,6 @@ from memescale.shards.corpus import shard_dataset
 log = logging.getLogger("memescale.build")
 
 
-def fitted_shape(path: str) -> dict | None:
-    """The build shape a costs file was fitted for (build_scale's "fitted_shape"), if it says."""
-    try:
-        data = json.loads(open(path).read())
-    except (OSError, ValueError):
-        return None
-    ext = data.get("extrapolation") if isinstance(data, dict) else None
-    shape = ext.get("fitted_shape") if isinstance(ext, dict) else None
-    return shape if isinstance(shape, dict) else None
-
-
 def corpus_shape(embeddings: str | None, assume_vectors: int | None = None,
                  assume_dim: int | None = None) -> tuple[int, int]:
     """(N, d) of the corpus: the given values, else the embeddings' row count from the
@@ -98,15 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_query_sample and not args.plan_only:
             check_weights(cfg.model)
         n, d = corpus_shape(args.embeddings, args.assume_vectors, args.assume_dim)
-        costs = load_costs(args.costs) if args.costs else None
+        costs, shape = load_costs(args.costs) if args.costs else (None, None)
         plan = plan_for_config(cfg, n, d, args.threads_per_task, costs=costs)
     except (ConfigError, WeightsUnavailableError, FileNotFoundError, BuildPlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.costs:
-        shape = fitted_shape(args.costs)
+    if shape:
         ours = {"d": d, "R": cfg.index.R, "L": cfg.index.L, "build_pq_bytes": cfg.index.build_pq_bytes}
-        if shape and any(shape.get(k) != v for k, v in ours.items()):
+        if any(shape.get(k) != v for k, v in ours.items()):
             print(f"warning: the costs in {args.costs} were fitted for {shape}, this build is {ours}: the graph "
                   f"phases' estimate may be far off", file=sys.stderr)
     if args.plan_only:

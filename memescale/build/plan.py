@@ -342,21 +342,23 @@ def fitted_costs(planned_seconds: dict[str, float], measured: dict[str, float],
     return out
 
 
-def load_costs(path: str | os.PathLike) -> dict[str, float]:
+def load_costs(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any] | None]:
     """Per-phase costs (seconds per unit per thread, as `COSTS`) from a JSON file: an object
     with "costs", or `bench/build_scale.py`'s results (their "extrapolation" holds the costs
-    fitted on the builds it measured). Costs are per unit of work, but a row's bytes, R, L and
-    construction codes change them: they price best the shape they were fitted on (build_scale
-    records it as "fitted_shape"). Raises ValueError naming what is wrong."""
+    fitted on the builds it measured, and the build shape they were fitted for). Costs are per
+    unit of work, but a row's bytes, R, L and construction codes change them: they price best
+    the shape they were fitted on. Returns (costs, that shape as {"d", "R", "L",
+    "build_pq_bytes"} or None where the file does not say). Raises ValueError naming what is
+    wrong."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read costs from {path}: {e}") from e
-    costs = None
+    costs, shape = None, None
     if isinstance(data, dict):
-        costs = data.get("costs")
-        if costs is None and isinstance(data.get("extrapolation"), dict):
-            costs = data["extrapolation"].get("costs")
+        ext: dict[str, Any] = data["extrapolation"] if isinstance(data.get("extrapolation"), dict) else {}
+        costs = data.get("costs") if data.get("costs") is not None else ext.get("costs")
+        shape = ext.get("fitted_shape") if isinstance(ext.get("fitted_shape"), dict) else None
     if not isinstance(costs, dict) or not costs:
         raise ValueError(f"{path} has no \"costs\" object (nor build_scale's \"extrapolation\".\"costs\")")
     unknown = sorted(set(costs) - set(COSTS))
@@ -366,7 +368,7 @@ def load_costs(path: str | os.PathLike) -> dict[str, float]:
            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v))]
     if bad:
         raise ValueError(f"{path}: costs must be positive finite numbers (not {', '.join(bad)})")
-    return {k: float(v) for k, v in costs.items()}
+    return {k: float(v) for k, v in costs.items()}, shape
 
 
 def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads: int | None = None,
