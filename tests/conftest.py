@@ -97,8 +97,8 @@ def ray_head(*args: str) -> Iterator[str]:
     gcs = free_port()
     try:
         subprocess.run([venv_bin("ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=false",
-                        f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={temp}", "--disable-usage-stats", *args],
+                        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                        "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats", *args],
                        check=True, env=env, capture_output=True, timeout=120)
         yield f"127.0.0.1:{gcs}"
     finally:

@@ -1,6 +1,8 @@
 """Scale-out: a two-node Ray cluster on this machine (`ray start --head` + `ray start --address`,
 each node with its own resources) runs the build submitted with `ray job submit`; shard tasks
-land on both nodes and the index equals the one a single-node run builds."""
+land on both nodes and the index equals the one a single-node run builds. The job is submitted
+with absolute paths, as on nodes with the project installed (README: with `--working-dir`
+every worker recompiles the numba kernels)."""
 
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ def cluster():
               "--disable-usage-stats"]
     subprocess.run([venv_bin("ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--resources={\"node_a\": 1}", f"--temp-dir={temp}",
-                    f"--dashboard-agent-listen-port={free_port()}", *common],
-                   check=True, env=env, capture_output=True, timeout=120)
+                    f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                    *common], check=True, env=env, capture_output=True, timeout=120)
     try:
         # its own temp dir: two nodes on one machine must not share (and GC) each other's files
         subprocess.run([venv_bin("ray"), "start", f"--address=127.0.0.1:{gcs}", "--resources={\"node_b\": 1}",
@@ -56,13 +58,13 @@ def test_build_submitted_to_two_nodes_equals_single_node_build(cluster, tmp_path
     dashboard, env = cluster
     base = np.load(shared_path("ann", "pypi-minilm", "base.npy"))[:4000]
     write_vector_shards(tmp_path / "emb", base, per_file=1000)
-    args = ["--config", "configs/tiny.toml", "--embeddings", str(tmp_path / "emb"), "--shards", "2",
+    args = ["--config", str(ROOT / "configs" / "tiny.toml"), "--embeddings", str(tmp_path / "emb"), "--shards", "2",
             "--no-query-sample", "--set", "index.R=16", "--set", "index.L=32"]
     deadline = time.monotonic() + 90
     while True:  # the head's job agent takes a few seconds to come up after `ray start`
         sub = subprocess.run(
-            [venv_bin("ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
-             "python", "ray_jobs/build_index.py", *args, "--out", str(tmp_path / "cluster")],
+            [venv_bin("ray"), "job", "submit", "--address", dashboard, "--",
+             "python", str(ROOT / "ray_jobs" / "build_index.py"), *args, "--out", str(tmp_path / "cluster")],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent" not in sub.stdout + sub.stderr or time.monotonic() > deadline:
             break

@@ -124,3 +124,51 @@ def test_query_aware_encoding_lowers_the_error_on_ood_queries_best_vectors():
         adc = c.scores(eval_q, c.encode(base, threads=2))
         errors[name] = float(((adc[rows, top] - exact[rows, top]) ** 2).mean())
     assert errors["predicted"] < 0.85 * errors["own"], errors
+
+
+def _reference_score_aware(Y, Z, cent, eta, sweeps):
+    """The coordinate descent of `pq._score_aware`, written plainly in float64."""
+    M, K, dsub = cent.shape
+    codes = np.empty((len(Y), M), np.uint8)
+    for i, (y, z) in enumerate(zip(Y.astype(np.float64), Z.astype(np.float64))):
+        ys, zs = y.reshape(M, dsub), z.reshape(M, dsub)
+        c = np.array([np.argmin(((cent[m] - ys[m]) ** 2).sum(1)) for m in range(M)])
+        w = (eta - 1.0) / (z @ z)
+        for _ in range(sweeps):
+            for m in range(M):
+                r = ys - cent[np.arange(M), c]
+                others = np.delete(np.arange(M), m)
+                rr, rz = (r[others] ** 2).sum(), (r[others] * zs[others]).sum()
+                cand = ys[m] - cent[m]  # (K, dsub): r_m for each candidate
+                loss = rr + (cand ** 2).sum(1) + w * (rz + cand @ zs[m]) ** 2
+                if loss.min() < loss[c[m]] - 1e-9:
+                    c[m] = int(np.argmin(loss))
+        codes[i] = c
+    return codes
+
+
+def test_score_aware_codes_follow_the_plain_coordinate_descent_at_any_thread_count():
+    """The GEMM-fed kernel (y.c and z.c for every centroid, then the losses from running sums)
+    picks the codes a plain float64 coordinate descent picks, lowers the weighted loss below
+    the nearest codes', and does not depend on the thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memescale.index.pq import SCORE_AWARE_ROWS, assign_subspaces, score_aware_codes
+
+    rng = np.random.default_rng(7)
+    M, K, dsub, n = 6, 256, 5, 3 * SCORE_AWARE_ROWS + 11
+    cent = rng.standard_normal((M, K, dsub)).astype(np.float32)
+    Y = rng.standard_normal((n, M * dsub)).astype(np.float32)
+    Z = (Y + 0.5 * rng.standard_normal((n, M * dsub))).astype(np.float32)
+    got = score_aware_codes(Y, Z, cent, 4.0, 2)
+    want = _reference_score_aware(Y, Z, cent.astype(np.float64), 4.0, 2)
+    assert (got == want).mean() >= 0.995
+    with ThreadPoolExecutor(3) as pool:
+        assert np.array_equal(score_aware_codes(Y, Z, cent, 4.0, 2, pool), got)
+    assert np.array_equal(score_aware_codes(Y, Z, cent, 4.0, 0), assign_subspaces(Y, cent, 1)[0])
+
+    def loss(codes):
+        r = Y - np.concatenate([cent[m][codes[:, m]] for m in range(M)], axis=1)
+        return float(((r ** 2).sum(1) + 3.0 * (r * Z).sum(1) ** 2 / (Z ** 2).sum(1)).mean())
+
+    assert loss(got) < 0.9 * loss(assign_subspaces(Y, cent, 1)[0])

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, venv_bin
+from conftest import ROOT, free_port, kill_ray_processes, venv_bin
 
 from memescale.testing.sample_data import ImageServer, image_files, sample_records, write_sample_dump
 from memescale.testing.sample_index import write_images
@@ -41,37 +41,64 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def _blocking_head(tmp: Path, env: dict) -> tuple[subprocess.Popen, dict]:
+    """`ray start --head --block` with every port that has a fixed default made explicit (other
+    Ray instances of the suite run beside it); up once its metrics endpoint answers. Fails with
+    the command's output and Ray's process-exit log when it exits or stays down."""
+    gcs, metrics, dashboard = free_port(), free_port(), free_port()
+    log = open(tmp / "ray-start.log", "wb")
+    proc = subprocess.Popen([venv_bin("ray"), "start", "--head", "--block", f"--port={gcs}",
+                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 180  # a dashboard head starts slowly beside a busy suite
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2)
+            return proc, {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env,
+                          "dashboard": f"http://127.0.0.1:{dashboard}"}
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                exits = "".join(f.read_text(errors="replace") for f in tmp.glob("session_*/logs/ray_process_exit.log"))
+                _stop(proc)
+                raise RuntimeError(f"ray start --head did not come up (exit code {proc.poll()}):\n"
+                                   f"{(tmp / 'ray-start.log').read_text(errors='replace')[-3000:]}\n{exits[-3000:]}") from None
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)  # a blocking `ray start` lingers for half a minute on SIGTERM; its processes are disposable
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.fixture(scope="module")
 def head():
     # short path: Ray's unix sockets live under the temp dir and must fit in 107 bytes
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    gcs, metrics, dashboard = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_metrics_report_interval_ms": "500"}
-    proc = subprocess.Popen([venv_bin("ray"), "start", "--head", "--block", f"--port={gcs}",
-                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={free_port()}",
-                             "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dashboard}",
-                             "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-                             f"--temp-dir={tmp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:  # up once its metrics endpoint answers
+        try:
+            proc, info = _blocking_head(tmp, env)
+        except RuntimeError as first:  # a port taken between free_port() and Ray's bind: once more
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("ray start --head did not come up")
-                time.sleep(0.2)
-        yield {"address": f"127.0.0.1:{gcs}", "metrics": metrics, "env": env,
-               "dashboard": f"http://127.0.0.1:{dashboard}"}
+                proc, info = _blocking_head(tmp, env)
+            except RuntimeError as second:
+                pytest.fail(f"{first}\n--- second try ---\n{second}")
+        yield info
+        _stop(proc)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:  # a blocking `ray start` lingers for half a minute on SIGTERM; its processes are disposable
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_ray_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -57,11 +57,17 @@ class ShardResult:
     skipped: bool
 
 
-@ray.remote(max_calls=1)  # a fresh worker per shard: its peak memory is this shard's alone
-def build_shard(graphs: str, partition: str, vectors_path: str, shard: int, graph: dict, threads: int,
-                declared: int) -> ShardResult:
+# A shard of at least this many members gets a fresh worker (its peak memory is its own
+# alone); smaller ones build in less time than a worker takes to start and import the
+# kernels, so they share workers.
+FRESH_WORKER_MIN_MEMBERS = 200_000
+
+
+def _build_shard(graphs: str, partition: str, vectors_path: str, shard: int, graph: dict, threads: int,
+                 declared: int) -> ShardResult:
     """`stages.build_shard_graph` in a Ray worker, reporting its time and peak RssAnon.
     graph: its keyword arguments R, L, alpha, seed and build_pq_bytes."""
+    release_free_memory()  # a shared worker: what an earlier shard freed goes back first
     t0 = time.perf_counter()
     with PeakRssAnon() as peak:
         size = stages.build_shard_graph(graphs, partition, vectors_path, shard, threads=threads, **graph)
@@ -69,16 +75,29 @@ def build_shard(graphs: str, partition: str, vectors_path: str, shard: int, grap
                        ray.get_runtime_context().get_node_id(), False)
 
 
+@ray.remote(max_calls=1)
+def build_shard(*args) -> ShardResult:
+    """`_build_shard` in a worker of its own, which exits after it."""
+    return _build_shard(*args)
+
+
+@ray.remote
+def build_small_shard(*args) -> ShardResult:
+    """`_build_shard` in a shared worker (shards under FRESH_WORKER_MIN_MEMBERS)."""
+    return _build_shard(*args)
+
+
 def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: int, ic: IndexConfig,
                        threads_per_task: int, at_once: int) -> list[ShardResult]:
-    """One `build_shard` task per shard whose graph in `graphs` is not valid yet (the others
-    are reported as skipped), each declaring `stages.shard_memory_bytes`, at most `at_once`
-    in flight; waits for all of them."""
+    """One `build_shard` task (`build_small_shard` under FRESH_WORKER_MIN_MEMBERS) per shard
+    whose graph in `graphs` is not valid yet (the others are reported as skipped), each
+    declaring `stages.shard_memory_bytes`, at most `at_once` in flight; waits for all of them."""
     from tqdm import tqdm
 
     graph = {"R": ic.R, "L": ic.L, "alpha": ic.alpha, "seed": ic.seed, "build_pq_bytes": ic.build_pq_bytes}
     todo, results = [], []
-    for s, size in enumerate(part.sizes().tolist()):
+    sizes = part.sizes().tolist()
+    for s, size in enumerate(sizes):
         mem = stages.shard_memory_bytes(size, d, ic.R, threads_per_task, build_pq_bytes=ic.build_pq_bytes)
         if stages.shard_is_built(graphs, s):
             results.append(ShardResult(s, size, 0.0, 0, mem, "", True))
@@ -89,7 +108,8 @@ def build_shard_graphs(graphs: Path, part: DiskPartition, vectors_path: str, d: 
         while todo or refs:
             while todo and len(refs) < max(1, at_once):
                 s, mem = todo.pop(0)
-                refs.append(build_shard.options(memory=mem, num_cpus=threads_per_task).remote(
+                task = build_shard if sizes[s] >= FRESH_WORKER_MIN_MEMBERS else build_small_shard
+                refs.append(task.options(memory=mem, num_cpus=threads_per_task).remote(
                     str(graphs), str(part.folder), vectors_path, s, graph, threads_per_task, mem))
             ready, refs = ray.wait(refs, num_returns=1)
             r: ShardResult = ray.get(ready[0])

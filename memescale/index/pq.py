@@ -133,63 +133,131 @@ def adc_score(table, code):
     return s
 
 
+SCORE_AWARE_ROWS = 64  # rows per `_score_aware` call: its y.c and z.c products as two GEMMs
+
+
 @njit(nogil=True, cache=True, fastmath=True)
-def _score_aware(Y, Z, lo, hi, centroids, codes, eta, sweeps):
-    """Re-choose codes of rows [lo, hi) to minimise |r|^2 + (eta - 1) (r . z)^2 / |z|^2 with
-    r = y - y_hat, by `sweeps` coordinate-descent passes over the M subspaces (strict
-    improvements only, so an exact code stays). Y, Z: (n, D) float32; centroids (M, K, dsub).
-    O((hi - lo) * sweeps * K * D)."""
+def _min8(x):
+    """min(x) for len(x) a multiple of 8, on eight independent running minima (one chain
+    would wait on each compare's latency)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(np.inf)
+    for t in range(0, len(x), 8):
+        m0 = min(m0, x[t])
+        m1 = min(m1, x[t + 1])
+        m2 = min(m2, x[t + 2])
+        m3 = min(m3, x[t + 3])
+        m4 = min(m4, x[t + 4])
+        m5 = min(m5, x[t + 5])
+        m6 = min(m6, x[t + 6])
+        m7 = min(m7, x[t + 7])
+    return min(min(min(m0, m1), min(m2, m3)), min(min(m4, m5), min(m6, m7)))
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
+    """Codes of rows [lo, lo + YC.shape[1]) that minimise |r|^2 + (eta - 1) (r . z)^2 / |z|^2
+    with r = y - y_hat: each subspace's nearest centroid first, then `sweeps`
+    coordinate-descent passes over the M subspaces (strict improvements only, so an exact
+    code stays). Y, Z: (n, D) float32; YC, ZC: (M, rows, K) float32, the rows' subvectors'
+    dot products with every centroid (y.c and z.c; a candidate's loss needs only them and
+    running sums: |y - c|^2 = |y|^2 - 2 y.c + |c|^2, (y - c).z = y.z - c.z); cnorm (M, K)
+    the centroids' squared norms; centroids (M, K, dsub). Writes codes (n, M) uint8.
+    O(rows * (sweeps + 1) * K * M + rows * sweeps * D)."""
     M, k, dsub = centroids.shape
     D = M * dsub
     r = np.empty(D, np.float32)
-    for i in range(lo, hi):
+    loss = np.empty(k, np.float32)
+    for i in range(lo, lo + YC.shape[1]):
+        row = i - lo
         zz = np.float32(0.0)
         for j in range(D):
             zz += Z[i, j] * Z[i, j]
         w = np.float32(eta - 1.0) / max(zz, np.float32(1e-20))
+        for m in range(M):
+            cn = cnorm[m]
+            a = YC[m, row]
+            for t in range(k):
+                loss[t] = cn[t] - np.float32(2.0) * a[t]
+            mn = _min8(loss)
+            best = 0
+            while loss[best] != mn:
+                best += 1
+            codes[i, m] = best
         rr = np.float32(0.0)
         rz = np.float32(0.0)
         for m in range(M):
             for j in range(dsub):
-                t = Y[i, m * dsub + j] - centroids[m, codes[i, m], j]
-                r[m * dsub + j] = t
-                rr += t * t
-                rz += t * Z[i, m * dsub + j]
+                e = Y[i, m * dsub + j] - centroids[m, codes[i, m], j]
+                r[m * dsub + j] = e
+                rr += e * e
+                rz += e * Z[i, m * dsub + j]
         for _ in range(sweeps):
             for m in range(M):
                 o = m * dsub
                 rm2 = np.float32(0.0)
                 rmz = np.float32(0.0)
+                yy = np.float32(0.0)
+                yz = np.float32(0.0)
                 for j in range(dsub):
                     rm2 += r[o + j] * r[o + j]
                     rmz += r[o + j] * Z[i, o + j]
-                best = codes[i, m]
+                    yy += Y[i, o + j] * Y[i, o + j]
+                    yz += Y[i, o + j] * Z[i, o + j]
+                cur = codes[i, m]
                 best_loss = rr + w * rz * rz
-                base_rr = rr - rm2
-                base_rz = rz - rmz
-                for c in range(k):
-                    a = np.float32(0.0)
-                    b = np.float32(0.0)
-                    for j in range(dsub):
-                        t = Y[i, o + j] - centroids[m, c, j]
-                        a += t * t
-                        b += t * Z[i, o + j]
-                    nz = base_rz + b
-                    loss = base_rr + a + w * nz * nz
-                    if loss < best_loss:
-                        best_loss = loss
-                        best = c
-                if best != codes[i, m]:
+                base = rr - rm2 + yy
+                base_z = rz - rmz + yz
+                cn = cnorm[m]
+                a = YC[m, row]
+                b = ZC[m, row]
+                for t in range(k):
+                    nz = base_z - b[t]
+                    loss[t] = base - np.float32(2.0) * a[t] + cn[t] + w * nz * nz
+                loss[cur] = np.inf
+                mn = _min8(loss)
+                if mn < best_loss:  # the first centroid at the minimum (never cur: its loss is inf)
+                    best = 0
+                    while loss[best] != mn:
+                        best += 1
                     codes[i, m] = best
-                    a = np.float32(0.0)
-                    b = np.float32(0.0)
+                    sa = np.float32(0.0)
+                    sb = np.float32(0.0)
                     for j in range(dsub):
-                        t = Y[i, o + j] - centroids[m, best, j]
-                        r[o + j] = t
-                        a += t * t
-                        b += t * Z[i, o + j]
-                    rr = base_rr + a
-                    rz = base_rz + b
+                        e = Y[i, o + j] - centroids[m, best, j]
+                        r[o + j] = e
+                        sa += e * e
+                        sb += e * Z[i, o + j]
+                    rr = rr - rm2 + sa
+                    rz = rz - rmz + sb
+
+
+def score_aware_codes(Y: np.ndarray, Z: np.ndarray, centroids: np.ndarray, eta: float, sweeps: int,
+                      pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """`_score_aware` codes (n, M) uint8 of rows Y (n, D) float32 with query directions Z
+    (n, D) float32 against centroids (M, K, dsub) float32, over fixed slices of
+    SCORE_AWARE_ROWS rows (run on `pool`; the slices, not the threads, fix BLAS's shapes,
+    so the codes do not depend on the thread count). O(n * K * D) multiply-adds in BLAS plus
+    O(n * sweeps * K * M)."""
+    n = len(Y)
+    M, k, dsub = centroids.shape
+    cent = np.ascontiguousarray(centroids, np.float32)
+    cb_t = np.ascontiguousarray(cent.transpose(0, 2, 1))
+    cnorm = np.einsum("mkj,mkj->mk", cent, cent).astype(np.float32)
+    codes = np.empty((n, M), np.uint8)
+
+    def part(lo: int) -> None:
+        hi = min(n, lo + SCORE_AWARE_ROWS)
+        YC = np.matmul(Y[lo:hi].reshape(hi - lo, M, dsub).transpose(1, 0, 2), cb_t)
+        ZC = np.matmul(Z[lo:hi].reshape(hi - lo, M, dsub).transpose(1, 0, 2), cb_t)
+        _score_aware(Y, Z, YC, ZC, lo, cnorm, cent, codes, eta, sweeps)
+
+    starts = range(0, n, SCORE_AWARE_ROWS)
+    if pool is None:
+        for lo in starts:
+            part(lo)
+    else:
+        list(pool.map(part, starts))
+    return codes
 
 
 def assign_subspaces(Y: np.ndarray, centroids: np.ndarray, threads: int, pool=None) -> tuple[np.ndarray, np.ndarray]:
@@ -273,25 +341,29 @@ class PQCodec:
         rows at a time), score-aware with weight `eta` along each vector's predicted query
         direction (module doc; 1: nearest centroid). `out`: an (N, M) uint8 array (e.g. a
         memmap) the codes are written into and returned as; None: a new array.
-        Time O(N * K * D * (1 + 2 * sweeps)); memory O(block * (d + D)) besides the codes."""
+        Time O(N * d * D) for the transforms plus O(N * K * D) multiply-adds for the codes
+        (twice that with eta != 1); memory O(block * (d + D)) besides the codes."""
         threads = resolve_threads(threads)
         n = vectors.shape[0]
         if out is not None and (out.shape != (n, self.M) or out.dtype != np.uint8):
             raise ValueError(f"out must be ({n}, {self.M}) uint8, got {out.shape} {out.dtype}")
         codes = np.empty((n, self.M), np.uint8) if out is None else out
-        cent = np.ascontiguousarray(self.centroids, np.float32)
+        # the query directions' transform folded into one matrix: h(x) B = x (P B) + b B
+        d = self.dim
+        if self.query_predictor is None:
+            PB, bB = self.query_transform, np.zeros(self.query_transform.shape[1], np.float32)
+        else:
+            PB = self.query_predictor[:d].astype(np.float64) @ self.query_transform
+            bB = (self.query_predictor[d].astype(np.float64) @ self.query_transform).astype(np.float32)
         with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
             for lo in range(0, n, block):
                 x = vectors[lo : lo + block]
                 Y = self._transform(x, self.base_transform, pool)
-                c = assign_subspaces(Y, self.centroids, threads, pool)[0]
-                if eta != 1.0:
-                    Z = self._transform(self.predict_queries(x, pool), self.query_transform, pool)
-
-                    def score(a: int, b: int, Y: np.ndarray = Y, Z: np.ndarray = Z, c: np.ndarray = c) -> None:
-                        _score_aware(Y, Z, a, b, cent, c, eta, SCORE_AWARE_SWEEPS)
-
-                    parallel_for(score, len(c), threads, pool)
+                if eta == 1.0:
+                    c = assign_subspaces(Y, self.centroids, threads, pool)[0]
+                else:
+                    Z = self._transform(x, PB, pool) + bB
+                    c = score_aware_codes(Y, Z, self.centroids, eta, SCORE_AWARE_SWEEPS, pool)
                 codes[lo : lo + len(c)] = c
         return codes
 
