@@ -56,6 +56,16 @@ def test_any_row_group_size_gives_the_vectors_in_order(tmp_path):
     assert corpus.schema.names == NODE_FIELDS
 
 
+def test_shards_keep_dictionaries_off_the_embeddings_only(tmp_path):
+    """The embedding column's pages are plain (a dictionary of near-unique vectors overflows
+    and makes reads several times slower); the string columns keep theirs."""
+    write_vector_shards(tmp_path / "emb", _vectors(3000, 24), per_file=3000)
+    meta = pq.ParquetFile(ShardStore(str(tmp_path / "emb")).shard_paths()[0]).metadata.row_group(0)
+    enc = {meta.column(c).path_in_schema: meta.column(c).encodings for c in range(meta.num_columns)}
+    assert not any("DICTIONARY" in e for e in enc["embedding.list.element"]), enc
+    assert any("DICTIONARY" in e for e in enc["subreddit"]), enc
+
+
 def test_collect_is_reused_and_redone_when_inputs_or_fields_change(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "META_ROW_GROUP", 1000)
     emb, work = tmp_path / "emb", tmp_path / "work"

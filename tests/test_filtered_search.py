@@ -149,3 +149,41 @@ def test_a_filter_on_a_far_cluster_is_reached_by_the_filtered_traversal(tmp_path
             assert page["stats"]["plan"] == "graph-filtered" and page["stats"]["passes"] <= 2
             hits += len({r["id"] for r in page["results"]} & set(rows[np.argsort(-(x[rows] @ q))[:10]].tolist()))
         assert hits / 300 >= 0.9, hits / 300
+
+
+def test_labels_read_column_wise_equal_the_row_by_row_labels():
+    """`batch_labels` (Arrow columns, one name lookup per distinct subreddit) gives what
+    `label_row` gives each row's dict, over nulls, cases, empty names, times before 2005 and
+    past 2**32, negative, float, non-finite and huge scores, and every truthy NSFW form."""
+    import pyarrow as pa
+
+    from memescale.index.labels import LABEL_DTYPE, batch_labels, label_row
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    names = np.array(["pics", "Pics", "PICS", "memes", "", "İstanbul", "ÆØÅ", "x" * 40], dtype=object)
+    sub = names[rng.integers(0, len(names), n)].tolist()
+    created = rng.choice(np.array([-5, 0, 1_000_000_000, 1_104_537_599, 1_104_537_600, 1_600_000_000, 2**32 - 1, 2**32,
+                                   2**40]), n).tolist()
+    score_f = rng.choice(np.array([-3.5, 0.0, 0.9, 9.99, 150.0, 1e6, np.nan, np.inf, -np.inf]), n).tolist()
+    score_i = rng.choice(np.array([-7, 0, 1, 9, 10, 99_999, 100_000, 2**62]), n).tolist()
+    over_18 = rng.choice(np.array(["true", "TRUE", "Yes", "1", "0", "no", ""], dtype=object), n).tolist()
+    nsfw = rng.integers(0, 3, n).tolist()
+    null = rng.random((6, n)) < 0.1
+    cols = {"subreddit": pa.array([None if z else v for z, v in zip(null[0], sub)], pa.string()),
+            "created_utc": pa.array([None if z else v for z, v in zip(null[1], created)], pa.int64()),
+            "over_18": pa.array([None if z else v for z, v in zip(null[3], over_18)], pa.string()),
+            "nsfw": pa.array([None if z else v for z, v in zip(null[4], nsfw)], pa.int32())}
+    for score in (pa.array([None if z else v for z, v in zip(null[2], score_f)], pa.float64()),
+                  pa.array([None if z else v for z, v in zip(null[5], score_i)], pa.int64()),
+                  pa.array([None if z else v for z, v in zip(null[5], score_i)], pa.int64()).cast(pa.uint64(), safe=False)):
+        batch = pa.RecordBatch.from_pydict({**cols, "score": score})
+        ids_a: dict[str, int] = {}
+        ids_b: dict[str, int] = {}
+        got = batch_labels(batch, lambda s: ids_a.setdefault(s, len(ids_a)))
+        want = np.array([label_row(m, lambda s: ids_b.setdefault(s, len(ids_b))) for m in batch.to_pylist()],
+                        LABEL_DTYPE)
+        assert got is not None and ids_a == ids_b
+        for field in LABEL_DTYPE.names:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+    assert batch_labels(pa.RecordBatch.from_pydict({"score": pa.array(["12"])}), lambda s: 0) is None  # row by row

@@ -63,6 +63,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ import pyarrow.parquet as pq
 
 from ..crashpoints import crash_point
 from ..durable import fsync_dir
-from .kernels import record_crcs
+from .kernels import parallel_for, record_crcs, resolve_threads
 from .labels import LABELS_FILE, MONTH_POSTINGS_FILE, POSTINGS_FILE, SCORE_POSTINGS_FILE, VOCAB_FILE, LabelWriter
 
 FORMAT_VERSION = 2  # 2: a CRC-32 in every record
@@ -434,19 +435,20 @@ MetadataSource: TypeAlias = (
 )
 
 
-def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[list]:
+def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[tuple[list, pa.RecordBatch | None]]:
     """Normalise a metadata source (see `write_index`) into blocks of at most META_BLOCK_ROWS
-    row dicts in node order; only one block's dicts are alive at a time."""
+    row dicts in node order, each with the RecordBatch it came from (None for dicts given as
+    such); only one block's dicts are alive at a time."""
     if isinstance(metadata, Sequence) and not isinstance(metadata, (str, bytes)):
         if len(metadata) != n:
             raise ValueError(f"metadata has {len(metadata)} entries for {n} vectors")
         for lo in range(0, n, META_BLOCK_ROWS):
-            yield list(metadata[lo : lo + META_BLOCK_ROWS])
+            yield list(metadata[lo : lo + META_BLOCK_ROWS]), None
         return
     if isinstance(metadata, (str, os.PathLike)):
         with pq.ParquetFile(metadata) as pf:
             for batch in pf.iter_batches(batch_size=META_BLOCK_ROWS):
-                yield batch.to_pylist()
+                yield batch.to_pylist(), batch
         return
     parts: Any = [metadata] if isinstance(metadata, (pa.Table, pa.RecordBatch)) else metadata  # iter() checks it
     try:
@@ -462,7 +464,21 @@ def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[list]:
             raise TypeError(f"metadata: a stream must yield pyarrow RecordBatches or Tables, got {type(part).__name__}")
         for batch in batches:
             for lo in range(0, batch.num_rows, META_BLOCK_ROWS):
-                yield batch.slice(lo, META_BLOCK_ROWS).to_pylist()
+                b = batch.slice(lo, META_BLOCK_ROWS)
+                yield b.to_pylist(), b
+
+
+def _batch_image_ids(batch: pa.RecordBatch) -> np.ndarray:
+    """`_image_id` of every row of a RecordBatch, column-wise: (n,) int64."""
+    n = batch.num_rows
+    if "image_id" not in batch.schema.names or not pa.types.is_integer(batch.column("image_id").type):
+        return np.full(n, -1, np.int64)  # a dict's value would not be an int either
+    col = batch.column("image_id")
+    v = col.fill_null(0).to_numpy(zero_copy_only=False)
+    ok = v < np.uint64(2**63) if v.dtype == np.uint64 else v >= 0
+    if col.null_count:
+        ok &= col.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(ok, v.astype(np.int64), -1)
 
 
 def _encode_block(rows: list, first: int, packer: msgpack.Packer) -> list[bytes]:
@@ -493,10 +509,11 @@ def _spool_metadata(metadata: MetadataSource, n: int, spool: Path, ids: np.ndarr
     packer = msgpack.Packer(use_bin_type=True)
     row = 0
     with open(spool, "wb") as f:
-        for rows in _row_blocks(metadata, n):
+        for rows, batch in _row_blocks(metadata, n):
             if row + len(rows) <= n:
-                ids[row : row + len(rows)] = np.fromiter(map(_image_id, rows), np.int64, len(rows))
-                labels.add(row, rows)
+                ids[row : row + len(rows)] = (np.fromiter(map(_image_id, rows), np.int64, len(rows)) if batch is None
+                                              else _batch_image_ids(batch))
+                labels.add(row, rows, batch)
             blobs = _encode_block(rows, row, packer)
             del rows
             k = len(blobs)
@@ -539,11 +556,18 @@ def _place_metadata(rec: np.ndarray, sizes: np.ndarray, buf: np.ndarray, layout:
     return int(spill.size)
 
 
-def _seal_records(rec: np.ndarray, m: int, layout: RecordLayout) -> None:
+def _seal_records(rec: np.ndarray, m: int, layout: RecordLayout, pool: ThreadPoolExecutor | None = None,
+                  threads: int = 1) -> None:
     """Write the CRC-32 of each of the first m records of `rec` ((rows, record_size) uint8,
-    C-contiguous) into its CRC field. O(m * record_size)."""
+    C-contiguous) into its CRC field, on `threads` slices of the rows run on `pool`.
+    O(m * record_size)."""
     crcs = np.zeros(m, np.uint32)
-    record_crcs(rec.view(np.int32).ravel(), layout.record_size // 4, layout.crc_off // 4, m, crcs)
+    words, rw, cw = rec.view(np.int32).ravel(), layout.record_size // 4, layout.crc_off // 4
+
+    def part(lo: int, hi: int) -> None:
+        record_crcs(words[lo * rw:], rw, cw, hi - lo, crcs[lo:hi])
+
+    parallel_for(part, m, threads, pool)
     rec[:m, layout.crc_off : layout.crc_off + 4] = crcs.astype("<u4")[:, None].view(np.uint8)
 
 
@@ -675,7 +699,9 @@ def write_index(
         overflow = _StreamedSmallFile(out / OVERFLOW_FILE, MAGIC_OVERFLOW)
         spilled = 0
         crc = 0
-        with open(tmp, "wb") as f, (nullcontext() if sizes is None else open(spool, "rb")) as sp:
+        threads = resolve_threads(None)
+        with open(tmp, "wb") as f, (nullcontext() if sizes is None else open(spool, "rb")) as sp, \
+                ThreadPoolExecutor(threads) as pool:
             f.write(b"\x00" * SECTOR)
             for lo in range(0, n, nodes_per_chunk):
                 hi = min(n, lo + nodes_per_chunk)
@@ -697,7 +723,7 @@ def write_index(
                         raise OSError(f"{spool}: metadata spool is short")
                     spilled += _place_metadata(rec, sz, buf, layout, overflow)
                     del buf
-                _seal_records(rec, m, layout)
+                _seal_records(rec, m, layout, pool, threads)
                 if nps > 1 and nps * rs < SECTOR:
                     page = np.zeros((len(rec) // nps, SECTOR), np.uint8)
                     page[:, : nps * rs] = rec.reshape(-1, nps * rs)

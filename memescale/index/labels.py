@@ -19,7 +19,8 @@ many nodes a filter matches:
     the same by month (months ascending, unknown last) and by score bucket, so the nodes of
     any month range, or of any minimum score bucket, are one contiguous slice.
 
-Writing is streamed: `LabelWriter.add` takes each block of metadata dicts and keeps 8 bytes
+Writing is streamed: `LabelWriter.add` takes each block of metadata (dicts, or Arrow batches
+read column-wise) and keeps 8 bytes
 per node in a memory-mapped scratch file; `finish` renumbers the subreddits by frequency and
 lays the postings out with a counting sort (one pass, no O(N) sort in RAM).
 """
@@ -74,7 +75,7 @@ def as_int(v: Any) -> int | None:
         return v
     try:
         return int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         pass
     try:
         f = float(v)
@@ -105,6 +106,95 @@ def label_row(m: Any, sub_id) -> tuple[int, int, int, int]:
     return sub, month, score_bucket(as_int(m.get("score"))), flags
 
 
+_MONTH0 = (MONTH0_YEAR - 1970) * 12  # 2005-01 in months since 1970-01
+
+
+def _ints(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values int64, valid bool) of an Arrow column as `as_int` reads each value (integers;
+    floats truncated when finite; null, bool and non-finite not valid); None for a type read
+    row by row (strings: numeric text)."""
+    import pyarrow as pa
+
+    t = col.type
+    if pa.types.is_null(t) or pa.types.is_boolean(t):
+        return np.zeros(len(col), np.int64), np.zeros(len(col), bool)
+    if pa.types.is_integer(t):
+        v = col.to_numpy(zero_copy_only=False) if col.null_count == 0 else col.fill_null(0).to_numpy()
+        valid = np.ones(len(col), bool) if col.null_count == 0 else col.is_valid().to_numpy(zero_copy_only=False)
+        if v.dtype == np.uint64:  # past int64: as large as any bound here
+            v = np.minimum(v, np.uint64(2**63 - 1))
+        return v.astype(np.int64), valid
+    if pa.types.is_floating(t):
+        v = col.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        valid = np.isfinite(v) & (np.abs(v) < 2.0**63)
+        return np.where(valid, np.trunc(np.where(valid, v, 0.0)), 0).astype(np.int64), valid
+    return None
+
+
+def _truthy_column(col: Any) -> np.ndarray | None:
+    """`_truthy` of each value of an Arrow column (null: False); None for a type read row by row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = col.type
+    if pa.types.is_null(t):
+        return np.zeros(len(col), bool)
+    if pa.types.is_boolean(t):
+        return col.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return pc.fill_null(pc.equal(col, 1), False).to_numpy(zero_copy_only=False).astype(bool)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        low = pc.utf8_lower(col)
+        return pc.fill_null(pc.is_in(low, value_set=pa.array(["true", "1", "yes"])), False).to_numpy(
+            zero_copy_only=False).astype(bool)
+    return None
+
+
+def batch_labels(batch: Any, sub_id) -> np.ndarray | None:
+    """The `label_row` of every row of an Arrow RecordBatch (n,) LABEL_DTYPE, column-wise:
+    no Python object per row, one `sub_id` call per distinct subreddit name. None when a
+    column has a type this reads row by row (the caller falls back to `label_row`)."""
+    import pyarrow as pa
+
+    n = batch.num_rows
+    names = batch.schema.names
+    out = np.zeros(n, LABEL_DTYPE)
+    out["sub"] = -1
+    out["month"] = -1
+    if "subreddit" in names:
+        col = batch.column("subreddit")
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+            return None
+        if not pa.types.is_null(col.type) and n:
+            enc = col.dictionary_encode()
+            ids = np.array([sub_id(v.lower()) if v else -1 for v in enc.dictionary.to_pylist()] + [-1], np.int32)
+            idx = enc.indices.fill_null(len(ids) - 1).to_numpy(zero_copy_only=False)
+            out["sub"] = ids[idx]
+    if "created_utc" in names:
+        iv = _ints(batch.column("created_utc"))
+        if iv is None:
+            return None
+        t, valid = iv
+        valid &= (t >= 0) & (t < 2**32)
+        months = np.where(valid, t, 0).astype("datetime64[s]").astype("datetime64[M]").astype(np.int64) - _MONTH0
+        out["month"] = np.where(valid & (months >= 0), months, -1)
+    if "score" in names:
+        iv = _ints(batch.column("score"))
+        if iv is None:
+            return None
+        score, valid = iv
+        out["bucket"] = np.where(valid, np.searchsorted(np.asarray(SCORE_BOUNDS), score, side="right"), 0)
+    nsfw = np.zeros(n, bool)
+    for field in ("over_18", "nsfw"):
+        if field in names:
+            f = _truthy_column(batch.column(field))
+            if f is None:
+                return None
+            nsfw |= f
+    out["flags"] = np.where(nsfw, NSFW, 0)
+    return out
+
+
 class LabelWriter:
     """Collects the labels of N nodes block by block (memory: 8 bytes per node in a
     memory-mapped scratch file + one entry per distinct subreddit)."""
@@ -123,9 +213,13 @@ class LabelWriter:
             i = self.names[name] = len(self.names)
         return i
 
-    def add(self, first: int, rows: list) -> None:
-        """Labels of nodes first .. first + len(rows) - 1 from their metadata dicts."""
-        block = np.array([label_row(m, self._sub_id) for m in rows], dtype=LABEL_DTYPE)
+    def add(self, first: int, rows: list, batch: Any = None) -> None:
+        """Labels of nodes first .. first + len(rows) - 1 from their metadata dicts, or
+        column-wise from `batch` (the same rows as an Arrow RecordBatch) where given and
+        its column types allow (`batch_labels`)."""
+        block = None if batch is None else batch_labels(batch, self._sub_id)
+        if block is None:
+            block = np.array([label_row(m, self._sub_id) for m in rows], dtype=LABEL_DTYPE)
         self.rows[first : first + len(rows)] = block
 
     def finish(self, out_dir: Path, write_small) -> None:

@@ -167,7 +167,10 @@ class ShardStore:
     def write_table(self, table: pa.Table, name: str, compression: str = "zstd") -> None:
         """Write `table` as the Parquet file `name` (relative to the root, may name a
         subfolder) under the root: temp file, fsync, rename, fsync of the directory. A reader
-        sees the old file or the whole new one."""
+        sees the old file or the whole new one. Vector columns (fixed-size lists, the
+        embeddings) are written without dictionary encoding: their values hardly repeat, and a
+        dictionary that overflows into plain pages makes both the write and every later read
+        several times slower."""
         folder, base = posixpath.split(name)
         where = f"{self.root}/{folder}" if folder else self.root
         if folder and self.fs.get_file_info(where).type != pafs.FileType.Directory:
@@ -175,7 +178,8 @@ class ShardStore:
             if self.local:
                 fsync_dir(self.root)
         tmp = f"{where}/.{base}.tmp"
-        pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
+        dictionary = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+        pq.write_table(table, tmp, filesystem=self.fs, compression=compression, use_dictionary=dictionary)
         crash_point("store.tmp_written")
         self._durable_move(tmp, f"{self.root}/{name}")
 
