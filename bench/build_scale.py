@@ -223,10 +223,11 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     costs fitted on the measured sets (`plan.fitted_costs`: a phase's measured seconds over
     the seconds its own plan predicted), next to the plan's own default costs. Each phase is
     fitted on the largest set that timed it (not reused from an earlier run: `--resume` or a
-    partial rerun; for the shard graphs, none skipped as already built): the graph-shaped phases (shard graphs, merge, refinement) on the largest
-    of the sets built at the target's d, R, L and construction codes if there is one (a
-    row's bytes and the codes change the cost per unit), the streaming phases on the largest
-    set overall (their fixed costs amortised over the most rows). graph_growth: the exponent
+    partial rerun; for the shard graphs, none skipped as already built): the graph-shaped
+    phases (shard graphs, merge, refinement) on the largest of the sets built at the target's
+    d, R, L and construction codes if there is one (a row's bytes and the codes change the
+    cost per unit), the streaming phases on the largest set at the target's d if there is
+    one, else the largest overall (their fixed costs amortised over the most rows). graph_growth: the exponent
     b of a graph's build seconds ~ points^b (`bench/construction.py --sizes`); the shard
     graphs' cost per point is scaled by (target shard / reference shard)^(b - 1), since the
     target's shards are far larger than any measured one."""
@@ -250,6 +251,8 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
         timed = [s for s in rows if timed_it(s, name, phases)]
         if name in GRAPH_SHAPED:
             timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes)] or timed
+        else:  # a row's width changes more than the units say (fp16 decode, the PQ transforms' d x D)
+            timed = [s for s in timed if s["d"] == d] or timed
         if not timed:
             continue
         ref = max(timed, key=lambda s: s["n"] * s["d"])

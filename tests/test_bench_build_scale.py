@@ -32,13 +32,26 @@ def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_l
     big = _row(2_000_000, 384, 32, 64, 0, speed=3.0, reused=("corpus",))
     mid = _row(1_000_000, 384, 32, 64, 0, speed=5.0)
     shaped = _row(200_000, 1152, 64, 128, 72, speed=0.5)
+    wide = _row(400_000, 1152, 32, 64, 0, speed=2.0, reused=("write",))
     ext = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
-    assert ext["fitted_on"] == {"1,000,000 x 384": ["corpus"], "2,000,000 x 384": ["partition", "pq", "write"],
-                                "200,000 x 1152": ["graphs", "merge", "refine"]}
+    # the streaming phases too come from the target's width where a set has it
+    assert ext["fitted_on"] == {"200,000 x 1152": ["corpus", "partition", "graphs", "merge", "refine", "pq", "write"]}
+    wider = build_scale.extrapolate([big, mid, shaped, wide], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert wider["fitted_on"] == {"400,000 x 1152": ["corpus", "partition", "pq"],
+                                  "200,000 x 1152": ["graphs", "merge", "refine", "write"]}
+    assert wider["costs"]["corpus"] == pytest.approx(2.0 * COSTS["corpus"])
+    assert wider["costs"]["write"] == pytest.approx(0.5 * COSTS["write"])  # the largest at 1152 reused it
+    # without a set of the target's width, the streaming phases come from the largest set that timed each
+    narrow = _row(200_000, 384, 64, 128, 72, speed=0.5)
+    ext = build_scale.extrapolate([big, mid, narrow], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert ext["fitted_on"] == {"1,000,000 x 384": ["corpus"], "2,000,000 x 384": ["partition", "graphs", "merge",
+                                                                                 "refine", "pq", "write"]}
     c = ext["costs"]
-    assert c["graphs"] == pytest.approx(0.5 * COSTS["graphs"]) and c["refine"] == pytest.approx(0.5 * COSTS["refine"])
     assert c["corpus"] == pytest.approx(5.0 * COSTS["corpus"])  # the largest set reused it
     assert c["write"] == pytest.approx(3.0 * COSTS["write"]) and c["pq_encode"] == pytest.approx(3.0 * COSTS["pq_encode"])
+    ext = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    c = ext["costs"]
+    assert c["graphs"] == pytest.approx(0.5 * COSTS["graphs"]) and c["refine"] == pytest.approx(0.5 * COSTS["refine"])
     assert ext["graph_growth_factor"] == 1.0
     # a measured growth exponent scales the graphs by the ratio of the shard sizes
     grown = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72,
