@@ -3,6 +3,8 @@ and the stages it shares with the in-process `build_index`."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -168,6 +170,17 @@ def test_refine_graph_is_deterministic_and_bounded():
         return found
 
     assert hits(out, deg) >= hits(nb, dg)
+    # searches ranked by navigation codes (a merged graph whose vectors are not in RAM): the
+    # same at any thread count, the codes' file gone afterwards, and as good a refinement
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        codes = f"{tmp}/codes.npy"
+        c = refine_graph(x, nb, dg, start, L=16, seed=3, threads=1, progress=False, nav_dsub=2, work_codes=codes)
+        d = refine_graph(x, nb, dg, start, L=16, seed=3, threads=3, progress=False, nav_dsub=2, work_codes=codes)
+        assert not os.path.exists(codes)
+    assert np.array_equal(c[0], d[0]) and np.array_equal(c[1], d[1]) and not np.array_equal(c[0], out)
+    assert hits(*c) >= hits(nb, dg) and hits(*c) >= hits(out, deg) - 5
     # a subset (the border nodes): the others keep their lists but for reverse edges
     centroids = np.stack([x[:1800].mean(0), x[1200:].mean(0)])
     some = border_nodes(x, centroids / np.linalg.norm(centroids, axis=1, keepdims=True),

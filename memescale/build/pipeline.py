@@ -236,7 +236,7 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         phase.done("merge")
         refined, refine_L, refine_fraction = stages.refine_borders(
             vectors, (neighbours, degrees), part, ic.refine_L, ic.refine_fraction, ic.alpha, ic.seed,
-            mp.dir / "refine.tmp.npy")
+            mp.dir / "refine.tmp.npy", build_pq_bytes=ic.build_pq_bytes)
         neighbours.flush()
         degrees.flush()
         np.save(mp.dir / "entry_points.npy", entry_points)

@@ -140,6 +140,8 @@ class BuildPlan:
     index_disk: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     costs_source: str = "default"  # "default" (COSTS) or "given" (measured costs, `load_costs`)
+    # rows of the index vectors the merge and the refinement read at random (`random_reads`)
+    random_reads: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +195,23 @@ def _fmt_bytes(b: float) -> str:
         if abs(b) >= size:
             return f"{b / size:.2f} {unit}"
     return f"{int(b)} B"
+
+
+def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, refine_fraction: float,
+                 build_pq_bytes: int = 0) -> dict[str, int]:
+    """Rows of the index vectors (fp16, width dx) that the merge and the refinement fetch in
+    no order the file's layout serves: the merge re-prunes each node's overlap x R candidates
+    (each fetched once per node); the refinement's searches score (refine_L + R) x R rows per
+    refined node, or with navigation codes (build_pq_bytes > 0) read the rows of the nodes
+    they expand and prune, about refine_L + R. Their time (`seconds`) assumes the rows come from RAM; that holds while the
+    vectors file (`vectors_bytes`) fits the page cache beside the build's memory. Past that,
+    each read is a disk read of `disk_bytes_per_read` on average (the 4 KiB pages a row at
+    any offset spans)."""
+    refined = 0 if k <= 1 or refine_L <= 0 else int(refine_fraction * n)
+    row = 2 * dx
+    return {"merge_rows": n * (overlap if k > 1 else 1) * R + n if k > 1 else 0,
+            "refine_rows": refined * (refine_L + R) * (1 if build_pq_bytes > 0 else R), "row_bytes": row,
+            "disk_bytes_per_read": 4095 + row, "vectors_bytes": n * row}
 
 
 def _units(n: int, dx: int, d: int, R: int, L: int, overlap: int, k: int, refine_L: int,
@@ -316,7 +335,8 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
                      driver_memory_bytes=driver, driver_idle_bytes=idle,
                      peak_memory_bytes=max(driver, idle + int(at_once) * mem),
                      scratch=scratch, index_disk=index_disk, seconds={p: round(s, 3) for p, s in seconds.items()},
-                     costs_source="given" if costs else "default")
+                     costs_source="given" if costs else "default",
+                     random_reads=random_reads(n, dx, R, overlap, k, refine_L, refine_fraction, build_pq_bytes))
 
 
 # The build summary's phases (memescale.build.pipeline) -> the plan's phases they time.
@@ -429,5 +449,13 @@ def format_plan(plan: BuildPlan) -> str:
          + (" (measured costs)" if plan.costs_source == "given" else " (default costs)")),
         *((f"  {k}", hours(v)) for k, v in plan.seconds.items() if k != "total"),
     ]
+    rr = plan.random_reads
+    if rr.get("merge_rows") or rr.get("refine_rows"):
+        reads = rr["merge_rows"] + rr["refine_rows"]
+        rows.append(("random reads", f"{reads / 1e9:,.1f} G rows of {_fmt_bytes(rr['row_bytes'])} (merge "
+                                     f"{rr['merge_rows'] / 1e9:,.1f} G, refine {rr['refine_rows'] / 1e9:,.1f} G) "
+                                     f"in {_fmt_bytes(rr['vectors_bytes'])} of index vectors: the time above "
+                                     f"holds while these fit the page cache; past it, "
+                                     f"{_fmt_bytes(reads * rr['disk_bytes_per_read'])} of disk reads"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -325,13 +325,16 @@ def merge_shards(graphs: str | Path, vectors: np.ndarray, part: DiskPartition, R
 
 def refine_borders(vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray], part: DiskPartition, refine_L: int,
                    fraction: float, alpha: float, seed: int, scratch: str | Path,
-                   threads: int | None = None) -> tuple[int, int, float]:
+                   threads: int | None = None, build_pq_bytes: int = 0) -> tuple[int, int, float]:
     """One more Vamana pass (`vamana.refine_graph`, search list size `refine_L`, from the
     medoid of all vectors) over the `fraction` of nodes nearest a shard border
     (`merge.border_nodes` from `part.member`): they gain the cross-shard edges no shard graph
     had. `graph` (neighbours, degrees: int32 memmaps) is updated in place; the pass's working
-    graph is the file `scratch` (deleted after). No pass with one shard, refine_L <= 0 or
-    fraction <= 0. Memory: 8 B per vector + 16 B per refined node besides memmaps.
+    graph is the file `scratch` (deleted after). build_pq_bytes > 0: the searches rank by
+    navigation codes of that many bytes per row (`nav_dsub_for`, kept next to `scratch` and
+    deleted after), as the shard graphs' construction does: a search reads the rows of the
+    nodes it expands, not of every neighbour it scores. No pass with one shard, refine_L <= 0
+    or fraction <= 0. Memory: 8 B per vector + 16 B per refined node besides memmaps.
 
     Returns (nodes refined, refine_L, fraction) as applied: (0, 0, 0.0) without a pass."""
     if part.k <= 1 or refine_L <= 0 or fraction <= 0:
@@ -341,7 +344,9 @@ def refine_borders(vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray], pa
     points = border_nodes(vectors, np.asarray(part.centroids), part.member, fraction, block=block)
     start = find_medoid(vectors, block=block_rows(2 * vectors.shape[1]))  # float64 rows
     refine_graph(vectors, neighbours, degrees, start, refine_L, alpha, seed=seed, threads=threads,
-                 overwrite=True, points=points, work_graph=scratch, block=block)
+                 overwrite=True, points=points, work_graph=scratch, block=block,
+                 nav_dsub=nav_dsub_for(vectors.shape[1], build_pq_bytes, len(vectors)),
+                 work_codes=Path(scratch).with_suffix(".codes.npy"))
     return len(points), refine_L, fraction
 
 

@@ -553,14 +553,15 @@ def _vamana_pass(pool, threads, X, norms, graph, degrees, start, order, batches,
 
 def navigation_codes(X: np.ndarray, dsub: int = NAV_DSUB, seed: int = 0, threads: int | None = None,
                      pool: ThreadPoolExecutor | None = None, train_rows: int = NAV_TRAIN_ROWS,
-                     iters: int = NAV_KMEANS_ITERS, block: int | None = None) -> tuple[np.ndarray, ...]:
+                     iters: int = NAV_KMEANS_ITERS, block: int | None = None,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Product-quantisation codes the construction searches rank by (module doc).
 
     X: (N, d) uint16 fp16 bits or int8 rows (compared in their own units: the scale of int8
     rows cancels out of every ranking). Codebooks: M = ceil(d / dsub) independent k-means of
     256 centroids over dsub dimensions each (zero-padded), trained on `train_rows` rows drawn
     with `seed`; then every row is encoded, `block` rows at a time (default: NAV_BLOCK_BYTES
-    of float32 rows).
+    of float32 rows), into `out` ((N, M) uint8, e.g. a memmap) where given.
     Returns (codes (N, M) uint8, transposed codebooks (M, dsub, 256) float32, squared
     centroid norms (M, 256) float32), as `_search_and_prune` takes them. Deterministic for a
     seed at any thread count. Time O((iters * train_rows + N) * 256 * d); memory the codes
@@ -584,7 +585,9 @@ def navigation_codes(X: np.ndarray, dsub: int = NAV_DSUB, seed: int = 0, threads
     centroids = kmeans_subspaces(sample, np.ascontiguousarray(seeds.reshape(PQ_K, M, dsub).transpose(1, 0, 2)), iters,
                                  rng, threads, pool)
     del sample
-    codes = np.empty((n, M), np.uint8)
+    codes = np.empty((n, M), np.uint8) if out is None else out
+    if codes.shape != (n, M) or codes.dtype != np.uint8:
+        raise ValueError(f"out must be ({n}, {M}) uint8, got {codes.shape} {codes.dtype}")
     for lo in range(0, n, block):
         codes[lo:lo + block] = assign_subspaces(rows(X[lo:lo + block]), centroids, threads, pool)[0]
     cb_t = np.ascontiguousarray(centroids.transpose(0, 2, 1), np.float32)
@@ -705,6 +708,8 @@ def refine_graph(
     points: np.ndarray | None = None,
     work_graph: str | os.PathLike | None = None,
     block: int = 65536,
+    nav_dsub: int = 0,
+    work_codes: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One more Vamana pass (Algorithm 3's second pass) over an existing graph: for every
     point (or every one of `points`), in a seeded random order and in batches as in
@@ -723,6 +728,10 @@ def refine_graph(
     written into the arrays passed in (neighbours int32 C-contiguous, e.g. a writable memmap,
     degrees int32), saving N * R * 4 bytes. work_graph: a file path for the (N, ceil(slack *
     R)) int32 working graph (memory-mapped there and deleted at the end) instead of memory.
+    nav_dsub > 0: the searches rank by `navigation_codes` of one byte per nav_dsub dimensions
+    (as `build_vamana`'s), kept in the file `work_codes` where given (deleted at the end):
+    a search then reads the full rows of the nodes it expands only, not of every neighbour it
+    scores, which matters where the vectors do not fit in RAM.
     Time O(P * (L + R) * R * d) for P points. Memory besides vectors, the inputs and outputs:
     the working graph N * ceil(slack * R) * 4 bytes (none with work_graph) + norms and a
     degree copy 8 B/vector + 8 B per point + one batch's lists and reverse edges (at most
@@ -771,14 +780,23 @@ def refine_graph(
     tables, take_tags = _visit_sets(threads)
     out, out_deg = (nbrs, deg_in) if overwrite else (np.empty((N, R), np.int32), np.empty(N, np.int32))
 
+    if nav_dsub < 0 or (nav_dsub and N < PQ_K):
+        raise ValueError(f"nav_dsub must be >= 0, and 0 below {PQ_K} points (got {nav_dsub} for {N})")
     try:
         with ThreadPoolExecutor(threads) as pool:
             norms = vector_norms(X, threads, pool)
+            nav = None
+            if nav_dsub:
+                M = -(-X.shape[1] // nav_dsub)
+                codes = None if work_codes is None else np.lib.format.open_memmap(
+                    work_codes, mode="w+", dtype=np.uint8, shape=(N, M))
+                nav = navigation_codes(X, nav_dsub, seed, threads, pool, out=codes)
             batches = _batches(pts.size, max_batch, grow=False)
-            log.info("vamana refinement pass (L=%d, alpha=%.3f): %d of %d points in %d batches", L, alpha, pts.size,
-                     N, len(batches))
+            log.info("vamana refinement pass (L=%d, alpha=%.3f%s): %d of %d points in %d batches", L, alpha,
+                     f", navigation codes of {nav[0].shape[1]} B" if nav else "", pts.size, N, len(batches))
             _vamana_pass(pool, threads, X, norms, graph, deg, int(start), order, batches, int(L), float(alpha), R,
-                         tables, take_tags, "vamana refinement", progress)
+                         tables, take_tags, "vamana refinement", progress, nav)
+            del nav
             for lo in range(0, N, block):
                 hi = min(N, lo + block)
                 prune_rows(X, norms, graph[lo:hi], deg[lo:hi], lo, R, alpha, out[lo:hi], out_deg[lo:hi], threads, pool)
@@ -786,4 +804,6 @@ def refine_graph(
         if work_graph is not None:
             del graph
             os.remove(work_graph)
+        if work_codes is not None and os.path.exists(work_codes):
+            os.remove(work_codes)
     return out, out_deg
