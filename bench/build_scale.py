@@ -227,7 +227,9 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     phases (shard graphs, merge, refinement) on the largest of the sets built at the target's
     d, R, L and construction codes if there is one (a row's bytes and the codes change the
     cost per unit), the streaming phases on the largest set at the target's d if there is
-    one, else the largest overall (their fixed costs amortised over the most rows). graph_growth: the exponent
+    one, else the largest overall (their fixed costs amortised over the most rows); where
+    the two largest sets that timed a streaming phase share that width, on the slope between
+    them (`_slope_costs`: the fixed part is not priced per vector). graph_growth: the exponent
     b of a graph's build seconds ~ points^b (`bench/construction.py --sizes`); the shard
     graphs' cost per point is scaled by (target shard / reference shard)^(b - 1), since the
     target's shards are far larger than any measured one."""
@@ -255,24 +257,32 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             timed = [s for s in timed if s["d"] == d] or timed
         if not timed:
             continue
-        ref = max(timed, key=lambda s: s["n"] * s["d"])
+        timed.sort(key=lambda s: s["n"] * s["d"])
+        ref = timed[-1]
         fitted = fitted_costs(ref["plan"]["seconds"], {name: ref["seconds"][name]})
         costs.update({p: fitted[p] for p in phases})
         refs[name] = ref
+        if name not in GRAPH_SHAPED and len(timed) > 1 and timed[-2]["d"] == ref["d"]:
+            slope = _slope_costs(timed[-2], ref, name, phases)
+            if slope:
+                costs.update(slope)
+                refs[name] = [timed[-2], ref]
     kw = dict(R=R, L=L, overlap=2, pq_bytes=pq_bytes, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
               threads_per_task=threads, build_pq_bytes=build_pq_bytes)
     default = plan_build(n, d, **kw)
     growth, ref_shard = 1.0, 0
     if "graphs" in refs:
-        g = refs["graphs"]
+        g = refs["graphs"] if isinstance(refs["graphs"], dict) else refs["graphs"][-1]
         ref_shard = max(g["partition"]["sizes"]) if g.get("partition") else g["n"]
         growth = (default.shard_vectors / ref_shard) ** (graph_growth - 1.0)
         costs["graphs"] *= growth
     fitted = plan_build(n, d, costs=costs, **kw)
     hours = fitted.seconds["total"] / 3600
-    fits = {}
+    fits: dict[str, list[str]] = {}
     for name, ref in refs.items():
-        fits.setdefault(f"{ref['n']:,} x {ref['d']}", []).append(name)
+        key = (" and ".join(f"{r['n']:,} x {r['d']}" for r in ref) if isinstance(ref, list)
+               else f"{ref['n']:,} x {ref['d']}")
+        fits.setdefault(key, []).append(name)
     text = (f"{hours:.0f} h ({hours / 24:.1f} days; the plan's default costs say "
             f"{default.seconds['total'] / 3600:.0f} h), peak RAM {fitted.peak_memory_bytes / 2**30:.1f} GiB "
             f"(driver {fitted.driver_memory_bytes / 2**30:.1f} GiB + {fitted.tasks_at_once} x "
@@ -286,6 +296,30 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs,
             "fitted_on": fits, "graph_growth_factor": growth,
             "fitted_shape": {"d": d, "R": R, "L": L, "build_pq_bytes": build_pq_bytes}}
+
+
+def _slope_costs(small: dict, big: dict, name: str, phases: tuple[str, ...]) -> dict[str, float] | None:
+    """Costs of a streaming phase from two sets of the same width: measured seconds = a + b x
+    (planned seconds of the sub-phases that grow with N), so a fixed part (a sample's
+    training, start-up) is not priced per vector. b scales those sub-phases' costs; a goes to
+    the sub-phases whose planned seconds do not grow (PQ training), or is dropped. None when
+    the two sets do not give a positive slope and intercept."""
+    from memescale.build.plan import COSTS
+
+    ps, pb = small["plan"]["seconds"], big["plan"]["seconds"]
+    grow = [p for p in phases if pb.get(p, 0) > ps.get(p, 0) * (1 + 1e-9)]
+    fixed = [p for p in phases if p not in grow and pb.get(p, 0) > 0]
+    dv = sum(pb[p] for p in grow) - sum(ps[p] for p in grow)
+    if not grow or dv <= 0:
+        return None
+    b = (big["seconds"][name] - small["seconds"][name]) / dv
+    a = big["seconds"][name] - b * sum(pb[p] for p in grow)
+    if b <= 0 or a < 0:
+        return None
+    out = {p: b * COSTS[p] for p in grow}
+    pf = sum(pb[p] for p in fixed)
+    out.update({p: a / pf * COSTS[p] for p in fixed} if pf > 0 else {})
+    return out
 
 
 def _mib(x: float) -> str:
@@ -319,7 +353,10 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
                       target.pq_bytes, target.build_pq_bytes, a.graph_growth)
     lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
               f"{a.target_budget}: " + ext["text"]]
-    same_d = sorted((s for s in rows if s["d"] == rows[0]["d"] and not s.get("reused")), key=lambda s: s["n"])
+    def shape(s: dict) -> tuple:  # growth compares builds of one width, R, L and construction codes
+        return s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0)
+
+    same_d = sorted((s for s in rows if shape(s) == shape(rows[0]) and not s.get("reused")), key=lambda s: s["n"])
     if len(same_d) >= 2:
         lo, hi = same_d[0], same_d[-1]
         b = math.log(hi["wall_seconds"] / lo["wall_seconds"]) / math.log(hi["n"] / lo["n"])

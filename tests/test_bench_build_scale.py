@@ -41,14 +41,18 @@ def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_l
                                   "200,000 x 1152": ["graphs", "merge", "refine", "write"]}
     assert wider["costs"]["corpus"] == pytest.approx(2.0 * COSTS["corpus"])
     assert wider["costs"]["write"] == pytest.approx(0.5 * COSTS["write"])  # the largest at 1152 reused it
-    # without a set of the target's width, the streaming phases come from the largest set that timed each
+    # without a set of the target's width, the streaming phases come from the largest sets that timed each
     narrow = _row(200_000, 384, 64, 128, 72, speed=0.5)
     ext = build_scale.extrapolate([big, mid, narrow], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
-    assert ext["fitted_on"] == {"1,000,000 x 384": ["corpus"], "2,000,000 x 384": ["partition", "graphs", "merge",
-                                                                                 "refine", "pq", "write"]}
+    assert ext["fitted_on"] == {"1,000,000 x 384": ["corpus"], "2,000,000 x 384": ["graphs", "merge", "refine"],
+                                "1,000,000 x 384 and 2,000,000 x 384": ["partition", "pq", "write"]}
     c = ext["costs"]
     assert c["corpus"] == pytest.approx(5.0 * COSTS["corpus"])  # the largest set reused it
-    assert c["write"] == pytest.approx(3.0 * COSTS["write"]) and c["pq_encode"] == pytest.approx(3.0 * COSTS["pq_encode"])
+    # 3x the plan at 2M and 5x at 1M: the slope between them is 1x the plan per added unit,
+    # the rest a fixed part (PQ training takes it; elsewhere it is not priced per vector)
+    assert c["write"] == pytest.approx(COSTS["write"], rel=1e-3)
+    assert c["partition"] == pytest.approx(COSTS["partition"], rel=1e-2)
+    assert c["pq_encode"] < 3.0 * COSTS["pq_encode"] and c["pq_train"] > 10 * COSTS["pq_train"]
     ext = build_scale.extrapolate([big, mid, shaped], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
     c = ext["costs"]
     assert c["graphs"] == pytest.approx(0.5 * COSTS["graphs"]) and c["refine"] == pytest.approx(0.5 * COSTS["refine"])
@@ -61,9 +65,32 @@ def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_l
     assert grown["plan"]["seconds"]["graphs"] == pytest.approx(ext["plan"]["seconds"]["graphs"] * ratio ** 0.1, rel=1e-3)
     # without a set of the target's shape, the graph phases come from the largest set
     only_384 = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
-    assert only_384["fitted_on"]["2,000,000 x 384"] == ["partition", "graphs", "merge", "refine", "pq", "write"]
+    assert only_384["fitted_on"]["2,000,000 x 384"] == ["graphs", "merge", "refine"]
     # a resumed run that built only some of its shard graphs did not time the phase
     big["shards"] = [{"skipped": True}, {"skipped": False}]
     resumed = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
     assert "graphs" in resumed["fitted_on"]["1,000,000 x 384"] and "graphs" not in resumed["fitted_on"]["2,000,000 x 384"]
     assert resumed["costs"]["graphs"] == pytest.approx(5.0 * COSTS["graphs"])
+
+
+def test_streaming_phases_fitted_on_two_sets_price_the_fixed_part_once():
+    """Two sets of the target's width whose streaming phases took 40 s of fixed work plus 2x
+    the plan per unit: the fitted cost per unit is 2x the default (not inflated by the fixed
+    part, as a single set's ratio would be), and a phase that does not grow keeps the rest."""
+    rows = []
+    for n in (200_000, 500_000):
+        r = _row(n, 1152, 64, 128, 72, speed=1.0)
+        planned = r["plan"]["seconds"]
+        for name, phases in (("partition", ("partition",)), ("pq", ("pq_train", "pq_encode")),
+                             ("corpus", ("corpus",)), ("write", ("write",))):
+            grows = [p for p in phases if p != "pq_train"]
+            r["seconds"][name] = 40.0 + 2.0 * sum(planned[p] for p in grows) + (
+                planned["pq_train"] if name == "pq" else 0.0)
+        rows.append(r)
+    ext = build_scale.extrapolate(rows, 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    c = ext["costs"]
+    for p in ("partition", "pq_encode", "corpus", "write"):
+        assert c[p] == pytest.approx(2.0 * COSTS[p], rel=1e-3), p
+    assert ext["fitted_on"]["200,000 x 1152 and 500,000 x 1152"] == ["corpus", "partition", "pq", "write"]
+    single = build_scale.extrapolate(rows[1:], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert single["costs"]["partition"] > 2.0 * COSTS["partition"]  # one set: the fixed part priced per vector

@@ -3,8 +3,6 @@ and the stages it shares with the in-process `build_index`."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +17,7 @@ from memescale.index.disk import ARRAYS_FILE, MAGIC_ARRAYS, read_small_file, unp
 from memescale.index.eval import recall_at_k
 from memescale.index.kernels import quantize_int8
 from memescale.index.merge import border_nodes, member_from_shards, merge_shard_graphs
-from memescale.index.vamana import VISIT_TABLE, refine_graph
+from memescale.index.vamana import VISIT_TABLE, navigation_codes, refine_graph
 from memescale.testing.sample_data import write_vector_shards
 
 pytestmark = pytest.mark.slow  # Ray jobs end to end
@@ -171,14 +169,10 @@ def test_refine_graph_is_deterministic_and_bounded():
 
     assert hits(out, deg) >= hits(nb, dg)
     # searches ranked by navigation codes (a merged graph whose vectors are not in RAM): the
-    # same at any thread count, the codes' file gone afterwards, and as good a refinement
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        codes = f"{tmp}/codes.npy"
-        c = refine_graph(x, nb, dg, start, L=16, seed=3, threads=1, progress=False, nav_dsub=2, work_codes=codes)
-        d = refine_graph(x, nb, dg, start, L=16, seed=3, threads=3, progress=False, nav_dsub=2, work_codes=codes)
-        assert not os.path.exists(codes)
+    # same at any thread count, and as good a refinement
+    nav = navigation_codes(x.astype(np.float16).view(np.uint16), 2, seed=0, threads=1)
+    c = refine_graph(x, nb, dg, start, L=16, seed=3, threads=1, progress=False, nav=nav)
+    d = refine_graph(x, nb, dg, start, L=16, seed=3, threads=3, progress=False, nav=nav)
     assert np.array_equal(c[0], d[0]) and np.array_equal(c[1], d[1]) and not np.array_equal(c[0], out)
     assert hits(*c) >= hits(nb, dg) and hits(*c) >= hits(out, deg) - 5
     # a subset (the border nodes): the others keep their lists but for reverse edges

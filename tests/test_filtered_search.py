@@ -180,9 +180,12 @@ def test_labels_read_column_wise_equal_the_row_by_row_labels():
         batch = pa.RecordBatch.from_pydict({**cols, "score": score})
         ids_a: dict[str, int] = {}
         ids_b: dict[str, int] = {}
-        got = batch_labels(batch, lambda s: ids_a.setdefault(s, len(ids_a)))
-        want = np.array([label_row(m, lambda s: ids_b.setdefault(s, len(ids_b))) for m in batch.to_pylist()],
-                        LABEL_DTYPE)
+
+        def numbering(ids: dict[str, int]):
+            return lambda s: ids.setdefault(s, len(ids))
+
+        got = batch_labels(batch, numbering(ids_a))
+        want = np.array([label_row(m, numbering(ids_b)) for m in batch.to_pylist()], LABEL_DTYPE)
         assert got is not None and ids_a == ids_b
         for field in LABEL_DTYPE.names:
             np.testing.assert_array_equal(got[field], want[field], err_msg=field)

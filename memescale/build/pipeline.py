@@ -57,10 +57,11 @@ class ShardResult:
     skipped: bool
 
 
-# A shard of at least this many members gets a fresh worker (its peak memory is its own
-# alone); smaller ones build in less time than a worker takes to start and import the
-# kernels, so they share workers.
-FRESH_WORKER_MIN_MEMBERS = 200_000
+# A shard of at least this many members gets a fresh worker: its peak memory is its own
+# alone (a reused worker keeps what earlier shards left in its heap: about 190 MiB after
+# 105k-member shards at 1152-d, past their declared memory). Smaller ones build in less time
+# than a worker takes to start and import the kernels, and leave little, so they share.
+FRESH_WORKER_MIN_MEMBERS = 20_000
 
 
 def _build_shard(graphs: str, partition: str, vectors_path: str, shard: int, graph: dict, threads: int,
@@ -234,9 +235,13 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         mp.start()
         neighbours, degrees, entry_points = stages.merge_shards(gp.dir, vectors, part, ic.R, ic.alpha, mp.dir)
         phase.done("merge")
+        # with construction codes, the refinement's searches rank by codes instead of rows read at random
+        nav = stages.graph_navigation_codes(vectors, ic.build_pq_bytes, ic.seed, mp.dir / "nav_codes.tmp.npy")
         refined, refine_L, refine_fraction = stages.refine_borders(
             vectors, (neighbours, degrees), part, ic.refine_L, ic.refine_fraction, ic.alpha, ic.seed,
-            mp.dir / "refine.tmp.npy", build_pq_bytes=ic.build_pq_bytes)
+            mp.dir / "refine.tmp.npy", nav=nav)
+        del nav
+        (mp.dir / "nav_codes.tmp.npy").unlink(missing_ok=True)
         neighbours.flush()
         degrees.flush()
         np.save(mp.dir / "entry_points.npy", entry_points)

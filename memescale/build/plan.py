@@ -202,15 +202,18 @@ def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, r
     """Rows of the index vectors (fp16, width dx) that the merge and the refinement fetch in
     no order the file's layout serves: the merge re-prunes each node's overlap x R candidates
     (each fetched once per node); the refinement's searches score (refine_L + R) x R rows per
-    refined node, or with navigation codes (build_pq_bytes > 0) read the rows of the nodes
-    they expand and prune, about refine_L + R. Their time (`seconds`) assumes the rows come from RAM; that holds while the
+    refined node, or with navigation codes (build_pq_bytes > 0; `codes_bytes` in all) read
+    the rows of the nodes they expand and prune, about refine_L + R. Their time (`seconds`) assumes the rows come from RAM; that holds while the
     vectors file (`vectors_bytes`) fits the page cache beside the build's memory. Past that,
     each read is a disk read of `disk_bytes_per_read` on average (the 4 KiB pages a row at
     any offset spans)."""
     refined = 0 if k <= 1 or refine_L <= 0 else int(refine_fraction * n)
     row = 2 * dx
-    return {"merge_rows": n * (overlap if k > 1 else 1) * R + n if k > 1 else 0,
-            "refine_rows": refined * (refine_L + R) * (1 if build_pq_bytes > 0 else R), "row_bytes": row,
+    codes = build_pq_bytes > 0
+    code_bytes = -(-dx // -(-dx // min(dx, build_pq_bytes))) if codes else 0
+    return {"merge_rows": n * overlap * R if k > 1 else 0,
+            "refine_rows": refined * (refine_L + R) * (1 if codes else R), "row_bytes": row,
+            "codes_bytes": n * code_bytes,
             "disk_bytes_per_read": 4095 + row, "vectors_bytes": n * row}
 
 
@@ -454,7 +457,9 @@ def format_plan(plan: BuildPlan) -> str:
         reads = rr["merge_rows"] + rr["refine_rows"]
         rows.append(("random reads", f"{reads / 1e9:,.1f} G rows of {_fmt_bytes(rr['row_bytes'])} (merge "
                                      f"{rr['merge_rows'] / 1e9:,.1f} G, refine {rr['refine_rows'] / 1e9:,.1f} G) "
-                                     f"in {_fmt_bytes(rr['vectors_bytes'])} of index vectors: the time above "
+                                     f"in {_fmt_bytes(rr['vectors_bytes'])} of index vectors"
+                                     + (f" (navigation codes: {_fmt_bytes(rr['codes_bytes'])})" if rr.get("codes_bytes")
+                                        else "") + ": the time above "
                                      f"holds while these fit the page cache; past it, "
                                      f"{_fmt_bytes(reads * rr['disk_bytes_per_read'])} of disk reads"))
     width = max(len(k) for k, _ in rows)

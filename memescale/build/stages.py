@@ -37,7 +37,7 @@ from memescale.build.fingerprint import Phase
 from memescale.config import ModelConfig
 from memescale.index.build import IndexParams, check_build_inputs, train_codec, write_built_index
 from memescale.index.disk import MetadataSource, WriteStats
-from memescale.index.kernels import int8_scale, int8_stride, quantize_int8
+from memescale.index.kernels import as_fp16, int8_scale, int8_stride, quantize_int8
 from memescale.index.merge import border_nodes, merge_shard_files
 from memescale.index.partition import (
     DiskPartition,
@@ -49,7 +49,14 @@ from memescale.index.partition import (
     single_shard_partition,
 )
 from memescale.index.pq import PQCodec
-from memescale.index.vamana import build_vamana, find_medoid, nav_dsub_for, navigation_scratch_bytes, refine_graph
+from memescale.index.vamana import (
+    build_vamana,
+    find_medoid,
+    nav_dsub_for,
+    navigation_codes,
+    navigation_scratch_bytes,
+    refine_graph,
+)
 from memescale.index.weighting import SOURCE_KEYS, Weighting, fit_weighting
 from memescale.shards.corpus import Corpus, RowDicts, collect_corpus
 
@@ -301,6 +308,21 @@ def build_shard_graph(graphs: str | Path, partition: str | Path, vectors_path: s
     return len(ids)
 
 
+def graph_navigation_codes(vectors: np.ndarray, build_pq_bytes: int, seed: int, path: str | Path,
+                           threads: int | None = None) -> tuple[np.ndarray, ...] | None:
+    """`vamana.navigation_codes` of all the (index) vectors, about `build_pq_bytes` bytes per
+    row, the codes memory-mapped at `path`, for the refinement's searches to rank by: in RAM
+    or the page cache they stand in for most of the rows a search would read at random.
+    None for build_pq_bytes <= 0 (the searches read the rows). Memory: the codes' file +
+    `navigation_scratch_bytes`."""
+    dsub = nav_dsub_for(vectors.shape[1], build_pq_bytes, len(vectors))
+    if not dsub:
+        return None
+    X = as_fp16(vectors).view(np.uint16)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(X), -(-X.shape[1] // dsub)))
+    return navigation_codes(X, dsub, seed, threads, out=out)
+
+
 def merge_shards(graphs: str | Path, vectors: np.ndarray, part: DiskPartition, R: int, alpha: float,
                  out: str | Path, threads: int | None = None) -> tuple[np.memmap, np.memmap, np.ndarray]:
     """Every shard graph in `graphs` merged over global ids and re-pruned to R
@@ -325,16 +347,15 @@ def merge_shards(graphs: str | Path, vectors: np.ndarray, part: DiskPartition, R
 
 def refine_borders(vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray], part: DiskPartition, refine_L: int,
                    fraction: float, alpha: float, seed: int, scratch: str | Path,
-                   threads: int | None = None, build_pq_bytes: int = 0) -> tuple[int, int, float]:
+                   threads: int | None = None, nav: tuple[np.ndarray, ...] | None = None) -> tuple[int, int, float]:
     """One more Vamana pass (`vamana.refine_graph`, search list size `refine_L`, from the
     medoid of all vectors) over the `fraction` of nodes nearest a shard border
     (`merge.border_nodes` from `part.member`): they gain the cross-shard edges no shard graph
     had. `graph` (neighbours, degrees: int32 memmaps) is updated in place; the pass's working
-    graph is the file `scratch` (deleted after). build_pq_bytes > 0: the searches rank by
-    navigation codes of that many bytes per row (`nav_dsub_for`, kept next to `scratch` and
-    deleted after), as the shard graphs' construction does: a search reads the rows of the
-    nodes it expands, not of every neighbour it scores. No pass with one shard, refine_L <= 0
-    or fraction <= 0. Memory: 8 B per vector + 16 B per refined node besides memmaps.
+    graph is the file `scratch` (deleted after). nav: `graph_navigation_codes` for the
+    searches to rank by, as the shard graphs' construction does: a search reads the rows of
+    the nodes it expands, not of every neighbour it scores. No pass with one shard,
+    refine_L <= 0 or fraction <= 0. Memory: 8 B per vector + 16 B per refined node besides memmaps.
 
     Returns (nodes refined, refine_L, fraction) as applied: (0, 0, 0.0) without a pass."""
     if part.k <= 1 or refine_L <= 0 or fraction <= 0:
@@ -344,9 +365,7 @@ def refine_borders(vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray], pa
     points = border_nodes(vectors, np.asarray(part.centroids), part.member, fraction, block=block)
     start = find_medoid(vectors, block=block_rows(2 * vectors.shape[1]))  # float64 rows
     refine_graph(vectors, neighbours, degrees, start, refine_L, alpha, seed=seed, threads=threads,
-                 overwrite=True, points=points, work_graph=scratch, block=block,
-                 nav_dsub=nav_dsub_for(vectors.shape[1], build_pq_bytes, len(vectors)),
-                 work_codes=Path(scratch).with_suffix(".codes.npy"))
+                 overwrite=True, points=points, work_graph=scratch, block=block, nav=nav)
     return len(points), refine_L, fraction
 
 

@@ -708,8 +708,7 @@ def refine_graph(
     points: np.ndarray | None = None,
     work_graph: str | os.PathLike | None = None,
     block: int = 65536,
-    nav_dsub: int = 0,
-    work_codes: str | os.PathLike | None = None,
+    nav: tuple[np.ndarray, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One more Vamana pass (Algorithm 3's second pass) over an existing graph: for every
     point (or every one of `points`), in a seeded random order and in batches as in
@@ -728,10 +727,10 @@ def refine_graph(
     written into the arrays passed in (neighbours int32 C-contiguous, e.g. a writable memmap,
     degrees int32), saving N * R * 4 bytes. work_graph: a file path for the (N, ceil(slack *
     R)) int32 working graph (memory-mapped there and deleted at the end) instead of memory.
-    nav_dsub > 0: the searches rank by `navigation_codes` of one byte per nav_dsub dimensions
-    (as `build_vamana`'s), kept in the file `work_codes` where given (deleted at the end):
-    a search then reads the full rows of the nodes it expands only, not of every neighbour it
-    scores, which matters where the vectors do not fit in RAM.
+    nav: `navigation_codes(vectors)` (codes, cb_t, cnorm; the codes may be a memmap) for the
+    searches to rank by, as `build_vamana`'s: a search then reads the full rows of the nodes
+    it expands only, not of every neighbour it scores, which matters where the vectors do not
+    fit in RAM.
     Time O(P * (L + R) * R * d) for P points. Memory besides vectors, the inputs and outputs:
     the working graph N * ceil(slack * R) * 4 bytes (none with work_graph) + norms and a
     degree copy 8 B/vector + 8 B per point + one batch's lists and reverse edges (at most
@@ -780,23 +779,16 @@ def refine_graph(
     tables, take_tags = _visit_sets(threads)
     out, out_deg = (nbrs, deg_in) if overwrite else (np.empty((N, R), np.int32), np.empty(N, np.int32))
 
-    if nav_dsub < 0 or (nav_dsub and N < PQ_K):
-        raise ValueError(f"nav_dsub must be >= 0, and 0 below {PQ_K} points (got {nav_dsub} for {N})")
+    if nav is not None and nav[0].shape[0] != N:
+        raise ValueError(f"nav codes have {nav[0].shape[0]} rows for {N} vectors")
     try:
         with ThreadPoolExecutor(threads) as pool:
             norms = vector_norms(X, threads, pool)
-            nav = None
-            if nav_dsub:
-                M = -(-X.shape[1] // nav_dsub)
-                codes = None if work_codes is None else np.lib.format.open_memmap(
-                    work_codes, mode="w+", dtype=np.uint8, shape=(N, M))
-                nav = navigation_codes(X, nav_dsub, seed, threads, pool, out=codes)
             batches = _batches(pts.size, max_batch, grow=False)
             log.info("vamana refinement pass (L=%d, alpha=%.3f%s): %d of %d points in %d batches", L, alpha,
                      f", navigation codes of {nav[0].shape[1]} B" if nav else "", pts.size, N, len(batches))
             _vamana_pass(pool, threads, X, norms, graph, deg, int(start), order, batches, int(L), float(alpha), R,
                          tables, take_tags, "vamana refinement", progress, nav)
-            del nav
             for lo in range(0, N, block):
                 hi = min(N, lo + block)
                 prune_rows(X, norms, graph[lo:hi], deg[lo:hi], lo, R, alpha, out[lo:hi], out_deg[lo:hi], threads, pool)
@@ -804,6 +796,4 @@ def refine_graph(
         if work_graph is not None:
             del graph
             os.remove(work_graph)
-        if work_codes is not None and os.path.exists(work_codes):
-            os.remove(work_codes)
     return out, out_deg
