@@ -218,7 +218,7 @@ GRAPH_SHAPED = ("graphs", "merge", "refine")  # phases whose cost per unit depen
 
 
 def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: int = 64, L: int = 128,
-                pq_bytes: int = 48, build_pq_bytes: int = 0, graph_growth: float = 1.0) -> dict:
+                pq_bytes: int = 48, build_pq_bytes: int = 0, graph_growth: float = 1.0, merge: str = "prune") -> dict:
     """The plan of an n x d build on `threads` cores within `budget`, priced with per-phase
     costs fitted on the measured sets (`plan.fitted_costs`: a phase's measured seconds over
     the seconds its own plan predicted), next to the plan's own default costs. Each phase is
@@ -237,7 +237,8 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     from memescale.config import parse_bytes
 
     def shape(s: dict) -> tuple:
-        return s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0)
+        return (s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0),
+                s.get("merge", "prune"))
 
     def timed_it(s: dict, name: str, phases: tuple[str, ...]) -> bool:
         """s timed the whole phase: measured, planned, not reused, and for the shard graphs
@@ -252,7 +253,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     for name, phases in MEASURED_PHASES.items():
         timed = [s for s in rows if timed_it(s, name, phases)]
         if name in GRAPH_SHAPED:
-            timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes)] or timed
+            timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes, merge)] or timed
         else:  # a row's width changes more than the units say (fp16 decode, the PQ transforms' d x D)
             timed = [s for s in timed if s["d"] == d] or timed
         if not timed:
@@ -268,7 +269,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
                 costs.update(slope)
                 refs[name] = [timed[-2], ref]
     kw = dict(R=R, L=L, overlap=2, pq_bytes=pq_bytes, budget_bytes=parse_bytes(budget, "budget"), threads=threads,
-              threads_per_task=threads, build_pq_bytes=build_pq_bytes)
+              threads_per_task=threads, build_pq_bytes=build_pq_bytes, merge=merge)
     default = plan_build(n, d, **kw)
     growth, ref_shard = 1.0, 0
     if "graphs" in refs:
@@ -287,7 +288,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             f"{default.seconds['total'] / 3600:.0f} h), peak RAM {fitted.peak_memory_bytes / 2**30:.1f} GiB "
             f"(driver {fitted.driver_memory_bytes / 2**30:.1f} GiB + {fitted.tasks_at_once} x "
             f"{fitted.task_memory_bytes / 2**30:.1f} GiB shard tasks), {fitted.shards} shards, R={R} L={L}, "
-            f"construction codes {build_pq_bytes} B. Costs fitted on "
+            f"construction codes {build_pq_bytes} B, merge {merge}. Costs fitted on "
             + "; ".join(f"the {k} build ({', '.join(v)})" for k, v in fits.items())
             + (f"; the shard graphs' cost per point x {growth:.2f} for shards of {default.shard_vectors:,} against "
                f"{ref_shard:,} points (points^{graph_growth})" if graph_growth != 1.0 and ref_shard else "")
@@ -295,7 +296,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             + ", ".join(f"{k} {v / 3600:.1f}" for k, v in fitted.seconds.items() if k != "total"))
     return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs,
             "fitted_on": fits, "graph_growth_factor": growth,
-            "fitted_shape": {"d": d, "R": R, "L": L, "build_pq_bytes": build_pq_bytes}}
+            "fitted_shape": {"d": d, "R": R, "L": L, "build_pq_bytes": build_pq_bytes, "merge": merge}}
 
 
 def _slope_costs(small: dict, big: dict, name: str, phases: tuple[str, ...]) -> dict[str, float] | None:
@@ -341,6 +342,7 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
         plan = s.get("plan", {})
         label = (f"{n:,} x {s['d']}, R={plan.get('R')} L={plan.get('L')}"
                  + (f", codes {s['build_pq_bytes']} B" if s.get("build_pq_bytes") else "")
+                 + (f", merge {s['merge']}" if s.get("merge", "prune") != "prune" else "")
                  + (f" (reused: {', '.join(s['reused'])})" if s.get("reused") else ""))
         lines.append(f"| {label} | {len(s.get('shards', []))} | {s.get('plan', {}).get('tasks_at_once', '')} | "
                      f"{_mib(drv)} ({drv / n:.1f}) | {_mib(tpeak)} / {_mib(tdecl)} | {s['scratch_bytes'] / 2**30:.2f} | "
@@ -350,11 +352,12 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
 
     target = load_config(a.target_config).index
     ext = extrapolate(rows, a.target_vectors, a.target_dim, a.target_budget, a.target_threads, target.R, target.L,
-                      target.pq_bytes, target.build_pq_bytes, a.graph_growth)
+                      target.pq_bytes, target.build_pq_bytes, a.graph_growth, target.merge)
     lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
               f"{a.target_budget}: " + ext["text"]]
-    def shape(s: dict) -> tuple:  # growth compares builds of one width, R, L and construction codes
-        return s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0)
+    def shape(s: dict) -> tuple:  # growth compares builds of one width, R, L, construction codes and merge
+        return (s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0),
+                s.get("merge", "prune"))
 
     same_d = sorted((s for s in rows if shape(s) == shape(rows[0]) and not s.get("reused")), key=lambda s: s["n"])
     if len(same_d) >= 2:

@@ -132,6 +132,11 @@ class IndexConfig:
     # number whose largest shard fits next to the driver). Set it to override the plan.
     shards: int = 0
     shard_overlap: int = 2
+    # How a sharded build merges each node's lists from its shards (memescale/index/merge.py):
+    # "prune" re-prunes their union with robust_prune, reading every candidate's row; "interleave"
+    # takes the lists' entries in turn, closest first, and reads no row (for vectors that do
+    # not fit in RAM; bench/README.md measures the difference).
+    merge: str = "prune"
     # A sharded build's refinement pass over the merged graph (memescale/build/stages.py): its
     # search list size (0: no pass) and the share of nodes, those nearest a shard border, it
     # re-searches.
@@ -256,6 +261,7 @@ def _check_type(path: str, value: Any, typ: Any) -> Any:
 # Fields that take one of a few names, checked whenever a value is set (file or override).
 # "cuda:N" stands for any indexed CUDA device (cuda:0, cuda:1, ...).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "index.merge": ("prune", "interleave"),
     "model.precision": ("fp32", "fp16"),
     "model.device": ("auto", "cpu", "cuda", "cuda:N"),
     "ingest.parquet_compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if shape:
-        ours = {"d": d, "R": cfg.index.R, "L": cfg.index.L, "build_pq_bytes": cfg.index.build_pq_bytes}
-        if any(shape.get(k) != v for k, v in ours.items()):
+        ours = {"d": d, "R": cfg.index.R, "L": cfg.index.L, "build_pq_bytes": cfg.index.build_pq_bytes,
+                "merge": cfg.index.merge}
+        if any(shape.get(k, "prune" if k == "merge" else None) != v for k, v in ours.items()):
             print(f"warning: the costs in {args.costs} were fitted for {shape}, this build is {ours}: the graph "
                   f"phases' estimate may be far off", file=sys.stderr)
     if args.plan_only:

@@ -205,3 +205,28 @@ def test_every_config_sets_a_build_memory():
     assert load_config(TINY).index.build_memory == GiB
     for name in ("gpu", "cpu", "cluster"):
         assert load_config(ROOT / "configs" / f"{name}.toml").index.build_memory >= 8 * GiB
+
+
+def test_the_plan_counts_the_rows_the_merge_and_refinement_read_at_random():
+    """At 230M x 1152 the index vectors (about 496 GiB) do not fit in RAM: the plan states the
+    rows the merge and the refinement fetch at random and prints them; an interleaved merge
+    reads none, a refinement on navigation codes R times fewer."""
+    n = 230_000_000
+    plain = plan_build(n, 1152, **BIG, budget_bytes=64 * GiB, threads_per_task=6)
+    rr = plain.random_reads
+    assert rr["merge_rows"] == n * 2 * 64 and rr["refine_rows"] == int(0.3 * n) * (32 + 64) * 64
+    assert rr["vectors_bytes"] == n * 1157 * 2 == plain.scratch["index_vectors"] and rr["row_bytes"] == 2314
+    text = format_plan(plain)
+    assert re.search(r"random reads\s+453\.\d G rows", text) and "TiB of disk reads" in text
+    fast = plan_build(n, 1152, **BIG, budget_bytes=64 * GiB, threads_per_task=6, build_pq_bytes=72,
+                      merge="interleave")
+    assert fast.random_reads["merge_rows"] == 0 and fast.random_reads["refine_rows"] == rr["refine_rows"] // 64
+    assert fast.random_reads["codes_bytes"] == n * 69  # 69 bytes of 17 dimensions at 1157
+    assert fast.seconds["merge"] < plain.seconds["merge"] / 100
+    one = plan_build(1_000_000, 384, **BIG, budget_bytes=64 * GiB, shards=1)
+    assert one.random_reads["merge_rows"] == one.random_reads["refine_rows"] == 0
+    assert "random reads" not in format_plan(one)
+    gpu = load_config(ROOT / "configs" / "gpu.toml")
+    assert gpu.index.merge == "interleave" and load_config(TINY).index.merge == "prune"
+    with pytest.raises(ConfigError, match="index.merge"):
+        load_config(TINY, ["index.merge=union"])

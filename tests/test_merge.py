@@ -229,3 +229,40 @@ def test_merge_and_border_nodes_memory_is_bounded(tmp_path):
     assert not (rows == np.arange(1000)[:, None]).any()
     points = np.load(tmp_path / "points.npy")
     assert points.size == n // 4 and (np.diff(points) > 0).all()
+
+
+def test_interleaved_merge_takes_the_shard_lists_in_turn_and_reads_no_vector(tmp_path):
+    """merge="interleave": each node's lists from its shards taken position by position
+    (first entries, then second entries, ...), without repeats or the node itself, up to R,
+    at any block size and thread count; the vectors are never read (a file of NaN rows here)."""
+    rng = np.random.default_rng(5)
+    n, d, k, R = 2000, 8, 4, 10
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    member = _random_member(rng, n, k)
+    shards = []
+    for s, ids in enumerate(_shard_ids(member, k)):
+        nb, dg, _ = build_vamana(x[ids], 8 if s % 2 else 10, 16, 1.2, seed=s, threads=1, progress=False)
+        shards.append((ids, nb, dg))
+    want = np.full((n, R), -1, np.int32)
+    want_deg = np.zeros(n, np.int32)
+    lists: dict[int, list[list[int]]] = {i: [] for i in range(n)}
+    for ids, nb, dg in shards:  # shards in increasing order, as each node's lists are laid out
+        for j, i in enumerate(ids.tolist()):
+            lists[i].append([int(ids[v]) for v in nb[j, :dg[j]]])
+    for i in range(n):
+        row: list[int] = []
+        for t in range(max((len(lst) for lst in lists[i]), default=0)):
+            for lst in lists[i]:
+                if t < len(lst) and lst[t] != i and lst[t] not in row and len(row) < R:
+                    row.append(lst[t])
+        want[i, :len(row)] = row
+        want_deg[i] = len(row)
+    nan_rows = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float16, (n, d))
+    nan_rows[:] = np.nan
+    for threads, block in ((1, n), (3, 333)):
+        out, deg = np.empty((n, R), np.int32), np.empty(n, np.int32)
+        merge_shard_files(nan_rows, member, shards, R, 1.2, out, deg, threads=threads, block=block, mode="interleave")
+        assert np.array_equal(out, want) and np.array_equal(deg, want_deg)
+    assert (want_deg[(member >= 0).sum(axis=1) == 2] == R).mean() > 0.9
+    with pytest.raises(ValueError, match="merge mode"):
+        merge_shard_files(nan_rows, member, shards, R, 1.2, out, deg, mode="union")

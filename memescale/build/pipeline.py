@@ -221,8 +221,9 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         gp.finish(shards=part.k)
     phase.done("graphs", reused)
 
+    merging = {"merge": ic.merge} if ic.merge != "prune" else {}  # "prune": as before the option existed
     mp = Phase(work, "graph", phase_fingerprint(gp.fingerprint, R=ic.R, alpha=ic.alpha, refine_L=ic.refine_L,
-                                                refine_fraction=ic.refine_fraction, seed=ic.seed))
+                                                refine_fraction=ic.refine_fraction, seed=ic.seed, **merging))
     if mp.is_complete():
         neighbours = np.load(mp.dir / "neighbours.npy", mmap_mode="r")
         degrees = np.load(mp.dir / "degrees.npy", mmap_mode="r")
@@ -233,7 +234,8 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         phase.done("refine", True)
     else:
         mp.start()
-        neighbours, degrees, entry_points = stages.merge_shards(gp.dir, vectors, part, ic.R, ic.alpha, mp.dir)
+        neighbours, degrees, entry_points = stages.merge_shards(gp.dir, vectors, part, ic.R, ic.alpha, mp.dir,
+                                                                mode=ic.merge)
         phase.done("merge")
         # with construction codes, the refinement's searches rank by codes instead of rows read at random
         nav = stages.graph_navigation_codes(vectors, ic.build_pq_bytes, ic.seed, mp.dir / "nav_codes.tmp.npy")
@@ -268,7 +270,7 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         "vectors": n, "dim": d, "weights": list(weighting.names), "plan": plan.to_dict(), "partition": report,
         "shards": [r.__dict__ for r in results],
         "refine_L": refine_L, "refine_fraction": refine_fraction, "refined_nodes": refined,
-        "build_pq_bytes": ic.build_pq_bytes, "mean_degree": deg_mean, "max_degree": deg_max,
+        "build_pq_bytes": ic.build_pq_bytes, "merge": ic.merge, "mean_degree": deg_mean, "max_degree": deg_max,
         "seconds": phase.with_total(), "reused": phase.reused,
         "driver_peak_rss_anon_by_phase": phase.peak_rss_anon,
         "bytes_written": ws.bytes_written,

@@ -198,10 +198,10 @@ def _fmt_bytes(b: float) -> str:
 
 
 def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, refine_fraction: float,
-                 build_pq_bytes: int = 0) -> dict[str, int]:
+                 build_pq_bytes: int = 0, merge: str = "prune") -> dict[str, int]:
     """Rows of the index vectors (fp16, width dx) that the merge and the refinement fetch in
     no order the file's layout serves: the merge re-prunes each node's overlap x R candidates
-    (each fetched once per node); the refinement's searches score (refine_L + R) x R rows per
+    (each fetched once per node; none with merge="interleave"); the refinement's searches score (refine_L + R) x R rows per
     refined node, or with navigation codes (build_pq_bytes > 0; `codes_bytes` in all) read
     the rows of the nodes they expand and prune, about refine_L + R. Their time (`seconds`) assumes the rows come from RAM; that holds while the
     vectors file (`vectors_bytes`) fits the page cache beside the build's memory. Past that,
@@ -211,14 +211,14 @@ def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, r
     row = 2 * dx
     codes = build_pq_bytes > 0
     code_bytes = -(-dx // -(-dx // min(dx, build_pq_bytes))) if codes else 0
-    return {"merge_rows": n * overlap * R if k > 1 else 0,
+    return {"merge_rows": n * overlap * R if k > 1 and merge == "prune" else 0,
             "refine_rows": refined * (refine_L + R) * (1 if codes else R), "row_bytes": row,
             "codes_bytes": n * code_bytes,
             "disk_bytes_per_read": 4095 + row, "vectors_bytes": n * row}
 
 
 def _units(n: int, dx: int, d: int, R: int, L: int, overlap: int, k: int, refine_L: int,
-           refine_fraction: float) -> dict[str, float]:
+           refine_fraction: float, merge: str = "prune") -> dict[str, float]:
     members = n if k <= 1 else overlap * n
     refined = 0.0 if k <= 1 or refine_L <= 0 else refine_fraction * n
     return {
@@ -226,7 +226,8 @@ def _units(n: int, dx: int, d: int, R: int, L: int, overlap: int, k: int, refine
         "weights": n * dx if dx > d else 0.0,
         "partition": n * k * dx if k > 1 else 0.0,
         "graphs": members * (L + R) * R * dx,
-        "merge": n * (overlap if k > 1 else 1) * R * R * dx,
+        # interleaving compares ids only: priced as a prune of one dimension
+        "merge": n * (overlap if k > 1 else 1) * R * R * (dx if merge == "prune" else 1),
         "refine": refined * (refine_L + R) * R * dx,
         "pq_train": min(n, PQ_TRAIN_ROWS) * 256 * dx * OPQ_ITERS,
         "pq_encode": n * 256 * dx,
@@ -236,7 +237,7 @@ def _units(n: int, dx: int, d: int, R: int, L: int, overlap: int, k: int, refine
 def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, budget_bytes: int | None,
                threads: int, threads_per_task: int = 1, shards: int | None = None,
                meta_bytes_per_row: int = META_BYTES_PER_ROW, extra_dims: int = len(WEIGHT_NAMES) + 1,
-               refine_L: int = 32, refine_fraction: float = 0.3, build_pq_bytes: int = 0,
+               refine_L: int = 32, refine_fraction: float = 0.3, build_pq_bytes: int = 0, merge: str = "prune",
                costs: dict[str, float] | None = None) -> BuildPlan:
     """The plan of a build of `n` vectors of the model's width `d` (the index stores
     d' = d + extra_dims: the weighting's columns, `len(WEIGHT_NAMES) + 1` at most, 0 without
@@ -247,6 +248,7 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
     of the node; threads_per_task: threads each shard task builds with.
     meta_bytes_per_row: the msgpack metadata size of one record (disk estimates).
     build_pq_bytes: the shard tasks' navigation codes (`index.build_pq_bytes`; their memory).
+    merge: `index.merge` ("prune" or "interleave": its time and random reads).
     costs: per-phase costs replacing `COSTS`' (e.g. `fitted_costs` of a measured build).
 
     Raises BuildPlanError when the driver plus one shard task cannot fit (the message names
@@ -321,7 +323,7 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
     index_disk["total"] = sum(index_disk.values())
 
     cost = {**COSTS, **(costs or {})}
-    units = _units(n, dx, d, R, L, overlap, k, refine_L, refine_fraction)
+    units = _units(n, dx, d, R, L, overlap, k, refine_L, refine_fraction, merge)
     seconds: dict[str, float] = {}
     for phase, u in units.items():
         if phase == "graphs":  # shards run in waves of at_once tasks, each on tpt threads
@@ -339,7 +341,7 @@ def plan_build(n: int, d: int, *, R: int, L: int, overlap: int, pq_bytes: int, b
                      peak_memory_bytes=max(driver, idle + int(at_once) * mem),
                      scratch=scratch, index_disk=index_disk, seconds={p: round(s, 3) for p, s in seconds.items()},
                      costs_source="given" if costs else "default",
-                     random_reads=random_reads(n, dx, R, overlap, k, refine_L, refine_fraction, build_pq_bytes))
+                     random_reads=random_reads(n, dx, R, overlap, k, refine_L, refine_fraction, build_pq_bytes, merge))
 
 
 # The build summary's phases (memescale.build.pipeline) -> the plan's phases they time.
@@ -371,7 +373,7 @@ def load_costs(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any
     fitted on the builds it measured, and the build shape they were fitted for). Costs are per
     unit of work, but a row's bytes, R, L and construction codes change them: they price best
     the shape they were fitted on. Returns (costs, that shape as {"d", "R", "L",
-    "build_pq_bytes"} or None where the file does not say). Raises ValueError naming what is
+    "build_pq_bytes", "merge"} or None where the file does not say). Raises ValueError naming what is
     wrong."""
     try:
         data = json.loads(Path(path).read_text())
@@ -414,7 +416,7 @@ def plan_for_config(cfg: Any, n: int, d: int, threads_per_task: int = 1, threads
                           shards=shards if shards is not None else (ic.shards or None),
                           extra_dims=len(WEIGHT_NAMES) + 1 if ic.weight_beta > 0 else 0,
                           refine_L=ic.refine_L, refine_fraction=ic.refine_fraction,
-                          build_pq_bytes=ic.build_pq_bytes, costs=costs)
+                          build_pq_bytes=ic.build_pq_bytes, merge=ic.merge, costs=costs)
 
     if threads_per_task > 0:
         return plan(threads_per_task)

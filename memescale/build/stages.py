@@ -324,9 +324,11 @@ def graph_navigation_codes(vectors: np.ndarray, build_pq_bytes: int, seed: int, 
 
 
 def merge_shards(graphs: str | Path, vectors: np.ndarray, part: DiskPartition, R: int, alpha: float,
-                 out: str | Path, threads: int | None = None) -> tuple[np.memmap, np.memmap, np.ndarray]:
-    """Every shard graph in `graphs` merged over global ids and re-pruned to R
-    (`merge.merge_shard_files`, blockwise over node ids, the shard lists memory-mapped) into
+                 out: str | Path, threads: int | None = None,
+                 mode: str = "prune") -> tuple[np.memmap, np.memmap, np.ndarray]:
+    """Every shard graph in `graphs` merged over global ids to R per node, re-pruned or
+    interleaved (`mode`; `merge.merge_shard_files`, blockwise over node ids, the shard lists
+    memory-mapped) into
     the folder `out`: neighbours.npy (N, R) int32 padded with -1 and degrees.npy (N,) int32.
 
     Returns (neighbours, degrees) as writable memmaps and the entry points: each shard's
@@ -340,7 +342,7 @@ def merge_shards(graphs: str | Path, vectors: np.ndarray, part: DiskPartition, R
         files = shard_files(graphs, s)
         shards.append((part.shard_ids(s), np.load(files["neighbours"], mmap_mode="r"),
                        np.load(files["degrees"], mmap_mode="r")))
-    merge_shard_files(vectors, part.member, shards, R, alpha, neighbours, degrees, threads=threads)
+    merge_shard_files(vectors, part.member, shards, R, alpha, neighbours, degrees, threads=threads, mode=mode)
     entry = np.array([shard_medoid(graphs, s) for s in range(part.k)], np.int64)
     return neighbours, degrees, entry
 

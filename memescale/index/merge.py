@@ -4,7 +4,11 @@ Each node sits in `overlap` shards (2), so it has that many out-lists. Its merge
 is their union over global ids (the lists laid out in increasing shard order), re-pruned to
 R by `vamana.prune_rows` (robust_prune with the build's alpha): cross-shard edges survive
 where they are useful, and no node keeps 2R neighbours. Time O(N * overlap * R * R * d)
-worst case.
+worst case, and every candidate's row is read, in no order the vectors file serves: where
+the vectors do not fit in RAM those are disk reads. mode="interleave" instead takes the
+lists' entries in turn (each list's first, then each list's second, ...; a shard's list is
+closest first where robust_prune wrote it), skipping repeats, up to R: no distance and no
+row read, O(N * overlap * R^2) comparisons of ids.
 
 `merge_shard_files` streams: it walks node-id blocks [lo, hi), reads each shard's rows for
 the block's nodes (a contiguous range of the shard's sorted ids) from memory-mapped files and
@@ -25,8 +29,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
-from .kernels import as_fp16, resolve_threads
+from .kernels import as_fp16, parallel_for, resolve_threads
 from .vamana import prune_rows, vector_norms
 
 ShardGraph = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids (n_s,) int64, neighbours (n_s, R_s), degrees (n_s,))
@@ -50,8 +55,9 @@ def member_from_shards(shards: Sequence[np.ndarray], n: int) -> np.ndarray:
 
 def _merge_block(X: np.ndarray, norms: np.ndarray, member: np.ndarray, shards: Sequence[ShardGraph],
                  width: int, lo: int, hi: int, R: int, alpha: float, out: np.ndarray, out_deg: np.ndarray,
-                 threads: int, pool: ThreadPoolExecutor) -> None:
-    """Merged, re-pruned rows of nodes [lo, hi) into out (hi - lo, R) and out_deg (hi - lo,)."""
+                 threads: int, pool: ThreadPoolExecutor, mode: str = "prune") -> None:
+    """Merged rows of nodes [lo, hi) (re-pruned, or interleaved: `mode`) into out (hi - lo, R)
+    and out_deg (hi - lo,)."""
     m = np.asarray(member[lo:hi])
     overlap = m.shape[1]
     lists = np.full((hi - lo, overlap * width), -1, np.int32)
@@ -72,12 +78,44 @@ def _merge_block(X: np.ndarray, norms: np.ndarray, member: np.ndarray, shards: S
         slot[rows] += 1
     if not np.array_equal(slot, (m >= 0).sum(axis=1)):
         raise ValueError(f"the member array names shards that do not hold nodes in [{lo}, {hi})")
+    if mode == "interleave":
+        parallel_for(lambda a, b: _interleave_rows(lists, width, overlap, lo, a, b, R, out, out_deg), hi - lo, threads,
+                     pool)
+        return
     counts = np.full(hi - lo, lists.shape[1], np.int32)
     prune_rows(X, norms, lists, counts, lo, R, alpha, out, out_deg, threads, pool)
 
 
+@njit(nogil=True, cache=True)
+def _interleave_rows(lists, width, overlap, row0, lo, hi, R, out, out_deg):
+    """For rows i in [lo, hi) (node row0 + i): the entries of its `overlap` lists of `width`
+    (lists[i, s * width:(s + 1) * width], -1 padded) taken in turn, position by position,
+    skipping -1, the node itself and repeats, up to R. Writes out[i] (-1 padded), out_deg[i]."""
+    for i in range(lo, hi):
+        j = row0 + i
+        deg = 0
+        for t in range(width):
+            for s in range(overlap):
+                u = lists[i, s * width + t]
+                if u < 0 or u == j or deg >= R:
+                    continue
+                seen = False
+                for q in range(deg):
+                    if out[i, q] == u:
+                        seen = True
+                        break
+                if not seen:
+                    out[i, deg] = u
+                    deg += 1
+        out[i, deg:] = -1
+        out_deg[i] = deg
+
+
 def _merge(vectors: np.ndarray, member: np.ndarray, shards: Sequence[ShardGraph], R: int, alpha: float,
-           neighbours_out: np.ndarray, degrees_out: np.ndarray, threads: int | None, block: int) -> None:
+           neighbours_out: np.ndarray, degrees_out: np.ndarray, threads: int | None, block: int,
+           mode: str = "prune") -> None:
+    if mode not in ("prune", "interleave"):
+        raise ValueError(f"merge mode must be 'prune' or 'interleave', got {mode!r}")
     X = as_fp16(vectors).view(np.uint16)  # a view of an fp16 memmap: no copy
     n = X.shape[0]
     if member.shape[0] != n or neighbours_out.shape != (n, R) or degrees_out.shape != (n,):
@@ -91,18 +129,18 @@ def _merge(vectors: np.ndarray, member: np.ndarray, shards: Sequence[ShardGraph]
     threads = resolve_threads(threads)
     block = max(1, int(block))
     with ThreadPoolExecutor(threads) as pool:
-        norms = vector_norms(X, threads, pool)
+        norms = vector_norms(X, threads, pool) if mode == "prune" else np.zeros(0, np.float32)
         for lo in range(0, n, block):
             hi = min(n, lo + block)
             # plain-ndarray views of the output rows (memmap slices write through to the file)
             out = np.asarray(neighbours_out[lo:hi])
             out_deg = np.asarray(degrees_out[lo:hi])
-            _merge_block(X, norms, member, shards, width, lo, hi, R, alpha, out, out_deg, threads, pool)
+            _merge_block(X, norms, member, shards, width, lo, hi, R, alpha, out, out_deg, threads, pool, mode)
 
 
 def merge_shard_files(vectors: np.ndarray, member: np.ndarray, shards: Sequence[ShardGraph], R: int, alpha: float,
                       neighbours_out: np.ndarray, degrees_out: np.ndarray, threads: int | None = None,
-                      block: int = 65536) -> None:
+                      block: int = 65536, mode: str = "prune") -> None:
     """Merge shard graphs kept on disk into `neighbours_out` and `degrees_out`, blockwise.
 
     vectors: (N, d) float16 (a memmap; float32 is converted, a copy); member: (N, overlap)
@@ -118,9 +156,10 @@ def merge_shard_files(vectors: np.ndarray, member: np.ndarray, shards: Sequence[
     Over node-id blocks [lo, hi) of `block` nodes: each shard's rows for the block are the
     contiguous range of its ids in [lo, hi) (two binary searches). Time O(N * overlap * R *
     R * d) worst case; memory 4 B/vector (norms) plus O(block * overlap * max R_s);
-    vectors, graphs and ids are read through the page cache.
+    vectors, graphs and ids are read through the page cache. mode: "prune" or "interleave"
+    (module doc; the latter reads no vector and needs no norms).
     """
-    _merge(vectors, member, shards, R, alpha, neighbours_out, degrees_out, threads, block)
+    _merge(vectors, member, shards, R, alpha, neighbours_out, degrees_out, threads, block, mode)
 
 
 def merge_shard_graphs(vectors: np.ndarray, shards: Sequence[ShardGraph], R: int, alpha: float,
