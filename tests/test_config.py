@@ -18,6 +18,7 @@ BAD = {
     "ingest.parquet_compression": "zip",
     "serve.index_io": "o_direct",
     "serve.log_level": "info",
+    "index.merge": "union",
 }
 
 
