@@ -249,11 +249,15 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             return False
         return name != "graphs" or not any(sh.get("skipped") for sh in s.get("shards", []))
 
-    costs, refs = dict(COSTS), {}
+    costs, refs, off_shape = dict(COSTS), {}, []
     for name, phases in MEASURED_PHASES.items():
         timed = [s for s in rows if timed_it(s, name, phases)]
-        if name in GRAPH_SHAPED:
-            timed = [s for s in timed if shape(s) == (d, R, L, build_pq_bytes, merge)] or timed
+        if name in GRAPH_SHAPED:  # the shard graphs do not depend on the merge; what follows them does
+            want = (d, R, L, build_pq_bytes) + ((merge,) if name != "graphs" else ())
+            shaped = [s for s in timed if shape(s)[:len(want)] == want]
+            if timed and not shaped:
+                off_shape.append(name)
+            timed = shaped or timed
         else:  # a row's width changes more than the units say (fp16 decode, the PQ transforms' d x D)
             timed = [s for s in timed if s["d"] == d] or timed
         if not timed:
@@ -292,10 +296,12 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
             + "; ".join(f"the {k} build ({', '.join(v)})" for k, v in fits.items())
             + (f"; the shard graphs' cost per point x {growth:.2f} for shards of {default.shard_vectors:,} against "
                f"{ref_shard:,} points (points^{graph_growth})" if graph_growth != 1.0 and ref_shard else "")
+            + (f". NOT AT THE TARGET'S SHAPE: {', '.join(off_shape)} priced from a build of another d, R, L, "
+               f"codes or merge" if off_shape else "")
             + ". Hours per phase: "
             + ", ".join(f"{k} {v / 3600:.1f}" for k, v in fitted.seconds.items() if k != "total"))
     return {"text": text, "plan": fitted.to_dict(), "default_costs_plan": default.to_dict(), "costs": costs,
-            "fitted_on": fits, "graph_growth_factor": growth,
+            "fitted_on": fits, "off_shape": off_shape, "graph_growth_factor": growth,
             "fitted_shape": {"d": d, "R": R, "L": L, "build_pq_bytes": build_pq_bytes, "merge": merge}}
 
 

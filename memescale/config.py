@@ -133,9 +133,9 @@ class IndexConfig:
     shards: int = 0
     shard_overlap: int = 2
     # How a sharded build merges each node's lists from its shards (memescale/index/merge.py):
-    # "prune" re-prunes their union with robust_prune, reading every candidate's row; "interleave"
-    # takes the lists' entries in turn, closest first, and reads no row (for vectors that do
-    # not fit in RAM; bench/README.md measures the difference).
+    # "prune" re-prunes their union with robust_prune, reading every candidate's row;
+    # "interleave" takes the lists' entries in turn (robust_prune's choices first) and reads no
+    # row (for vectors that do not fit in RAM; bench/README.md measures the difference).
     merge: str = "prune"
     # A sharded build's refinement pass over the merged graph (memescale/build/stages.py): its
     # search list size (0: no pass) and the share of nodes, those nearest a shard border, it

@@ -66,6 +66,12 @@ def test_graph_phases_come_from_the_target_shape_and_streaming_phases_from_the_l
     # without a set of the target's shape, the graph phases come from the largest set
     only_384 = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
     assert only_384["fitted_on"]["2,000,000 x 384"] == ["graphs", "merge", "refine"]
+    assert only_384["off_shape"] == ["graphs", "merge", "refine"] and "NOT AT THE TARGET'S SHAPE" in only_384["text"]
+    assert ext["off_shape"] == []
+    # a rerun with another merge: the shard graphs still match the target, the merge does not
+    other = dict(shaped, merge="interleave")
+    mixed = build_scale.extrapolate([big, mid, other], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)
+    assert mixed["off_shape"] == ["merge", "refine"] and "graphs" in mixed["fitted_on"]["200,000 x 1152"]
     # a resumed run that built only some of its shard graphs did not time the phase
     big["shards"] = [{"skipped": True}, {"skipped": False}]
     resumed = build_scale.extrapolate([big, mid], 230_000_000, 1152, "64GiB", 6, 64, 128, 64, 72)

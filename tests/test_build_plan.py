@@ -217,7 +217,8 @@ def test_the_plan_counts_the_rows_the_merge_and_refinement_read_at_random():
     assert rr["merge_rows"] == n * 2 * 64 and rr["refine_rows"] == int(0.3 * n) * (32 + 64) * 64
     assert rr["vectors_bytes"] == n * 1157 * 2 == plain.scratch["index_vectors"] and rr["row_bytes"] == 2314
     text = format_plan(plain)
-    assert re.search(r"random reads\s+453\.\d G rows", text) and "TiB of disk reads" in text
+    assert rr["refine_prune_rows"] == n * 84  # every list overfilled once, ceil(1.3 * 64) rows each
+    assert re.search(r"random reads\s+up to 472\.\d G rows", text) and "TiB of disk reads" in text
     fast = plan_build(n, 1152, **BIG, budget_bytes=64 * GiB, threads_per_task=6, build_pq_bytes=72,
                       merge="interleave")
     assert fast.random_reads["merge_rows"] == 0 and fast.random_reads["refine_rows"] == rr["refine_rows"] // 64

@@ -189,4 +189,8 @@ def test_labels_read_column_wise_equal_the_row_by_row_labels():
         assert got is not None and ids_a == ids_b
         for field in LABEL_DTYPE.names:
             np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+    odd = pa.RecordBatch.from_pydict({"score": pa.array([1e19, -1e19, 5.5, None]),
+                                      "over_18": pa.array([1.0, 0.0, None, 1.0], pa.float16())})
+    want = np.array([label_row(m, numbering({})) for m in odd.to_pylist()], LABEL_DTYPE)
+    assert np.array_equal(batch_labels(odd, numbering({})), want)
     assert batch_labels(pa.RecordBatch.from_pydict({"score": pa.array(["12"])}), lambda s: 0) is None  # row by row

@@ -396,7 +396,8 @@ def test_image_ids_read_column_wise_equal_the_row_by_row_ids():
     for col in (pa.array([5, None, -1, 0, 2**63 - 1], pa.int64()),
                 pa.array([5, None, 2**63, 2**64 - 1, 0], pa.uint64()),
                 pa.array(["5", None, "x", "1", ""], pa.string()),
-                pa.array([1.0, None, 2.0, 3.5, 0.0], pa.float64())):
+                pa.array([1.0, None, 2.0, 3.5, 0.0], pa.float64()),
+                pa.array([1, None, 2**62, 1, -3], pa.int64()).dictionary_encode()):
         batch = pa.RecordBatch.from_pydict({"image_id": col})
         want = np.array([_image_id(m) for m in batch.to_pylist()], np.int64)
         np.testing.assert_array_equal(_batch_image_ids(batch), want, err_msg=str(col.type))

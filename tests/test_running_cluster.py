@@ -54,7 +54,7 @@ def _blocking_head(tmp: Path, env: dict) -> tuple[subprocess.Popen, dict]:
                              "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + 180  # a dashboard head starts slowly beside a busy suite
+    deadline = time.monotonic() + 120  # a dashboard head starts slowly beside a busy suite
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2)
@@ -70,13 +70,15 @@ def _blocking_head(tmp: Path, env: dict) -> tuple[subprocess.Popen, dict]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(5)  # a blocking `ray start` lingers for half a minute on SIGTERM; its processes are disposable
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+        try:  # a blocking `ray start` lingers for half a minute on SIGTERM; its processes are disposable
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,12 @@ def head():
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_metrics_report_interval_ms": "500"}
+    proc = None
     try:
         try:
             proc, info = _blocking_head(tmp, env)
         except RuntimeError as first:  # a port taken between free_port() and Ray's bind: once more
+            kill_ray_processes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
@@ -96,8 +100,9 @@ def head():
             except RuntimeError as second:
                 pytest.fail(f"{first}\n--- second try ---\n{second}")
         yield info
-        _stop(proc)
     finally:
+        if proc is not None:
+            _stop(proc)
         kill_ray_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -203,7 +203,10 @@ def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, r
     no order the file's layout serves: the merge re-prunes each node's overlap x R candidates
     (each fetched once per node; none with merge="interleave"); the refinement's searches score (refine_L + R) x R rows per
     refined node, or with navigation codes (build_pq_bytes > 0; `codes_bytes` in all) read
-    the rows of the nodes they expand and prune, about refine_L + R. Their time (`seconds`) assumes the rows come from RAM; that holds while the
+    the rows of the nodes they expand and prune, about refine_L + R; and the refinement's
+    prunes of lists its reverse edges overfill (`refine_prune_rows`, an upper bound: each of
+    the refined nodes' R new reverse edges lands on a different full list, whose ceil(1.3 R)
+    candidates are read). Their time (`seconds`) assumes the rows come from RAM; that holds while the
     vectors file (`vectors_bytes`) fits the page cache beside the build's memory. Past that,
     each read is a disk read of `disk_bytes_per_read` on average (the 4 KiB pages a row at
     any offset spans)."""
@@ -212,7 +215,8 @@ def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, r
     codes = build_pq_bytes > 0
     code_bytes = -(-dx // -(-dx // min(dx, build_pq_bytes))) if codes else 0
     return {"merge_rows": n * overlap * R if k > 1 and merge == "prune" else 0,
-            "refine_rows": refined * (refine_L + R) * (1 if codes else R), "row_bytes": row,
+            "refine_rows": refined * (refine_L + R) * (1 if codes else R),
+            "refine_prune_rows": min(n, refined * R) * math.ceil(1.3 * R) if refined else 0, "row_bytes": row,
             "codes_bytes": n * code_bytes,
             "disk_bytes_per_read": 4095 + row, "vectors_bytes": n * row}
 
@@ -456,9 +460,10 @@ def format_plan(plan: BuildPlan) -> str:
     ]
     rr = plan.random_reads
     if rr.get("merge_rows") or rr.get("refine_rows"):
-        reads = rr["merge_rows"] + rr["refine_rows"]
-        rows.append(("random reads", f"{reads / 1e9:,.1f} G rows of {_fmt_bytes(rr['row_bytes'])} (merge "
-                                     f"{rr['merge_rows'] / 1e9:,.1f} G, refine {rr['refine_rows'] / 1e9:,.1f} G) "
+        reads = rr["merge_rows"] + rr["refine_rows"] + rr["refine_prune_rows"]
+        rows.append(("random reads", f"up to {reads / 1e9:,.1f} G rows of {_fmt_bytes(rr['row_bytes'])} (merge "
+                                     f"{rr['merge_rows'] / 1e9:,.1f} G, refinement searches "
+                                     f"{rr['refine_rows'] / 1e9:,.1f} G and prunes {rr['refine_prune_rows'] / 1e9:,.1f} G) "
                                      f"in {_fmt_bytes(rr['vectors_bytes'])} of index vectors"
                                      + (f" (navigation codes: {_fmt_bytes(rr['codes_bytes'])})" if rr.get("codes_bytes")
                                         else "") + ": the time above "

@@ -471,9 +471,11 @@ def _row_blocks(metadata: MetadataSource, n: int) -> Iterator[tuple[list, pa.Rec
 def _batch_image_ids(batch: pa.RecordBatch) -> np.ndarray:
     """`_image_id` of every row of a RecordBatch, column-wise: (n,) int64."""
     n = batch.num_rows
-    if "image_id" not in batch.schema.names or not pa.types.is_integer(batch.column("image_id").type):
+    col = batch.column("image_id") if "image_id" in batch.schema.names else None
+    if col is not None and pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col is None or not pa.types.is_integer(col.type):
         return np.full(n, -1, np.int64)  # a dict's value would not be an int either
-    col = batch.column("image_id")
     v = col.fill_null(0).to_numpy(zero_copy_only=False)
     ok = v < np.uint64(2**63) if v.dtype == np.uint64 else v >= 0
     if col.null_count:

@@ -111,8 +111,9 @@ _MONTH0 = (MONTH0_YEAR - 1970) * 12  # 2005-01 in months since 1970-01
 
 def _ints(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """(values int64, valid bool) of an Arrow column as `as_int` reads each value (integers;
-    floats truncated when finite; null, bool and non-finite not valid); None for a type read
-    row by row (strings: numeric text)."""
+    floats truncated when finite; null, bool and non-finite not valid; values past 2^62 are
+    clipped there, beyond every bound they are compared with); None for a type read row by
+    row (strings: numeric text, dictionaries)."""
     import pyarrow as pa
 
     t = col.type
@@ -126,8 +127,8 @@ def _ints(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
         return v.astype(np.int64), valid
     if pa.types.is_floating(t):
         v = col.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
-        valid = np.isfinite(v) & (np.abs(v) < 2.0**63)
-        return np.where(valid, np.trunc(np.where(valid, v, 0.0)), 0).astype(np.int64), valid
+        valid = np.isfinite(v)  # past int64: clipped, as large as any bound here
+        return np.clip(np.trunc(np.where(valid, v, 0.0)), -(2.0**62), 2.0**62).astype(np.int64), valid
     return None
 
 
@@ -142,7 +143,8 @@ def _truthy_column(col: Any) -> np.ndarray | None:
     if pa.types.is_boolean(t):
         return col.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return pc.fill_null(pc.equal(col, 1), False).to_numpy(zero_copy_only=False).astype(bool)
+        v = col.fill_null(0).to_numpy(zero_copy_only=False)
+        return np.asarray(v == 1, bool)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         low = pc.utf8_lower(col)
         return pc.fill_null(pc.is_in(low, value_set=pa.array(["true", "1", "yes"])), False).to_numpy(
@@ -152,7 +154,7 @@ def _truthy_column(col: Any) -> np.ndarray | None:
 
 def batch_labels(batch: Any, sub_id) -> np.ndarray | None:
     """The `label_row` of every row of an Arrow RecordBatch (n,) LABEL_DTYPE, column-wise:
-    no Python object per row, one `sub_id` call per distinct subreddit name. None when a
+    no Python object per row, one `sub_id` call per distinct subreddit string. None when a
     column has a type this reads row by row (the caller falls back to `label_row`)."""
     import pyarrow as pa
 

@@ -7,8 +7,8 @@ where they are useful, and no node keeps 2R neighbours. Time O(N * overlap * R *
 worst case, and every candidate's row is read, in no order the vectors file serves: where
 the vectors do not fit in RAM those are disk reads. mode="interleave" instead takes the
 lists' entries in turn (each list's first, then each list's second, ...; a shard's list is
-closest first where robust_prune wrote it), skipping repeats, up to R: no distance and no
-row read, O(N * overlap * R^2) comparisons of ids.
+robust_prune's choice, closest first, then any reverse edges it gained), skipping repeats,
+up to R: no distance and no row read, O(N * overlap * R^2) comparisons of ids.
 
 `merge_shard_files` streams: it walks node-id blocks [lo, hi), reads each shard's rows for
 the block's nodes (a contiguous range of the shard's sorted ids) from memory-mapped files and
@@ -116,7 +116,8 @@ def _merge(vectors: np.ndarray, member: np.ndarray, shards: Sequence[ShardGraph]
            mode: str = "prune") -> None:
     if mode not in ("prune", "interleave"):
         raise ValueError(f"merge mode must be 'prune' or 'interleave', got {mode!r}")
-    X = as_fp16(vectors).view(np.uint16)  # a view of an fp16 memmap: no copy
+    # a view of an fp16 memmap, no copy; interleaving reads no vector at all
+    X = as_fp16(vectors).view(np.uint16) if mode == "prune" else np.empty((len(vectors), 0), np.uint16)
     n = X.shape[0]
     if member.shape[0] != n or neighbours_out.shape != (n, R) or degrees_out.shape != (n,):
         raise ValueError("member, neighbours_out and degrees_out must have one row per vector (R columns)")

@@ -134,13 +134,14 @@ def adc_score(table, code):
 
 
 SCORE_AWARE_ROWS = 64  # rows per `_score_aware` call: its y.c and z.c products as two GEMMs
+_BIG = np.float32(np.finfo(np.float32).max)  # "no candidate": finite, as fastmath assumes
 
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _min8(x):
     """min(x) for len(x) a multiple of 8, on eight independent running minima (one chain
     would wait on each compare's latency)."""
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(np.inf)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _BIG
     for t in range(0, len(x), 8):
         m0 = min(m0, x[t])
         m1 = min(m1, x[t + 1])
@@ -180,7 +181,7 @@ def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
                 loss[t] = cn[t] - np.float32(2.0) * a[t]
             mn = _min8(loss)
             best = 0
-            while loss[best] != mn:
+            while best < k - 1 and loss[best] != mn:  # bounded: a NaN row matches nothing
                 best += 1
             codes[i, m] = best
         rr = np.float32(0.0)
@@ -204,7 +205,6 @@ def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
                     yy += Y[i, o + j] * Y[i, o + j]
                     yz += Y[i, o + j] * Z[i, o + j]
                 cur = codes[i, m]
-                best_loss = rr + w * rz * rz
                 base = rr - rm2 + yy
                 base_z = rz - rmz + yz
                 cn = cnorm[m]
@@ -213,9 +213,10 @@ def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
                 for t in range(k):
                     nz = base_z - b[t]
                     loss[t] = base - np.float32(2.0) * a[t] + cn[t] + w * nz * nz
-                loss[cur] = np.inf
+                cur_loss = loss[cur]  # the same expanded form as its rivals', so a tie never switches
+                loss[cur] = _BIG
                 mn = _min8(loss)
-                if mn < best_loss:  # the first centroid at the minimum (never cur: its loss is inf)
+                if mn < cur_loss:  # the first centroid at the minimum (not cur: its loss is _BIG)
                     best = 0
                     while loss[best] != mn:
                         best += 1
@@ -240,6 +241,8 @@ def score_aware_codes(Y: np.ndarray, Z: np.ndarray, centroids: np.ndarray, eta: 
     O(n * sweeps * K * M)."""
     n = len(Y)
     M, k, dsub = centroids.shape
+    if k % 8:
+        raise ValueError(f"score-aware codes need a multiple of 8 centroids per subspace, got {k}")
     cent = np.ascontiguousarray(centroids, np.float32)
     cb_t = np.ascontiguousarray(cent.transpose(0, 2, 1))
     cnorm = np.einsum("mkj,mkj->mk", cent, cent).astype(np.float32)

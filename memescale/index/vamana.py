@@ -758,6 +758,8 @@ def refine_graph(
         if not (check[1:] > check[:-1]).all():
             raise ValueError("points must be distinct node ids in [0, N)")
         del check
+    if nav is not None and (nav[0].shape[0] != N or nav[0].shape[1] != nav[1].shape[0]):
+        raise ValueError(f"nav codes of shape {nav[0].shape} for {N} vectors and {nav[1].shape[0]} codebooks")
     if overwrite and not (nbrs.dtype == np.int32 and nbrs.flags.c_contiguous and deg_in.dtype == np.int32):
         raise ValueError("overwrite needs int32 C-contiguous neighbours and int32 degrees")
     X = X16.view(np.uint16)
@@ -779,8 +781,6 @@ def refine_graph(
     tables, take_tags = _visit_sets(threads)
     out, out_deg = (nbrs, deg_in) if overwrite else (np.empty((N, R), np.int32), np.empty(N, np.int32))
 
-    if nav is not None and nav[0].shape[0] != N:
-        raise ValueError(f"nav codes have {nav[0].shape[0]} rows for {N} vectors")
     try:
         with ThreadPoolExecutor(threads) as pool:
             norms = vector_norms(X, threads, pool)
