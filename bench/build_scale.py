@@ -214,6 +214,13 @@ def previous_sets() -> list[dict]:
     return list(old["sets"] if isinstance(old, dict) else old)
 
 
+def _shape(s: dict) -> tuple:
+    """A measured build's (d, R, L, construction code bytes, merge): what changes a graph
+    phase's cost per unit."""
+    return (s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0),
+            s.get("merge", "prune"))
+
+
 GRAPH_SHAPED = ("graphs", "merge", "refine")  # phases whose cost per unit depends on d, R and L beyond the units
 
 
@@ -236,10 +243,6 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
     from memescale.build.plan import COSTS, MEASURED_PHASES, fitted_costs, plan_build
     from memescale.config import parse_bytes
 
-    def shape(s: dict) -> tuple:
-        return (s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0),
-                s.get("merge", "prune"))
-
     def timed_it(s: dict, name: str, phases: tuple[str, ...]) -> bool:
         """s timed the whole phase: measured, planned, not reused, and for the shard graphs
         none skipped (a resumed run rebuilds only the graphs an interruption lost)."""
@@ -254,7 +257,7 @@ def extrapolate(rows: list[dict], n: int, d: int, budget: str, threads: int, R: 
         timed = [s for s in rows if timed_it(s, name, phases)]
         if name in GRAPH_SHAPED:  # the shard graphs do not depend on the merge; what follows them does
             want = (d, R, L, build_pq_bytes) + ((merge,) if name != "graphs" else ())
-            shaped = [s for s in timed if shape(s)[:len(want)] == want]
+            shaped = [s for s in timed if _shape(s)[:len(want)] == want]
             if timed and not shaped:
                 off_shape.append(name)
             timed = shaped or timed
@@ -361,11 +364,8 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
                       target.pq_bytes, target.build_pq_bytes, a.graph_growth, target.merge)
     lines += ["", f"Extrapolated to {a.target_vectors:,} x {a.target_dim} on {a.target_threads} cores, "
               f"{a.target_budget}: " + ext["text"]]
-    def shape(s: dict) -> tuple:  # growth compares builds of one width, R, L, construction codes and merge
-        return (s["d"], s.get("plan", {}).get("R"), s.get("plan", {}).get("L"), s.get("build_pq_bytes", 0),
-                s.get("merge", "prune"))
-
-    same_d = sorted((s for s in rows if shape(s) == shape(rows[0]) and not s.get("reused")), key=lambda s: s["n"])
+    # growth compares builds of one shape
+    same_d = sorted((s for s in rows if _shape(s) == _shape(rows[0]) and not s.get("reused")), key=lambda s: s["n"])
     if len(same_d) >= 2:
         lo, hi = same_d[0], same_d[-1]
         b = math.log(hi["wall_seconds"] / lo["wall_seconds"]) / math.log(hi["n"] / lo["n"])

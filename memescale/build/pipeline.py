@@ -239,13 +239,13 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
         phase.done("merge")
         # with construction codes, the refinement's searches rank by codes instead of rows read at random
         refines = part.k > 1 and ic.refine_L > 0 and ic.refine_fraction > 0
-        nav = (stages.graph_navigation_codes(vectors, ic.build_pq_bytes, ic.seed, mp.dir / "nav_codes.tmp.npy")
-               if refines else None)
+        nav_codes = mp.dir / "nav_codes.tmp.npy"
+        nav = stages.graph_navigation_codes(vectors, ic.build_pq_bytes, ic.seed, nav_codes) if refines else None
         refined, refine_L, refine_fraction = stages.refine_borders(
             vectors, (neighbours, degrees), part, ic.refine_L, ic.refine_fraction, ic.alpha, ic.seed,
             mp.dir / "refine.tmp.npy", nav=nav)
         del nav
-        (mp.dir / "nav_codes.tmp.npy").unlink(missing_ok=True)
+        nav_codes.unlink(missing_ok=True)
         neighbours.flush()
         degrees.flush()
         np.save(mp.dir / "entry_points.npy", entry_points)

@@ -45,6 +45,7 @@ import numpy as np
 
 from memescale.build.stages import shard_memory_bytes
 from memescale.index.disk import META_QUANTILE, RecordLayout
+from memescale.index.vamana import nav_dsub_for
 from memescale.index.weighting import WEIGHT_NAMES
 
 __all__ = [
@@ -201,19 +202,19 @@ def random_reads(n: int, dx: int, R: int, overlap: int, k: int, refine_L: int, r
                  build_pq_bytes: int = 0, merge: str = "prune") -> dict[str, int]:
     """Rows of the index vectors (fp16, width dx) that the merge and the refinement fetch in
     no order the file's layout serves: the merge re-prunes each node's overlap x R candidates
-    (each fetched once per node; none with merge="interleave"); the refinement's searches score (refine_L + R) x R rows per
-    refined node, or with navigation codes (build_pq_bytes > 0; `codes_bytes` in all) read
-    the rows of the nodes they expand and prune, about refine_L + R; and the refinement's
-    prunes of lists its reverse edges overfill (`refine_prune_rows`, an upper bound: each of
-    the refined nodes' R new reverse edges lands on a different full list, whose ceil(1.3 R)
-    candidates are read). Their time (`seconds`) assumes the rows come from RAM; that holds while the
-    vectors file (`vectors_bytes`) fits the page cache beside the build's memory. Past that,
-    each read is a disk read of `disk_bytes_per_read` on average (the 4 KiB pages a row at
-    any offset spans)."""
+    (each fetched once per node; none with merge="interleave"); the refinement's searches
+    score (refine_L + R) x R rows per refined node, or with navigation codes (build_pq_bytes
+    > 0; `codes_bytes` in all) read the rows of the nodes they expand and prune, about
+    refine_L + R; and the refinement's prunes of lists its reverse edges overfill
+    (`refine_prune_rows`, an upper bound: each of the refined nodes' R new reverse edges lands
+    on a different full list, whose ceil(1.3 R) candidates are read). Their time (`seconds`)
+    assumes the rows come from RAM; that holds while the vectors file (`vectors_bytes`) fits
+    the page cache beside the build's memory. Past that, each read is a disk read of
+    `disk_bytes_per_read` on average (the 4 KiB pages a row at any offset spans)."""
     refined = 0 if k <= 1 or refine_L <= 0 else int(refine_fraction * n)
     row = 2 * dx
     codes = build_pq_bytes > 0
-    code_bytes = -(-dx // -(-dx // min(dx, build_pq_bytes))) if codes else 0
+    code_bytes = -(-dx // nav_dsub_for(dx, build_pq_bytes)) if codes else 0  # navigation_codes' M
     return {"merge_rows": n * overlap * R if k > 1 and merge == "prune" else 0,
             "refine_rows": refined * (refine_L + R) * (1 if codes else R),
             "refine_prune_rows": min(n, refined * R) * math.ceil(1.3 * R) if refined else 0, "row_bytes": row,

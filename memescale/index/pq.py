@@ -168,6 +168,8 @@ def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
     D = M * dsub
     r = np.empty(D, np.float32)
     loss = np.empty(k, np.float32)
+    yy = np.empty(M, np.float32)  # |y_m|^2 and y_m . z_m per subspace: the same in every sweep
+    yz = np.empty(M, np.float32)
     for i in range(lo, lo + YC.shape[1]):
         row = i - lo
         zz = np.float32(0.0)
@@ -187,26 +189,29 @@ def _score_aware(Y, Z, YC, ZC, lo, cnorm, centroids, codes, eta, sweeps):
         rr = np.float32(0.0)
         rz = np.float32(0.0)
         for m in range(M):
+            s_yy = np.float32(0.0)
+            s_yz = np.float32(0.0)
             for j in range(dsub):
-                e = Y[i, m * dsub + j] - centroids[m, codes[i, m], j]
+                y = Y[i, m * dsub + j]
+                e = y - centroids[m, codes[i, m], j]
                 r[m * dsub + j] = e
                 rr += e * e
                 rz += e * Z[i, m * dsub + j]
+                s_yy += y * y
+                s_yz += y * Z[i, m * dsub + j]
+            yy[m] = s_yy
+            yz[m] = s_yz
         for _ in range(sweeps):
             for m in range(M):
                 o = m * dsub
                 rm2 = np.float32(0.0)
                 rmz = np.float32(0.0)
-                yy = np.float32(0.0)
-                yz = np.float32(0.0)
                 for j in range(dsub):
                     rm2 += r[o + j] * r[o + j]
                     rmz += r[o + j] * Z[i, o + j]
-                    yy += Y[i, o + j] * Y[i, o + j]
-                    yz += Y[i, o + j] * Z[i, o + j]
                 cur = codes[i, m]
-                base = rr - rm2 + yy
-                base_z = rz - rmz + yz
+                base = rr - rm2 + yy[m]
+                base_z = rz - rmz + yz[m]
                 cn = cnorm[m]
                 a = YC[m, row]
                 b = ZC[m, row]
