@@ -35,7 +35,11 @@ admitted p99 <= 2x normal, every excess request a 503 with Retry-After, no repli
 back to normal within 5 s.
 
 Indexes are built once into --work (default bench/results/serve_load/) and reused. The
-client shares the machine's cores with the app: on 2 cores it costs a few % of the budget.
+client shares the machine's cores with the app: on 2 cores it costs a few % of the budget at
+50 QPS, and most of a core during a burst, when it sends hundreds of requests a second.
+--server-cpus/--client-cpus split them, as a client on another machine would be: Ray and every
+process it starts (GCS, raylet, Serve's proxy, controller and replicas) run on the server's
+CPUs, the load generator's thread on the client's, and capacity is measured under the same split.
 Results: stdout and <work>/serve_load_<rate>qps.json (serve_load_closed.json for --rate 0).
 """
 
@@ -321,6 +325,19 @@ def tree_cpu_seconds() -> float:
     return sum(tree_cpu().values())
 
 
+def cpu_list(spec: str) -> set[int]:
+    """CPU ids from "0", "0,2" or "0-3" ("" -> empty: no pinning); ValueError for ids this
+    machine does not have."""
+    out: set[int] = set()
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    have = os.sched_getaffinity(0)
+    if out - have:
+        raise ValueError(f"CPUs {sorted(out - have)} are not available (this process may use {sorted(have)})")
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -351,7 +368,10 @@ def main() -> None:
     p.add_argument("--overload-duration", type=float, default=30.0)
     p.add_argument("--capacity-clients", type=int, default=4,
                    help="closed-loop clients that measure capacity in the overload drill (what the server admits)")
+    p.add_argument("--server-cpus", default="", help="CPU ids for Ray and the app, e.g. 0 or 0-3 (default: all)")
+    p.add_argument("--client-cpus", default="", help="CPU ids for the load generator, e.g. 1 (default: all)")
     args = p.parse_args()
+    server_cpus, client_cpus = cpu_list(args.server_cpus), cpu_list(args.client_cpus)
     Path(args.work).mkdir(parents=True, exist_ok=True)
 
     import ray
@@ -366,6 +386,8 @@ def main() -> None:
         return
     cfg = load_config(args.config)
     results = []
+    if server_cpus:  # processes started from this thread (Ray's, and through the raylet every worker) inherit it
+        os.sched_setaffinity(0, server_cpus)
     init_ray(cfg.ray)  # one local Ray for all scenarios; Serve restarts per scenario
     for name in scenarios:
         index_dir, bodies = prepared[name]
@@ -375,6 +397,8 @@ def main() -> None:
         t = time.perf_counter()
         base = serve_app.start(index_dir, args.config, "127.0.0.1", port, overrides)
         log(f"{name}: app up in {time.perf_counter() - t:.1f} s at {base}")
+        if client_cpus:  # this thread runs the load from here on; Serve's processes keep the server's CPUs
+            os.sched_setaffinity(0, client_cpus)
         url = base + "/api/search"
         try:
             asyncio.run(run_load(url, bodies[::7], max(args.rate, 20), args.clients, args.warmup))
@@ -398,9 +422,11 @@ def main() -> None:
             print("               " + ", ".join(f"{k} {v:.1f}" for k, v in list(res["cpu_ms_per_request_by_process"].items())[:8]))
             results.append(res)
         finally:
+            if server_cpus:
+                os.sched_setaffinity(0, server_cpus)
             serve_app.stop()
     ray.shutdown()
-    report = {"args": vars(args), "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
+    report = {"args": vars(args), "cpus": os.cpu_count(), "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus), "loadavg": os.getloadavg(), "python": platform.python_version(),
               "results": results, "ray_env": RAY_ENV}
     tag = "overload" if args.overload else ("closed" if args.rate == 0 else f"{args.rate:g}qps")
     path = Path(args.work) / f"serve_load_{tag}.json"

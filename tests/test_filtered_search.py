@@ -99,6 +99,29 @@ def test_recall_against_exact_filtered_ground_truth(world, f, plan, floor):
     assert r >= floor, r
 
 
+@pytest.mark.parametrize("f, left", [
+    (Filters(nsfw=True, subreddits=["s7"]), False),  # the subreddit's posting settles it all
+    (Filters(nsfw=False, subreddits=["s7", "s9"]), True),  # NSFW is still checked
+    (Filters(nsfw=True, after="2023-03-01"), False),  # the months' posting
+    (Filters(nsfw=True, before="2010-07-01"), True),  # a range open below: unknown months
+    (Filters(nsfw=True, exclude_subreddits=["s0"], min_score=1000), True),  # the exclusion is checked
+])
+def test_a_scan_checks_only_what_its_posting_leaves_open(world, f, left):
+    ix = world["index"]
+    plan = engine(world)._plan(ix, parse_filters(f), 64)
+    assert plan.name == "scan" and plan.member_flt.active is left
+    keep = matches(world, f)
+    q = world["x"][[3, 77]]
+    ids, scores, st = ix.scan(q, plan.members, 10, plan.flt, member_flt=plan.member_flt)
+    ids2, scores2, st2 = ix.scan(q, plan.members, 10, plan.flt)  # every member checked in full
+    assert np.array_equal(ids, ids2) and np.array_equal(scores, scores2)
+    assert np.array_equal(st["pq_comparisons"], st2["pq_comparisons"])
+    # labels have month and score-bucket resolution: a superset of the exact matches
+    assert (st["pq_comparisons"] >= keep[np.asarray(plan.members)].sum()).all()
+    if f.min_score is None:  # these bounds fall on month boundaries: exact at label resolution
+        assert (ids >= 0).all() and keep[ids].all()
+
+
 def test_a_filter_matching_nothing_gives_an_empty_last_page(world):
     eng = engine(world)
     for f in (Filters(subreddits=["no_such_subreddit"]), Filters(after="2030-01-01")):

@@ -627,13 +627,14 @@ class LiveView:
         return LiveLabels(self.st.base.labels, self.st.delta.new_subs)
 
     def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
-             ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-        """`Index.scan` over the generation's live members, merged with a delta search."""
+             rerank: int = 0, member_flt: LabelFilter | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+        """`Index.scan` over the generation's live members (`member_flt` as there), merged with
+        a delta search under the whole of `flt`."""
         st = self.st
         m = np.asarray(members, np.int64)
         if st.n_base_deleted and m.size:
             m = m[((st.base_deleted[m >> 3] >> (m & 7)) & 1) == 0]
-        return self._with_delta(st.base.scan(queries, m, k, flt), queries, k, 2 * k, flt)
+        return self._with_delta(st.base.scan(queries, m, k, flt, rerank, member_flt), queries, k, 2 * k, flt)
 
     def search(self, queries: np.ndarray, k: int, L: int, beam_width: int = BEAM_WIDTH,
                io_budget: int | None = None, flt: LabelFilter = NO_FILTER, starts: np.ndarray | None = None,

@@ -124,13 +124,29 @@ def _centroid_sums(Y, codes, M, dsub, k):
     return sums, counts
 
 
-@njit(nogil=True, cache=True, fastmath=True)
-def adc_score(table, code):
-    """ADC inner-product estimate: sum_m table[m * K + code[m]]; table: (M * K,) float32."""
-    s = np.float32(0.0)
-    for m in range(code.shape[0]):
-        s += table[m * K + code[m]]
-    return s
+@njit(nogil=True, cache=True, fastmath=True, inline="always")
+def adc_score(table, codes, u):
+    """sum_m table[m, codes[u, m]]: the ADC estimate for node u. table: (M, K) float32;
+    codes: (N, M) uint8. Four independent sums hide the lookups' latency, and the 2-D
+    indexing by an unsigned code keeps the index arithmetic free of sign checks (a flat
+    table indexed by m * K + code, or a row view per node, runs at less than half the speed).
+    O(M)."""
+    M = codes.shape[1]
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    m = 0
+    while m + 4 <= M:
+        s0 += table[m, codes[u, m]]
+        s1 += table[m + 1, codes[u, m + 1]]
+        s2 += table[m + 2, codes[u, m + 2]]
+        s3 += table[m + 3, codes[u, m + 3]]
+        m += 4
+    while m < M:
+        s0 += table[m, codes[u, m]]
+        m += 1
+    return (s0 + s1) + (s2 + s3)
 
 
 SCORE_AWARE_ROWS = 64  # rows per `_score_aware` call: its y.c and z.c products as two GEMMs

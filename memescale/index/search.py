@@ -195,7 +195,7 @@ def _priority(u, table, codes, par, labels):
     """Candidate-list score of node u: its ADC score, less par.mismatch when a label filter
     is active and u does not meet it (such nodes are expanded as bridges only when no
     matching candidate is nearly as good; the results are ranked by exact scores)."""
-    s = adc_score(table, codes[u])
+    s = adc_score(table, codes, u)
     if par.flt.active and par.mismatch > 0 and not _accepts(u, _NO_EXCLUDE, par.flt, labels):
         s -= par.mismatch
     return s
@@ -381,7 +381,7 @@ def beam_search(Q, tables, ix, par, io, vis, out):
     are outstanding. A query finishes when its list has no unexpanded node or its I/O
     budget is spent. Each query's result depends on nothing but itself.
 
-    Q: (G, d) float32 queries; tables: (G, M * 256) float32 their ADC tables; ix: the
+    Q: (G, d) float32 queries; tables: (G, M, 256) float32 their ADC tables; ix: the
     `IndexView`; par: `SearchParams`; io: the `AioView` of an IoSlot with room for G * W
     reads, for direct reads into its buffer (io.fd < 0: read through the mapping instead);
     vis: (>= G, 2^b) int32 empty visited sets (-1), one row per query (hash tables: memory
@@ -541,8 +541,8 @@ def beam_search(Q, tables, ix, par, io, vis, out):
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _adc_table(q, B, qt, centroids, table):
-    """ADC table of query q (d,): qt = q @ B (B: (d, M * dsub) query transform), then
-    table[m * 256 + c] = qt[m * dsub:(m + 1) * dsub] . centroids[m, c]. O(d D + 256 D)."""
+    """ADC table (M, 256) of query q (d,): qt = q @ B (B: (d, M * dsub) query transform), then
+    table[m, c] = qt[m * dsub:(m + 1) * dsub] . centroids[m, c]. O(d D + 256 D)."""
     M, k, dsub = centroids.shape
     qt[:] = 0.0
     for j in range(q.shape[0]):
@@ -554,7 +554,7 @@ def _adc_table(q, B, qt, centroids, table):
             s = np.float32(0.0)
             for j in range(dsub):
                 s += qt[m * dsub + j] * centroids[m, c, j]
-            table[m * k + c] = s
+            table[m, c] = s
 
 
 def matching_nodes(members: np.ndarray, flt: LabelFilter, labels: np.ndarray) -> np.ndarray:
@@ -582,20 +582,31 @@ def _matching(members, flt, labels):
 
 
 @njit(nogil=True, cache=True)
-def _adc_scores(table, codes, members):
-    """ADC scores (m,) float32 of nodes `members` (m,) int64 from their PQ codes. Each code
-    row is a cache miss: the rows SCAN_AHEAD members on are prefetched, so the misses overlap."""
+def _scan_matching(table, codes, members, flt, labels, ids, est):
+    """The members (m,) int64 that meet `flt`, with their ADC scores by `table` (M, 256), into
+    ids (>= m,) int64 and est (>= m,) float32; returns how many. One pass: each member's
+    label row and code row are cache misses, those SCAN_AHEAD members on are prefetched so
+    the misses overlap. O(m M)."""
     n = members.shape[0]
-    out = np.empty(n, np.float32)
-    base = codes.ctypes.data
-    row = codes.shape[1]
+    code_base, row = codes.ctypes.data, codes.shape[1]
+    label_base = labels.ctypes.data
+    check = flt.active
+    found = 0
     for i in range(n):
         if i + SCAN_AHEAD < n:
-            at = base + members[i + SCAN_AHEAD] * row
+            ahead = members[i + SCAN_AHEAD]
+            at = code_base + ahead * row
             prefetch_address(at)
             prefetch_address(at + row - 1)  # a row may straddle two cache lines
-        out[i] = adc_score(table, codes[members[i]])
-    return out
+            if check:
+                prefetch_address(label_base + ahead * 8)  # LABEL_DTYPE rows are 8 bytes
+        u = members[i]
+        if check and not _accepts(u, _NO_EXCLUDE, flt, labels):
+            continue
+        ids[found] = u
+        est[found] = adc_score(table, codes, u)
+        found += 1
+    return found
 
 
 @njit(nogil=True, cache=True)
@@ -604,7 +615,7 @@ def _search_range(lo, hi, group, Q, ix, par, io, out):
     [lo, hi) of `out` (`Results` of nq rows; out.ns[i]: query i's latency in ns from the
     start of its group)."""
     M, k, dsub = ix.centroids.shape
-    tables = np.empty((group, M * k), np.float32)
+    tables = np.empty((group, M, k), np.float32)
     qt = np.empty(M * dsub, np.float32)
     vis = np.full((group, 1 << 12), -1, np.int32)  # grows to fit the busiest query
     for s in range(lo, hi, group):
@@ -921,20 +932,22 @@ class Index:
         return ok
 
     def scan(self, queries: np.ndarray, members: np.ndarray, k: int, flt: LabelFilter = NO_FILTER,
-             rerank: int = 0) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+             rerank: int = 0, member_flt: LabelFilter | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
         """Top-k by inner product among `members` (node ids) only, for a filter whose matching
-        set is small: the members meeting `flt` are scored with PQ (ADC, codes in RAM), the
-        best max(rerank, 4k, 64) re-ranked exactly from their records. Same outputs as
-        `search`; stats count the records read and the PQ scores. O(m M + rerank d) per query."""
+        set is small: the members meeting `flt` are scored with PQ (ADC, codes in RAM) in one
+        pass, the best max(rerank, 4k, 64) re-ranked exactly from their records. `member_flt`:
+        the part of `flt` the members are not already known to meet (the planner's members
+        come from a posting that settles the rest; default `flt`). Same outputs as `search`;
+        stats count the records read and the members that met the filter (each one PQ
+        score). O(m M + rerank d) per query for m members; memory O(m)."""
+        check = flt if member_flt is None else member_flt
         Q = np.ascontiguousarray(self.weighting.index_queries(queries), np.float32)
         nq = Q.shape[0]
-        m = np.asarray(members, np.int64)
-        if m.size:
-            m = matching_nodes(m, flt, self.labels.rows)
-        keep = min(m.size, max(int(rerank), 4 * k, 64))
+        m = np.ascontiguousarray(members, np.int64)
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
         reads = np.zeros(nq, np.int64)
+        matched = np.zeros(nq, np.int64)
         corrupt = np.zeros(nq, np.int64)
         bad = np.full(nq, -1, np.int64)
         t0 = time.perf_counter_ns()
@@ -942,14 +955,20 @@ class Index:
         if view is None:
             raise ValueError("the index is closed")
         M, K, dsub = self.codec.centroids.shape
-        table = np.empty(M * K, np.float32)
+        table = np.empty((M, K), np.float32)
         qt = np.empty(M * dsub, np.float32)
+        found = np.empty(m.size, np.int64)
+        est = np.empty(m.size, np.float32)
         for i in range(nq):
             if m.size == 0:
                 continue
             _adc_table(Q[i], view.qtransform, qt, view.centroids, table)
-            est = _adc_scores(table, self.codes, m)
-            top = m[np.argpartition(-est, keep - 1)[:keep]] if keep < m.size else m
+            n = _scan_matching(table, view.codes, m, check, view.labels, found, est)
+            matched[i] = n
+            if n == 0:
+                continue
+            keep = min(n, max(int(rerank), 4 * k, 64))
+            top = found[np.argpartition(-est[:n], keep - 1)[:keep]] if keep < n else found[:n].copy()
             exact = self._vectors(top).astype(np.float32) @ Q[i]
             order = np.argsort(-exact, kind="stable")
             kept: list[np.ndarray] = []
@@ -968,7 +987,7 @@ class Index:
             reads[i] = top.size
         ns = np.full(nq, (time.perf_counter_ns() - t0) // max(1, nq), np.int64)
         self._report_corrupt(corrupt, bad)
-        return ids, scores, SearchStats(reads, np.full(nq, m.size, np.int64), ns / 1e6, corrupt)
+        return ids, scores, SearchStats(reads, matched, ns / 1e6, corrupt)
 
     def _check_ids(self, ids) -> np.ndarray:
         a = np.asarray(ids, np.int64).ravel()

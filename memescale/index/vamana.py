@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .kernels import as_fp16, dot_hf, parallel_for, prefetch_bytes, resolve_threads, squared_norms, widen
 from .pq import K as PQ_K
+from .pq import adc_score
 from .pq import assign_subspaces, kmeans_subspaces
 
 log = logging.getLogger(__name__)
@@ -222,23 +223,8 @@ def adc_table(qf, cb_t, cnorm, table):
 
 @njit(nogil=True, cache=True, fastmath=True, inline="always")
 def _adc_distance(table, codes, qnorm, u):
-    """|q - x_hat_u|^2 from q's `adc_table`, four independent sums to hide the lookups' latency."""
-    M = codes.shape[1]
-    s0 = np.float32(0.0)
-    s1 = np.float32(0.0)
-    s2 = np.float32(0.0)
-    s3 = np.float32(0.0)
-    m = 0
-    while m + 4 <= M:
-        s0 += table[m, codes[u, m]]
-        s1 += table[m + 1, codes[u, m + 1]]
-        s2 += table[m + 2, codes[u, m + 2]]
-        s3 += table[m + 3, codes[u, m + 3]]
-        m += 4
-    while m < M:
-        s0 += table[m, codes[u, m]]
-        m += 1
-    d = qnorm + ((s0 + s1) + (s2 + s3))
+    """|q - x_hat_u|^2 from q's `adc_table`."""
+    d = qnorm + adc_score(table, codes, u)
     return d if d > 0.0 else np.float32(0.0)
 
 

@@ -42,8 +42,9 @@ from memescale.search.requests import Filters, SearchInputError, TimeBound
 
 REDDIT = "https://www.reddit.com"
 # A member scan may score this many times the PQ codes a filtered traversal would: one of its
-# expansions (a read, R PQ scores, an exact score) cost about 2.2 R member scores (bench/filters.py)
-SCAN_OVER_TRAVERSAL = 2.0
+# expansions (a read, R PQ scores, an exact score) costs about 2 to 3 R member scores
+# (bench/filters.py's forced plans at 1M: 2.1 at a 4% month range, 3.2 at a 10% subreddit)
+SCAN_OVER_TRAVERSAL = 3.0
 # A filtered traversal's list: L / share ** FILTER_L_EXPONENT (bench/filters.py at 1M: with
 # filter_mismatch, exponent 1 spends 2.5x the reads of 0.6 at a 10% filter for +0.02 recall@10)
 FILTER_L_EXPONENT = 0.6
@@ -141,9 +142,25 @@ class Plan(NamedTuple):
     members: np.ndarray | None  # scan: the node ids to score
     starts: np.ndarray | None  # graph-filtered: extra entry points among the matching nodes
     share: float  # estimated share of the nodes the filter matches
+    member_flt: Any = None  # scan: what of `flt` the members still need checked (None: all of it)
 
 
 NO_PLAN = Plan("graph", NO_FILTER, None, None, 1.0)
+
+
+def _unsettled(flt: Any, posting: str) -> Any:
+    """The part of label filter `flt` that the members of the posting it was planned on
+    ("sub": the included subreddits, "month": the months in its range, "score": the buckets
+    from its lowest) do not settle by being in it; inactive when nothing is left to check."""
+    if posting == "sub" and flt.sub_mode == 1:
+        flt = flt._replace(sub_mode=0, sub_ids=flt.sub_ids[:0])
+    elif posting == "month" and flt.month_lo >= 0:  # a range from an unknown month (-1) on is no posting's
+        flt = flt._replace(month_lo=MONTH_ANY[0], month_hi=MONTH_ANY[1])
+    elif posting == "score":
+        flt = flt._replace(min_bucket=0)
+    active = (not flt.allow_nsfw or flt.sub_mode != 0 or flt.min_bucket > 0
+              or (flt.month_lo, flt.month_hi) != MONTH_ANY)
+    return flt._replace(active=active)
 
 
 def _union(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +317,7 @@ class SearchEngine:
             lists = [labels.score_members(flt.min_bucket)]
         if size <= self.cfg.filter_scan_max and size <= SCAN_OVER_TRAVERSAL * traversal:
             members = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-            return Plan("scan", flt, members, None, share)
+            return Plan("scan", flt, members, None, share, _unsettled(flt, best))
         return Plan("graph-filtered", flt, None, _spread(lists, FILTER_STARTS), share)
 
     def _run(self, ix: IndexLike, q: np.ndarray, k: int, L: int, plan: Plan = NO_PLAN, mismatch: float = 0.0,
@@ -309,7 +326,7 @@ class SearchEngine:
         L = max(L, k)
         budget = self.cfg.io_budget or None
         if plan.name == "scan":
-            ids, scores, st = ix.scan(q, plan.members, k, plan.flt)  # type: ignore[attr-defined]
+            ids, scores, st = ix.scan(q, plan.members, k, plan.flt, member_flt=plan.member_flt)  # type: ignore[attr-defined]
         elif plan.name == "graph-filtered":
             ids, scores, st = ix.search(q, k, L, beam_width=self.cfg.beam_width, io_budget=budget,  # type: ignore[call-arg]
                                         flt=plan.flt, starts=plan.starts, mismatch=mismatch)
