@@ -37,9 +37,11 @@ back to normal within 5 s.
 Indexes are built once into --work (default bench/results/serve_load/) and reused. The
 client shares the machine's cores with the app: on 2 cores it costs a few % of the budget at
 50 QPS, and most of a core during a burst, when it sends hundreds of requests a second.
---server-cpus/--client-cpus split them, as a client on another machine would be: Ray and every
-process it starts (GCS, raylet, Serve's proxy, controller and replicas) run on the server's
-CPUs, the load generator's thread on the client's, and capacity is measured under the same split.
+--server-cpus/--client-cpus split them: Ray and every process it starts (GCS, raylet, Serve's
+proxy, controller and replicas) run on the server's CPUs, the load generator's thread on the
+client's, and capacity is measured under the same split. That stands in for a client on
+another machine where cores are to spare; on 2 cores the server's one core is too few (its
+capacity halves: bench/README.md).
 Results: stdout and <work>/serve_load_<rate>qps.json (serve_load_closed.json for --rate 0).
 """
 
