@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 
 from memescale.index import IndexFormatError, PQCodec, query_weighted_error, train_pq
-from memescale.index.pq import fit_query_predictor
+from memescale.index.pq import adc_score, fit_query_predictor
 
 
 def clustered(n: int, d: int, centres: int, seed: int = 0, noise: float = 0.0) -> np.ndarray:
@@ -172,3 +172,23 @@ def test_score_aware_codes_follow_the_plain_coordinate_descent_at_any_thread_cou
         return float(((r ** 2).sum(1) + 3.0 * (r * Z).sum(1) ** 2 / (Z ** 2).sum(1)).mean())
 
     assert loss(got) < 0.9 * loss(assign_subspaces(Y, cent, 1)[0])
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 48, 72])
+def test_adc_score_sums_one_table_entry_per_subspace(M):
+    from numba import njit
+
+    @njit(cache=False)
+    def all_scores(table, codes):
+        out = np.empty(codes.shape[0], np.float32)
+        for u in range(codes.shape[0]):
+            out[u] = adc_score(table, codes, u)
+        return out
+
+    rng = np.random.default_rng(M)
+    table = rng.standard_normal((M, 256)).astype(np.float32)
+    codes = rng.integers(0, 256, (300, M), dtype=np.uint8)
+    codes[0] = 255  # the largest code: an unsigned index, never read as negative
+    want = table[np.arange(M)[None, :], codes].astype(np.float64).sum(axis=1)
+    np.testing.assert_allclose(all_scores(table, codes), want, rtol=1e-5, atol=1e-4)
+

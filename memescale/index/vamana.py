@@ -50,8 +50,7 @@ from tqdm.auto import tqdm
 
 from .kernels import as_fp16, dot_hf, parallel_for, prefetch_bytes, resolve_threads, squared_norms, widen
 from .pq import K as PQ_K
-from .pq import adc_score
-from .pq import assign_subspaces, kmeans_subspaces
+from .pq import adc_score, assign_subspaces, kmeans_subspaces
 
 log = logging.getLogger(__name__)
 
