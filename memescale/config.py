@@ -206,11 +206,12 @@ class ServeConfig:
     beam_width: int = 4
     io_budget: int = 0  # sector reads per query, 0: unbounded
     filter_L_multiplier: int = 4  # a filtered search that comes up short retries with L x this
-    # Hard filters run inside the graph search with L / (estimated share of matching nodes),
-    # at most filter_L_max, ranking a non-matching candidate filter_mismatch (inner product)
-    # lower; a filter whose candidate set (subreddits, months, score range) is at most
-    # filter_scan_max nodes and cheaper to score than the traversal scans it instead (PQ
-    # scores, exact re-rank). Values measured with bench/filters.py.
+    # Hard filters run inside the graph search with L / share ** 0.6 (share: the estimated
+    # share of matching nodes; engine.FILTER_L_EXPONENT), at most filter_L_max, ranking a
+    # non-matching candidate filter_mismatch (inner product) lower; a filter whose candidate
+    # set (subreddits, months, score range) is at most filter_scan_max nodes and cheaper to
+    # score than the traversal scans it instead (PQ scores, exact re-rank). Values measured
+    # with bench/filters.py.
     filter_L_max: int = 2000
     filter_scan_max: int = 200_000
     filter_mismatch: float = 0.05

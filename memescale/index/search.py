@@ -583,30 +583,59 @@ def _matching(members, flt, labels):
 
 @njit(nogil=True, cache=True)
 def _scan_matching(table, codes, members, flt, labels, ids, est):
-    """The members (m,) int64 that meet `flt`, with their ADC scores by `table` (M, 256), into
-    ids (>= m,) int64 and est (>= m,) float32; returns how many. One pass: each member's
-    label row and code row are cache misses, those SCAN_AHEAD members on are prefetched so
-    the misses overlap. O(m M)."""
+    """Score the members (m,) int32/int64 that meet `flt` by ADC with `table` (M, 256) and
+    keep the best len(ids) of them in ids (keep,) int64 and est (keep,) float32, a min-heap
+    by est (ties: the earlier member stays); returns (matching members, kept). One pass: each
+    member's label row and code row are cache misses, those SCAN_AHEAD members on are
+    prefetched so the misses overlap. O(m M + m log keep) time, O(keep) memory."""
     n = members.shape[0]
+    keep = ids.shape[0]
     code_base, row = codes.ctypes.data, codes.shape[1]
     label_base = labels.ctypes.data
     check = flt.active
-    found = 0
+    matched = 0
+    size = 0
     for i in range(n):
         if i + SCAN_AHEAD < n:
-            ahead = members[i + SCAN_AHEAD]
+            ahead = np.int64(members[i + SCAN_AHEAD])
             at = code_base + ahead * row
             prefetch_address(at)
             prefetch_address(at + row - 1)  # a row may straddle two cache lines
             if check:
                 prefetch_address(label_base + ahead * 8)  # LABEL_DTYPE rows are 8 bytes
-        u = members[i]
+        u = np.int64(members[i])
         if check and not _accepts(u, _NO_EXCLUDE, flt, labels):
             continue
-        ids[found] = u
-        est[found] = adc_score(table, codes, u)
-        found += 1
-    return found
+        matched += 1
+        s = adc_score(table, codes, u)
+        if size < keep:  # sift up
+            j = size
+            size += 1
+            while j > 0:
+                parent = (j - 1) >> 1
+                if est[parent] <= s:
+                    break
+                est[j] = est[parent]
+                ids[j] = ids[parent]
+                j = parent
+            est[j] = s
+            ids[j] = u
+        elif s > est[0]:  # replace the worst kept, sift down
+            j = 0
+            while True:
+                c = 2 * j + 1
+                if c >= keep:
+                    break
+                if c + 1 < keep and est[c + 1] < est[c]:
+                    c += 1
+                if est[c] >= s:
+                    break
+                est[j] = est[c]
+                ids[j] = ids[c]
+                j = c
+            est[j] = s
+            ids[j] = u
+    return matched, size
 
 
 @njit(nogil=True, cache=True)
@@ -943,7 +972,8 @@ class Index:
         check = flt if member_flt is None else member_flt
         Q = np.ascontiguousarray(self.weighting.index_queries(queries), np.float32)
         nq = Q.shape[0]
-        m = np.ascontiguousarray(members, np.int64)
+        m = np.asarray(members)
+        m = np.ascontiguousarray(m if m.dtype in (np.int32, np.int64) else m.astype(np.int64))
         ids = np.full((nq, k), -1, np.int64)
         scores = np.full((nq, k), -np.inf, np.float32)
         reads = np.zeros(nq, np.int64)
@@ -957,18 +987,17 @@ class Index:
         M, K, dsub = self.codec.centroids.shape
         table = np.empty((M, K), np.float32)
         qt = np.empty(M * dsub, np.float32)
-        found = np.empty(m.size, np.int64)
-        est = np.empty(m.size, np.float32)
+        keep = min(m.size, max(int(rerank), 4 * k, 64))
+        found = np.empty(keep, np.int64)
+        est = np.empty(keep, np.float32)
         for i in range(nq):
             if m.size == 0:
                 continue
             _adc_table(Q[i], view.qtransform, qt, view.centroids, table)
-            n = _scan_matching(table, view.codes, m, check, view.labels, found, est)
-            matched[i] = n
+            matched[i], n = _scan_matching(table, view.codes, m, check, view.labels, found, est)
             if n == 0:
                 continue
-            keep = min(n, max(int(rerank), 4 * k, 64))
-            top = found[np.argpartition(-est[:n], keep - 1)[:keep]] if keep < n else found[:n].copy()
+            top = found[:n].copy()
             exact = self._vectors(top).astype(np.float32) @ Q[i]
             order = np.argsort(-exact, kind="stable")
             kept: list[np.ndarray] = []
