@@ -226,7 +226,8 @@ def test_one_shard_ray_build_writes_what_build_index_writes(ray_local, tmp_path)
     assert ray_arrays.keys() == local_arrays.keys()
     for key in ray_arrays:
         assert np.array_equal(ray_arrays[key], local_arrays[key]), key
-    common = {"R": 16, "L": 32, "alpha": cfg.index.alpha, "pq_bytes": 16, "seed": 0, "query_aware": False}
+    common = {"R": 16, "L": 32, "alpha": cfg.index.alpha, "pq_bytes": 16, "seed": 0, "query_aware": False,
+              "pq_eta": 4.0}
     assert ray_info == {**common, "shards": 1, "model": cfg.model.name}
     assert local_info == {**common, "medoid": int(local_arrays["entry_points"][0])}
 

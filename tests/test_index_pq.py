@@ -9,7 +9,18 @@ import pytest
 from conftest import shared_path
 
 from memescale.index import IndexFormatError, PQCodec, query_weighted_error, train_pq
-from memescale.index.pq import adc_score, fit_query_predictor
+from memescale.index.kernels import exact_topk
+from memescale.index.pq import (
+    ETA_CHOICES,
+    ETA_HOLDOUT,
+    ETA_MARGIN,
+    ETA_MIN_HOLDOUT,
+    SCORE_AWARE_ETA,
+    adc_score,
+    choose_eta,
+    fit_query_predictor,
+    split_queries,
+)
 
 
 def clustered(n: int, d: int, centres: int, seed: int = 0, noise: float = 0.0) -> np.ndarray:
@@ -121,7 +132,7 @@ def test_query_aware_encoding_lowers_the_error_on_ood_queries_best_vectors():
     rows = np.arange(len(eval_q))[:, None]
     errors = {}
     for name, c in (("predicted", codec), ("own", dataclasses.replace(codec, query_predictor=None))):
-        adc = c.scores(eval_q, c.encode(base, threads=2))
+        adc = c.scores(eval_q, c.encode(base, threads=2, eta=SCORE_AWARE_ETA))
         errors[name] = float(((adc[rows, top] - exact[rows, top]) ** 2).mean())
     assert errors["predicted"] < 0.85 * errors["own"], errors
 
@@ -192,3 +203,82 @@ def test_adc_score_sums_one_table_entry_per_subspace(M):
     want = table[np.arange(M)[None, :], codes].astype(np.float64).sum(axis=1)
     np.testing.assert_allclose(all_scores(table, codes), want, rtol=1e-5, atol=1e-4)
 
+
+
+def _gap_set(d: int = 128, nq: int = 400, seed: int = 1):
+    """Clustered unit "images" and "texts" made from other images through a fixed random map
+    plus noise (the cross-modal case, small): base (8000, d), training texts (nq, d), fresh
+    texts (600, d)."""
+    X = clustered(8000 + nq + 600, d, 64, noise=0.8, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    G = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
+
+    def texts(s: np.ndarray) -> np.ndarray:
+        t = 0.3 * s + 0.3 * s @ G.T + 0.9 * rng.standard_normal(s.shape).astype(np.float32) / np.sqrt(d)
+        return (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+
+    return X[:8000], texts(X[8000:8000 + nq]), texts(X[-600:])
+
+
+def _ranked_in_top(codec: PQCodec, base: np.ndarray, queries: np.ndarray, eta: float, width: int = 40) -> float:
+    """Share of each query's exact top-10 among its `width` best ADC scores with codes of `eta`."""
+    top, _ = exact_topk(queries, base, 10)
+    est = codec.scores(queries, codec.encode(base, threads=2, eta=eta))
+    best = np.argpartition(-est, width - 1, axis=1)[:, :width]
+    return float(np.mean([len(set(best[i]) & set(top[i])) / 10 for i in range(len(queries))]))
+
+
+def test_the_chosen_eta_ranks_fresh_cross_modal_queries_better_than_the_fixed_one():
+    """The query predictor, fitted on a few hundred texts, points the score-aware codes the
+    wrong way for texts it has not seen; the weight chosen on held-out texts ranks fresh ones
+    better than SCORE_AWARE_ETA would have, and the codec codes with it by default."""
+    base, train_q, fresh = _gap_set()
+    codec = train_pq(base, 16, queries=train_q, opq_iters=2, kmeans_iters=6, threads=2, progress=False)
+    assert codec.eta in ETA_CHOICES and codec.eta != SCORE_AWARE_ETA
+    chosen, fixed = (_ranked_in_top(codec, base, fresh, e) for e in (codec.eta, SCORE_AWARE_ETA))
+    assert chosen > fixed + 0.01, (codec.eta, chosen, fixed)
+    assert np.array_equal(codec.encode(base[:500], threads=2), codec.encode(base[:500], threads=2, eta=codec.eta))
+    again = PQCodec.from_arrays(codec.to_arrays())
+    assert again.eta == codec.eta
+    older = {k: v for k, v in codec.to_arrays().items() if k != "eta"}  # a codec file from before the choice
+    assert PQCodec.from_arrays(older).eta == SCORE_AWARE_ETA
+
+
+def test_choose_eta_measures_each_choice_on_the_held_out_queries_top_k():
+    """The measure of each choice is the share of the queries' exact top-10 (over the drawn
+    sample) within its codes' best 10 and 40 ADC scores; the best wins when it beats the
+    first choice (the default) by the margin, else the first stays."""
+    base, train_q, fresh = _gap_set(d=64, nq=300, seed=3)
+    codec = train_pq(base, 8, queries=train_q, opq_iters=1, kmeans_iters=4, threads=2, progress=False)
+    eta, ranked = choose_eta(codec, base, fresh[:100], np.random.default_rng(5), sample=3000, threads=2)
+    rows = np.sort(np.random.default_rng(5).choice(len(base), size=3000, replace=False))
+    sample = base[rows]
+    top, _ = exact_topk(fresh[:100], sample, 10)
+    assert list(ranked) == list(ETA_CHOICES)
+    for e, measure in ranked.items():
+        est = codec.scores(fresh[:100], codec.encode(sample, threads=2, eta=e))
+        order = np.argsort(-est, axis=1, kind="stable")
+        shares = [np.mean([len(set(order[i, :w]) & set(top[i])) / 10 for i in range(100)]) for w in (10, 40)]
+        assert measure == pytest.approx(np.mean(shares), abs=0.011), (e, measure, shares)  # ties at the cut aside
+    best = max(ranked, key=lambda e: (ranked[e], -list(ETA_CHOICES).index(e)))
+    first = ETA_CHOICES[0]
+    assert eta == (best if ranked[best] >= ranked[first] + ETA_MARGIN else first), (eta, ranked)
+    for margin, expect in ((0.0, best), (1.0, first)):  # no margin: the best; an impossible one: the first
+        got, _ = choose_eta(codec, base, fresh[:100], np.random.default_rng(5), sample=3000, margin=margin, threads=2)
+        assert got == expect, (margin, got, ranked)
+
+
+def test_a_small_query_sample_is_not_split():
+    """Held out, a quarter of fewer than 4 x ETA_MIN_HOLDOUT queries is too few to choose by:
+    every query trains the codec and eta stays SCORE_AWARE_ETA."""
+    q = clustered(4 * ETA_MIN_HOLDOUT - 1, 16, 8, seed=6)
+    fit, held = split_queries(q, np.random.default_rng(0))
+    assert held is None and fit is q
+    q = clustered(400, 16, 8, seed=6, noise=0.3)
+    fit, held = split_queries(q, np.random.default_rng(0))
+    assert len(held) == int(400 * ETA_HOLDOUT) and len(fit) + len(held) == 400
+    assert len({r.tobytes() for r in fit} & {r.tobytes() for r in held}) == 0
+    X = clustered(3000, 16, 50, noise=0.3)
+    codec = train_pq(X, 4, queries=clustered(150, 16, 8, seed=7), opq_iters=1, kmeans_iters=2, threads=1,
+                     progress=False)
+    assert codec.eta == SCORE_AWARE_ETA

@@ -132,7 +132,7 @@ def build_variant(a, data, variant: str, out_dir: Path, params: dict) -> None:
     build = {"seconds": secs, "peak_rss_bytes": C.peak_rss_bytes(), "jit_warmup_seconds": jit_s,
              "peak_rss_before_bytes": rss0, "info": _jsonable(info)}
     (out_dir / "bench_params.json").write_text(json.dumps({"params": params, "build": build}))
-    C.log(f"[memescale:{variant}] built in {secs:.1f} s")
+    C.log(f"[memescale:{variant}] built in {secs:.1f} s (PQ score-aware eta {info.get('pq_eta')})")
 
 
 def _jsonable(x):

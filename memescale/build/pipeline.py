@@ -254,8 +254,9 @@ def _build(cfg: Config, embeddings: str, out_dir: str, work_dir: str | None, thr
 
     queries = stages.query_sample(cfg.model, corpus, weighting, seed=ic.seed) if query_sample else None
     params = dataclasses.replace(IndexParams.from_config(ic), queries=queries)
+    aware = {"queries": cfg.model.name, "eta": "held-out"} if query_sample else {"queries": None}
     qp = Phase(work, "pq", phase_fingerprint(vectors_fp, pq_bytes=ic.pq_bytes, seed=ic.seed, codec_format=FORMAT_VERSION,
-                                             queries=cfg.model.name if query_sample else None))
+                                             **aware))
     reused = qp.is_complete()
     codec, codes = stages.train_pq_codes(vectors, params, qp)
     phase.done("pq", reused)

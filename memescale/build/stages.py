@@ -412,7 +412,7 @@ def train_pq_codes(vectors: np.ndarray, params: IndexParams, phase: Phase) -> tu
     phase.start()
     codec, codes = train_codec(vectors, params, codes_path=phase.dir / "codes.npy")
     codec.save(phase.dir / "codec.npz")
-    phase.finish(M=codec.M)
+    phase.finish(M=codec.M, eta=codec.eta)
     return codec, codes
 
 

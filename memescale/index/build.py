@@ -77,6 +77,7 @@ class BuildStats:
     meta_budget: int
     meta_spilled: int
     bytes_written: int
+    pq_eta: float  # the codec's score-aware weight (`pq.choose_eta` with a query sample)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,9 +142,10 @@ def train_codec(vectors: np.ndarray, params: IndexParams, codes_path: str | os.P
 
 def build_info(params: IndexParams, codec: PQCodec, **extra) -> dict:
     """The build information an index stores in arrays.bin: R, L, alpha, pq_bytes (the codec's
-    M), seed and query_aware, then `extra` (JSON-like) in the order given."""
+    M), seed, query_aware and pq_eta (the codec's score-aware weight), then `extra` (JSON-like)
+    in the order given."""
     return {"R": params.R, "L": params.L, "alpha": params.alpha, "pq_bytes": codec.M, "seed": params.seed,
-            "query_aware": params.queries is not None, **extra}
+            "query_aware": params.queries is not None, "pq_eta": codec.eta, **extra}
 
 
 def write_built_index(out_dir: str | os.PathLike, vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray],
@@ -195,4 +197,4 @@ def build_index(vectors: np.ndarray, metadata: list[dict] | None, out_dir: str |
     log.info("wrote %.1f MB in %.1f s (record %d B, %d per sector, metadata budget %d B, %d spilled)",
              ws.bytes_written / 1e6, t3 - t2, ws.record_size, ws.nodes_per_sector, ws.meta_budget, ws.meta_spilled)
     return BuildStats(n, d, t1 - t0, t2 - t1, t3 - t2, t3 - t0, float(degrees.mean()), int(medoid), ws.record_size,
-                      ws.nodes_per_sector, ws.meta_budget, ws.meta_spilled, ws.bytes_written)
+                      ws.nodes_per_sector, ws.meta_budget, ws.meta_spilled, ws.bytes_written, codec.eta)

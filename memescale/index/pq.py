@@ -40,6 +40,17 @@ minimise ``|r|^2 + (eta - 1) (r . z)^2 / |z|^2`` (r = y - y_hat) by coordinate d
 the subspaces, starting from the nearest-centroid codes. eta = 1 is plain nearest-centroid
 assignment. On the 100k MiniLM set (R=64 graph, 48 bytes, eta = 4) it raised recall@10 at
 search L = 20 / 30 / 50 by 0.024 / 0.012 / 0.005 (OOD) and 0.038 / 0.020 / 0.008 (ID).
+
+3. The weight eta itself is chosen by measurement (`choose_eta`). The predictor is a (d, d)
+regression fitted on a few thousand queries; at 1152 dimensions it can fit its own training
+queries and not the next ones, and codes along its direction then rank new queries worse
+than plain nearest-centroid codes. So `train_pq` holds out a quarter of the query sample
+(`ETA_HOLDOUT`): whitening, rotation and predictor see the rest, and eta is the one of
+`ETA_CHOICES` whose codes rank the held-out queries' exact top-k highest among a sample of the
+base vectors, by at least ETA_MARGIN over SCORE_AWARE_ETA (a few hundred held-out queries
+measure it to about that). The predictor is then refitted on the whole sample (unless eta
+is 1: nearest-centroid codes do not use it). The codec keeps eta (`PQCodec.eta`), so every
+later `encode` (inserts included) codes the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +76,11 @@ QUERY_EPS = 3.0  # regulariser of the query covariance (module doc, 1.)
 PREDICTOR_NEIGHBOURS = 10  # (x, q) training pairs of the query predictor: q's top-k vectors
 PREDICTOR_SAMPLE = 200_000  # base vectors the training queries' neighbours are taken from
 PREDICTOR_RIDGE = 0.5  # ridge towards h(x) = x + b, relative to the mean variance of the x's
+ETA_CHOICES = (SCORE_AWARE_ETA, 2.0, 1.0)  # the score-aware weights `choose_eta` tries, the default first
+ETA_HOLDOUT = 0.25  # share of a query sample held out to choose eta (module doc, 3.)
+ETA_MIN_HOLDOUT = 50  # with fewer held-out queries than this, no choice: SCORE_AWARE_ETA
+ETA_SAMPLE = 10_000  # base vectors the held-out queries' exact top-k are taken from
+ETA_MARGIN = 0.01  # how much better another choice must rank the held-out queries than the first
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -333,13 +349,15 @@ class PQCodec:
 
     centroids: (M, K, dsub) float32; base_transform A: (d, D) float32;
     query_transform B: (d, D) float32, with D = M * dsub and A @ B.T = I_d;
-    query_predictor: None, or (d + 1, d) float32 [P; b] of a query-aware codec (module doc).
+    query_predictor: None, or (d + 1, d) float32 [P; b] of a query-aware codec (module doc);
+    eta: the score-aware weight `encode` codes with (module doc, 3.).
     """
 
     centroids: np.ndarray
     base_transform: np.ndarray
     query_transform: np.ndarray
     query_predictor: np.ndarray | None = None
+    eta: float = SCORE_AWARE_ETA
 
     @property
     def M(self) -> int:
@@ -360,14 +378,16 @@ class PQCodec:
         return matmul_rows(x, T, pool)
 
     def encode(self, vectors: np.ndarray, threads: int | None = None, block: int = 65536,
-               eta: float = SCORE_AWARE_ETA, out: np.ndarray | None = None) -> np.ndarray:
+               eta: float | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """PQ codes (N, M) uint8 of vectors (N, d) float16/float32 (a memmap is read `block`
         rows at a time), score-aware with weight `eta` along each vector's predicted query
-        direction (module doc; 1: nearest centroid). `out`: an (N, M) uint8 array (e.g. a
-        memmap) the codes are written into and returned as; None: a new array.
+        direction (module doc; 1: nearest centroid; None: the codec's own `eta`). `out`: an
+        (N, M) uint8 array (e.g. a memmap) the codes are written into and returned as; None: a
+        new array.
         Time O(N * d * D) for the transforms plus O(N * K * D) multiply-adds for the codes
         (twice that with eta != 1); memory O(block * (d + D)) besides the codes."""
         threads = resolve_threads(threads)
+        eta = self.eta if eta is None else float(eta)
         n = vectors.shape[0]
         if out is not None and (out.shape != (n, self.M) or out.dtype != np.uint8):
             raise ValueError(f"out must be ({n}, {self.M}) uint8, got {out.shape} {out.dtype}")
@@ -422,16 +442,19 @@ class PQCodec:
         out = {"centroids": self.centroids, "base_transform": self.base_transform, "query_transform": self.query_transform}
         if self.query_predictor is not None:
             out["query_predictor"] = self.query_predictor
+        out["eta"] = np.array([self.eta], np.float32)  # absent from older files: SCORE_AWARE_ETA
         return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PQCodec:
         predictor = arrays.get("query_predictor")
+        eta = arrays.get("eta")
         return cls(
             np.ascontiguousarray(arrays["centroids"], np.float32),
             np.ascontiguousarray(arrays["base_transform"], np.float32),
             np.ascontiguousarray(arrays["query_transform"], np.float32),
             None if predictor is None else np.ascontiguousarray(predictor, np.float32),
+            SCORE_AWARE_ETA if eta is None else float(np.asarray(eta).reshape(-1)[0]),
         )
 
     def save(self, path: str | Path) -> None:
@@ -497,11 +520,14 @@ def train_pq(
     """Train a PQ codec with M bytes per vector on (a sample of) `vectors` (N, d).
 
     queries: optional (nq, d) query sample for query-aware training (module doc: whitened
-    codebooks and a query predictor); eps: the covariance regulariser; opq_iters: OPQ rotation updates (0: no rotation, plain PQ on S^(1/2) x);
+    codebooks and a query predictor, fitted on the sample less the ETA_HOLDOUT share that
+    `choose_eta` sets the codec's eta on; with fewer than ETA_MIN_HOLDOUT held out, all fit
+    and eta stays SCORE_AWARE_ETA); eps: the covariance regulariser; opq_iters: OPQ rotation
+    updates (0: no rotation, plain PQ on S^(1/2) x);
     kmeans_iters: Lloyd iterations of the final codebooks (each OPQ step runs one more);
     train_size: rows sampled for training. Deterministic for a seed.
     Time O((opq_iters + kmeans_iters) * train_size * K * D + opq_iters * D^3), plus
-    `fit_query_predictor` with queries.
+    `fit_query_predictor` and `choose_eta` with queries.
     """
     threads = resolve_threads(threads)
     n, d = vectors.shape
@@ -512,8 +538,12 @@ def train_pq(
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
     bar = tqdm(total=opq_iters + 1, desc="pq training", unit="step", disable=None if progress is None else not progress)
+    aware = queries is not None and len(queries) > 0
+    held = None
+    if aware:
+        assert queries is not None
+        queries, held = split_queries(queries, rng)
     with ThreadPoolExecutor(threads) as pool, single_threaded_blas():
-        aware = queries is not None and len(queries) > 0
         if aware:
             assert queries is not None
             s_half, s_inv_half = query_whitening(queries, eps)
@@ -536,12 +566,70 @@ def train_pq(
             bar.update(1)
         Y = matmul_rows(Xs, rot, pool)
         centroids = kmeans_subspaces(Y, centroids, kmeans_iters, rng, threads, pool)
+        del Xs, Y  # the training rows: choose_eta below reads a sample of its own
         bar.update(1)
     bar.close()
     A = (A0 @ rot).astype(np.float32)
     B = (B0 @ rot).astype(np.float32)
     predictor = fit_query_predictor(vectors, queries, rng) if aware and queries is not None else None
-    return PQCodec(centroids.astype(np.float32), A, B, predictor)
+    codec = PQCodec(centroids.astype(np.float32), A, B, predictor)
+    if held is not None:
+        codec.eta, ranked = choose_eta(codec, vectors, held, rng, threads=threads)
+        if codec.eta != 1.0:  # codes at eta 1 do not use the predictor
+            codec.query_predictor = fit_query_predictor(vectors, np.concatenate([queries, held]), rng)
+        log.info("score-aware eta %.1f chosen on %d held-out queries (share of their top-%d ranked in the codes' "
+                 "top k / 4k, by eta: %s)", codec.eta, len(held), PREDICTOR_NEIGHBOURS,
+                 ", ".join(f"{e:g}: {r:.3f}" for e, r in ranked.items()))
+    return codec
+
+
+def split_queries(queries: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """(fitted, held out): a seeded ETA_HOLDOUT share of the (nq, d) queries held out for
+    `choose_eta`, both in sample order; (queries, None) when that share is under
+    ETA_MIN_HOLDOUT queries."""
+    nq = len(queries)
+    n_held = int(nq * ETA_HOLDOUT)
+    if n_held < ETA_MIN_HOLDOUT:
+        return queries, None
+    out = np.zeros(nq, np.bool_)
+    out[rng.choice(nq, size=n_held, replace=False)] = True
+    return queries[~out], queries[out]
+
+
+def choose_eta(codec: PQCodec, vectors: np.ndarray, queries: np.ndarray, rng: np.random.Generator,
+               choices: tuple[float, ...] = ETA_CHOICES, sample: int = ETA_SAMPLE, k: int = PREDICTOR_NEIGHBOURS,
+               margin: float = ETA_MARGIN, threads: int | None = None) -> tuple[float, dict[float, float]]:
+    """The score-aware weight of `choices` whose codes rank held-out queries best (module doc, 3.).
+
+    queries: (nq, d) not seen in training; the exact top-k of each among `sample` rows of
+    `vectors` (N, d), drawn with rng and read in file order. A choice's measure is the share
+    of those top-k found among the k and among the 4k best ADC scores of the rows coded with
+    it, the two averaged over queries. Returns (the first of `choices` unless another
+    measures at least `margin` more, then the best of those; {choice: measure}).
+    Time O(|choices| * sample * K * D) for the codes + O(nq * sample * d); memory
+    O(sample * (d + D) + nq * sample) (float32 rows, the queries' ADC scores).
+    """
+    n = vectors.shape[0]
+    rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+    X = np.asarray(vectors[rows], np.float32)
+    Q = np.asarray(queries, np.float32)
+    k = min(k, len(rows))
+    top, _ = exact_topk(Q, X, k)
+    truth = np.zeros((len(Q), len(rows)), np.bool_)
+    np.put_along_axis(truth, top, True, axis=1)
+    ranked: dict[float, float] = {}
+    for eta in choices:
+        est = codec.scores(Q, codec.encode(X, threads=threads, eta=eta))
+        found = []
+        for width in (k, min(4 * k, len(rows))):
+            best = np.argpartition(-est, width - 1, axis=1)[:, :width] if width < len(rows) else np.argsort(-est, 1)
+            found.append(np.take_along_axis(truth, best, axis=1).sum(1).mean() / k)
+        ranked[float(eta)] = float(np.mean(found))
+    first = float(choices[0])
+    best = max(ranked.values())
+    if best < ranked[first] + margin:
+        return first, ranked
+    return next(e for e in ranked if ranked[e] == best), ranked
 
 
 def query_weighted_error(codec: PQCodec, vectors: np.ndarray, queries: np.ndarray, codes: np.ndarray | None = None) -> float:

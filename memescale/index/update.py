@@ -492,7 +492,8 @@ def _consolidate(index_dir: Path, threads: int | None, memory: int, block: int) 
         # (5) the generation's files, then the switch
         meta = _MergedMetadata(live, survivors, delta_rows)
         params = IndexParams(R=R, L=L, alpha=alpha, pq_bytes=base.codec.M, seed=int(info.get("seed", 0)))
-        extra = {k: v for k, v in info.items() if k not in ("R", "L", "alpha", "pq_bytes", "seed", "query_aware")}
+        extra = {k: v for k, v in info.items()
+                 if k not in ("R", "L", "alpha", "pq_bytes", "seed", "query_aware", "pq_eta")}
         extra.update(generation=new_gen, medoid=int(medoid))
         ws = write_built_index(tmp_dir, X, (graph, degrees), base.codec, codes, meta, np.array([medoid]), params,
                                **extra)
