@@ -282,3 +282,17 @@ def test_a_small_query_sample_is_not_split():
     codec = train_pq(X, 4, queries=clustered(150, 16, 8, seed=7), opq_iters=1, kmeans_iters=2, threads=1,
                      progress=False)
     assert codec.eta == SCORE_AWARE_ETA
+
+
+def test_build_info_takes_query_awareness_and_eta_from_the_codec():
+    """A consolidation rewrites an index with the codec it has and no query sample: the
+    build information must still say the codec is query-aware, with its eta."""
+    from memescale.index.build import IndexParams, build_info
+
+    base, train_q, _ = _gap_set(d=32, nq=240, seed=8)
+    aware = train_pq(base, 4, queries=train_q, opq_iters=1, kmeans_iters=2, threads=1, progress=False)
+    plain = train_pq(base, 4, opq_iters=1, kmeans_iters=2, threads=1, progress=False)
+    aware.eta = 2.0
+    info = build_info(IndexParams(), aware, generation=3)
+    assert info["query_aware"] is True and info["pq_eta"] == 2.0 and info["generation"] == 3
+    assert build_info(IndexParams(), plain)["query_aware"] is False

@@ -142,10 +142,11 @@ def train_codec(vectors: np.ndarray, params: IndexParams, codes_path: str | os.P
 
 def build_info(params: IndexParams, codec: PQCodec, **extra) -> dict:
     """The build information an index stores in arrays.bin: R, L, alpha, pq_bytes (the codec's
-    M), seed, query_aware and pq_eta (the codec's score-aware weight), then `extra` (JSON-like)
-    in the order given."""
+    M), seed, query_aware and pq_eta (the codec's: trained with a query sample, and its
+    score-aware weight; so a consolidation, which trains no codec, keeps them), then `extra`
+    (JSON-like) in the order given."""
     return {"R": params.R, "L": params.L, "alpha": params.alpha, "pq_bytes": codec.M, "seed": params.seed,
-            "query_aware": params.queries is not None, "pq_eta": codec.eta, **extra}
+            "query_aware": codec.query_predictor is not None, "pq_eta": codec.eta, **extra}
 
 
 def write_built_index(out_dir: str | os.PathLike, vectors: np.ndarray, graph: tuple[np.ndarray, np.ndarray],
