@@ -51,7 +51,7 @@ from ..crashpoints import crash_point
 from ..durable import fsync_dir, fsync_tree
 from ..ingest.urls import image_id as post_image_id
 from ..memwatch import PeakRssAnon
-from .build import IndexParams, write_built_index
+from .build import IndexParams, build_info, write_built_index
 from .disk import CURRENT_FILE, decode_metadata, write_durably
 from .kernels import resolve_threads
 from .live import (
@@ -492,8 +492,7 @@ def _consolidate(index_dir: Path, threads: int | None, memory: int, block: int) 
         # (5) the generation's files, then the switch
         meta = _MergedMetadata(live, survivors, delta_rows)
         params = IndexParams(R=R, L=L, alpha=alpha, pq_bytes=base.codec.M, seed=int(info.get("seed", 0)))
-        extra = {k: v for k, v in info.items()
-                 if k not in ("R", "L", "alpha", "pq_bytes", "seed", "query_aware", "pq_eta")}
+        extra = {k: v for k, v in info.items() if k not in build_info(params, base.codec)}  # written anew
         extra.update(generation=new_gen, medoid=int(medoid))
         ws = write_built_index(tmp_dir, X, (graph, degrees), base.codec, codes, meta, np.array([medoid]), params,
                                **extra)
